@@ -1,0 +1,197 @@
+"""fastcache's fused ops: the public Python entry points.
+
+Each function checks its arguments from metadata only (shapes, dtypes, devices: no
+value is read from the device), normalises broadcastable shapes, and calls the
+dispatcher op ``torch.ops.fastcache.<name>``, which runs the C++ kernel on CPU, the
+Triton kernel on CUDA, or the eager reference (:mod:`fastcache.ops.reference`).
+
+Example::
+
+    prev = torch.zeros_like(x)                       # (B, N, D), device-resident
+    state = fastcache.ops.new_state(device=x.device)
+    sums = fastcache.ops.modulated_rel_l1_sums(x, shift, scale, prev)     # (B, 2)
+    flag = fastcache.ops.cache_decision(sums, t, coeffs, state, threshold=0.25)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library, reference
+from ._library import BACKEND, SCHEMAS
+from .reference import MAX_COEFFS, STATE_HEADER, history_len, new_state
+
+__all__ = [
+    "BACKEND",
+    "SCHEMAS",
+    "MAX_COEFFS",
+    "STATE_HEADER",
+    "apply_residual",
+    "cache_decision",
+    "gated_residual",
+    "history_len",
+    "modulated_rel_l1_sums",
+    "new_state",
+    "reference",
+    "rel_l1_ratio",
+    "rel_l1_sums",
+    "store_residual",
+]
+
+_ops = torch.ops.fastcache
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}")
+
+
+def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}; move it to {ref.device}")
+
+
+def _per_sample_vec(name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
+    """Accept (B, D), (B, 1, D), (1, D), (D,) modulation vectors; return contiguous (B, D)."""
+    if v.dim() == 3 and v.shape[1] == 1:
+        v = v[:, 0]
+    if v.dim() == 1:
+        v = v[None]
+    if v.dim() != 2 or v.shape[-1] != D or v.shape[0] not in (1, B):
+        raise ValueError(
+            f"{name} must have shape (B, D), (B, 1, D), (1, D) or (D,) with B={B}, D={D}; "
+            f"got {tuple(v.shape)}"
+        )
+    return v.expand(B, D).contiguous()
+
+
+def modulated_rel_l1_sums(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, prev: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Fused ``m = LN(x)*(1+scale)+shift``; per-sample ``[sum|m-prev|, sum|prev|]``; ``prev <- m``.
+
+    x, prev: ``(B, N, D)``; shift, scale: ``(B, D)`` (or broadcastable, see above).
+    Returns ``(B, 2)`` fp32. See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, D) hidden states, got shape {tuple(x.shape)}")
+    _check_float("x", x)
+    if prev.shape != x.shape:
+        raise ValueError(
+            f"prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}; a shape change "
+            "needs a fresh buffer (the runtime reallocates and recomputes)"
+        )
+    _check_float("prev", prev)
+    B, _, D = x.shape
+    for name, t in (("shift", shift), ("scale", scale), ("prev", prev)):
+        _check_device(name, t, x)
+    shift = _per_sample_vec("shift", shift, B, D)
+    scale = _per_sample_vec("scale", scale, B, D)
+    if not prev.is_contiguous():
+        raise ValueError("prev must be contiguous: it is written in place")
+    return _ops.modulated_rel_l1_sums(x.contiguous(), shift, scale, float(eps), prev)
+
+
+def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) -> torch.Tensor:
+    """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``."""
+    if x.dim() < 1:
+        raise ValueError("x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)")
+    _check_float("x", x)
+    if prev.shape != x.shape:
+        raise ValueError(f"prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}")
+    _check_device("prev", prev, x)
+    if not prev.is_contiguous():
+        raise ValueError("prev must be contiguous: it is written in place")
+    return _ops.rel_l1_sums(x.contiguous(), prev, bool(write_prev))
+
+
+def rel_l1_ratio(sums: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
+    """``sum num / sum den`` (0-dim), or one ratio per batch element with ``per_sample``."""
+    sums = sums.reshape(-1, 2)
+    if per_sample:
+        return sums[:, 0] / sums[:, 1]
+    return sums[:, 0].sum() / sums[:, 1].sum()
+
+
+def cache_decision(
+    sums: torch.Tensor,
+    timestep: torch.Tensor,
+    coeffs: torch.Tensor,
+    state: torch.Tensor,
+    threshold: float,
+    warmup: int = 1,
+    max_skips: int = 0,
+    num_steps: int = 0,
+) -> torch.Tensor:
+    """The whole TeaCache decision as one device op; returns a 0-dim bool (True = compute).
+
+    See :func:`fastcache.ops.reference.cache_decision` for the exact semantics.
+    """
+    if sums.dtype != torch.float32 or sums.shape[-1] != 2:
+        raise ValueError(f"sums must be fp32 (B, 2) or (2,), got {sums.dtype} {tuple(sums.shape)}")
+    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER + 3:
+        raise ValueError("state must be a 1-D fp32 tensor from fastcache.ops.new_state()")
+    if coeffs.dtype != torch.float32 or coeffs.dim() != 1 or coeffs.numel() > MAX_COEFFS:
+        raise ValueError(f"coeffs must be a 1-D fp32 tensor of at most {MAX_COEFFS} values, got {tuple(coeffs.shape)}")
+    if timestep.numel() < 1:
+        raise ValueError("timestep must hold at least one value")
+    for name, t in (("sums", sums), ("coeffs", coeffs), ("timestep", timestep)):
+        if t.device != state.device:
+            raise ValueError(f"{name} is on {t.device} but state is on {state.device}")
+    return _ops.cache_decision(
+        sums.contiguous(),
+        timestep,
+        coeffs,
+        state,
+        float(threshold),
+        int(warmup),
+        int(max_skips),
+        int(num_steps),
+    )
+
+
+def gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    cached: torch.Tensor,
+    trend: torch.Tensor | None = None,
+    w: float = 0.0,
+) -> torch.Tensor:
+    """``x + gate[:, None] * cached * (1 + w * trend)`` (EOC Eq. 7; FORA when w = 0)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    if cached.shape != x.shape:
+        raise ValueError(f"cached must match x's shape {tuple(x.shape)}, got {tuple(cached.shape)}")
+    gate = _per_sample_vec("gate", gate, B, D)
+    if trend is not None:
+        if tuple(trend.shape) not in ((N, D), (D,), (1, N, D)):
+            raise ValueError(f"trend must be (N, D)={N, D} or (D,)={D,}, got {tuple(trend.shape)}")
+        _check_device("trend", trend, x)
+        trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
+    for name, t in (("gate", gate), ("cached", cached)):
+        _check_device(name, t, x)
+    return _ops.gated_residual(x.contiguous(), gate, cached.contiguous(), trend, float(w))
+
+
+def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A skipped stack: ``x + r``."""
+    if r.shape != x.shape:
+        raise ValueError(f"cached residual has shape {tuple(r.shape)} but x has {tuple(x.shape)}")
+    return _ops.apply_residual(x.contiguous(), r.contiguous())
+
+
+def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
+    """``r <- out - x_in`` iff the device flag is set (no host read)."""
+    if not (out.shape == x_in.shape == r.shape):
+        raise ValueError(
+            f"out {tuple(out.shape)}, x_in {tuple(x_in.shape)} and r {tuple(r.shape)} must have one shape"
+        )
+    if not r.is_contiguous():
+        raise ValueError("r must be contiguous: it is written in place")
+    _ops.store_residual(out.contiguous(), x_in.contiguous(), flag, r)
+
+
+# keep the module object reachable for introspection (fastcache.info)
+library = _library

@@ -1,0 +1,235 @@
+"""Eager reference implementations of fastcache's fused ops.
+
+These are the oracle for every kernel test and the fallback when neither the C++
+extension (CPU) nor Triton (CUDA) is available. They are written for clarity and
+exactness, not speed: every accumulation is done in fp32 (fp64 when the inputs are
+fp64), in the same fixed order as the kernels' final reductions, so that the
+*decision* they produce is the same on every backend.
+
+State layout of the decision op (a flat fp32 tensor, see :data:`STATE_HEADER`):
+
+=======  ==========  ============================================================
+index    name        meaning
+=======  ==========  ============================================================
+0        ACC         accumulated rescaled distance since the last computed step
+1        STEP        index of the next step within the current sampling run
+2        SKIPS       consecutive skipped steps so far
+3        PREV_T      timestep of the previous call (-inf before the first call)
+4        RATIO       last raw relative-L1 ratio (NaN if undefined)
+5        RESCALED    last polynomial-rescaled ratio
+6        FLAG        last decision, 1.0 = compute, 0.0 = reuse the cache
+7        N_COMPUTED  computed steps in the current run
+8        N_SKIPPED   skipped steps in the current run
+9        N_RUNS      sampling runs seen (a run starts when the timestep rises)
+10..15   reserved    zero
+16..     history     three rows of H entries: ratio[s], acc[s], flag[s]
+=======  ==========  ============================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# ---------------------------------------------------------------------------
+# Decision-state layout (shared by every backend; the kernels hard-code the same
+# numbers, and tests/ops/test_decision.py checks that they agree).
+# ---------------------------------------------------------------------------
+ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(10)
+STATE_HEADER = 16
+MAX_COEFFS = 8
+
+
+def new_state(history: int = 1024, device=None) -> torch.Tensor:
+    """A fresh decision state: zeros, PREV_T = -inf, room for ``history`` steps."""
+    if history < 1:
+        raise ValueError(f"history must be >= 1 steps, got {history}")
+    state = torch.zeros(STATE_HEADER + 3 * history, dtype=torch.float32, device=device)
+    state[PREV_T] = -math.inf
+    return state
+
+
+def history_len(state: torch.Tensor) -> int:
+    return (state.numel() - STATE_HEADER) // 3
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def modulated_rel_l1_sums(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, prev: torch.Tensor
+) -> torch.Tensor:
+    """TeaCache's indicator distance, fused with the indicator itself.
+
+    ``m = LN(x) * (1 + scale) + shift`` (LayerNorm without affine, biased variance,
+    computed in fp32), then per batch element ``b``::
+
+        sums[b, 0] = sum |m[b] - prev[b]|      sums[b, 1] = sum |prev[b]|
+
+    and ``prev <- m`` (cast to ``prev.dtype``). TeaCache's
+    ``mean|I_s - I_{s-1}| / mean|I_{s-1}|`` is ``sums[:, 0].sum() / sums[:, 1].sum()``
+    (the element counts cancel). The two sums are returned before the division so a
+    sequence-parallel run can all-reduce them and every rank decides alike.
+
+    Shapes: x, prev ``(B, N, D)``; shift, scale ``(B, D)``; returns ``(B, 2)`` fp32.
+    """
+    acc = _acc_dtype(x)
+    xf = x.to(acc)
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).square().mean(dim=-1, keepdim=True)
+    m = (xf - mean) * torch.rsqrt(var + eps)
+    m = m * (1 + scale.to(acc)[:, None, :]) + shift.to(acc)[:, None, :]
+    p = prev.to(acc)
+    num = (m - p).abs().sum(dim=(1, 2))
+    den = p.abs().sum(dim=(1, 2))
+    prev.copy_(m.to(prev.dtype))
+    return torch.stack([num, den], dim=1).to(torch.float32 if acc == torch.float32 else acc)
+
+
+def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.Tensor:
+    """Relative-L1 sums of an already-computed indicator of any shape ``(B, ...)``.
+
+    For models whose indicator is a timestep embedding (CogVideoX, Wan2.1) or a
+    block residual (First-Block Cache). Returns ``(B, 2)``: ``sum|x - prev|``,
+    ``sum|prev|`` per batch element; ``prev <- x`` when ``write_prev``.
+    """
+    acc = _acc_dtype(x)
+    B = x.shape[0]
+    xf = x.reshape(B, -1).to(acc)
+    p = prev.reshape(B, -1).to(acc)
+    num = (xf - p).abs().sum(dim=1)
+    den = p.abs().sum(dim=1)
+    if write_prev:
+        prev.copy_(x.to(prev.dtype))
+    return torch.stack([num, den], dim=1)
+
+
+def cache_decision(
+    sums: torch.Tensor,
+    timestep: torch.Tensor,
+    coeffs: torch.Tensor,
+    state: torch.Tensor,
+    threshold: float,
+    warmup: int,
+    max_skips: int,
+    num_steps: int,
+) -> torch.Tensor:
+    """One TeaCache decision on device state (METHODS.md, TeaCache; paper Sec. 3.3).
+
+    Mirrors the kernels exactly (fp32 scalar math). Reads ``state`` and writes it in
+    place; returns a 0-dim bool tensor, True = compute the block stack.
+
+    * A new sampling run starts when ``timestep[0] > PREV_T`` (diffusers' timesteps
+      fall within a run, so a rise means the sequence restarted): ACC, STEP, SKIPS and
+      the per-run counters are zeroed, N_RUNS += 1.
+    * ``ratio = sum(sums[:, 0]) / sum(sums[:, 1])`` summed over b in order. ``den <= 0``
+      or a non-finite ratio or rescaled value forces a compute.
+    * ``rescaled = poly(ratio)`` by Horner, coefficients highest power first
+      (numpy.poly1d order); no coefficients = identity.
+    * Forced compute: ``STEP < max(warmup, 1)`` (step 0 has no cache), ``num_steps > 0
+      and STEP >= num_steps - 1`` (the last step), ``max_skips > 0 and SKIPS >=
+      max_skips``, ``threshold <= 0`` (caching disabled).
+    * Otherwise ``acc = ACC + rescaled``; compute iff ``acc >= threshold``.
+      On compute ACC = 0, SKIPS = 0; on skip ACC = acc, SKIPS += 1.
+    * History row s (if s < H): ratio, acc before the reset (0 when forced by an
+      invalid ratio), flag.
+    """
+    # Pure tensor math on the state's device: no value is read back to the host, so
+    # this fallback is sync-free too (just unfused).
+    f32 = torch.float32
+    dev = state.device
+    st = state.clone()
+    t = timestep.detach().reshape(-1)[0].to(dev, f32)
+    new_run = t > st[PREV_T]
+    zero = torch.zeros((), dtype=f32, device=dev)
+    for i in (ACC, STEP, SKIPS, N_COMPUTED, N_SKIPPED):
+        st[i] = torch.where(new_run, zero, st[i])
+    st[N_RUNS] = st[N_RUNS] + new_run.to(f32)
+    s32 = sums.detach().to(dev, f32).reshape(-1, 2)
+    num = zero
+    den = zero
+    for b in range(s32.shape[0]):  # fixed order, like the kernels' final sum
+        num = num + s32[b, 0]
+        den = den + s32[b, 1]
+    nan = torch.full((), math.nan, dtype=f32, device=dev)
+    ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), nan)
+    cs = coeffs.detach().to(dev, f32).reshape(-1)
+    if cs.numel() == 0:
+        rescaled = ratio
+    else:
+        rescaled = zero
+        for k in range(cs.numel()):
+            rescaled = rescaled * ratio + cs[k]
+    valid = torch.isfinite(ratio) & torch.isfinite(rescaled)
+    acc = torch.where(valid, st[ACC] + torch.where(valid, rescaled, zero), zero)
+    step = st[STEP]
+    forced = (step < max(warmup, 1)) | ~valid
+    if num_steps > 0:
+        forced = forced | (step >= num_steps - 1)
+    if max_skips > 0:
+        forced = forced | (st[SKIPS] >= max_skips)
+    if threshold <= 0:
+        forced = torch.ones_like(forced)
+    compute = forced | (acc >= torch.tensor(threshold, dtype=f32, device=dev))
+    cf = compute.to(f32)
+    H = history_len(state)
+    if H > 0:
+        # Write row `step` of the history when step < H (index clamped, value kept).
+        # 1-element index tensors: a 0-dim tensor index would go through __index__,
+        # which reads the value back to the host.
+        idx = step.clamp(max=H - 1).to(torch.long).reshape(1)
+        inside = step < H
+        for row, val in ((0, ratio), (1, acc), (2, cf)):
+            pos = STATE_HEADER + row * H + idx
+            old = st.index_select(0, pos)
+            st.index_put_((pos,), torch.where(inside, val.reshape(1), old))
+    st[ACC] = torch.where(compute, zero, acc)
+    st[SKIPS] = torch.where(compute, zero, st[SKIPS] + 1)
+    st[RATIO] = ratio
+    st[RESCALED] = rescaled
+    st[FLAG] = cf
+    st[N_COMPUTED] = st[N_COMPUTED] + cf
+    st[N_SKIPPED] = st[N_SKIPPED] + (1 - cf)
+    st[STEP] = step + 1
+    st[PREV_T] = t
+    state.copy_(st)
+    return compute.clone()
+
+
+def gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    cached: torch.Tensor,
+    trend: torch.Tensor | None,
+    w: float,
+) -> torch.Tensor:
+    """AdaLN gated residual with EOC's multiplicative trend (Qiu et al. 2025, Eq. 7).
+
+    ``out = x + gate[:, None, :] * (cached * (1 + w * trend))`` in fp32, cast to
+    ``x.dtype``. x, cached ``(B, N, D)``; gate ``(B, D)``; trend ``None``, ``(N, D)``
+    or ``(D,)``. ``trend=None`` or ``w=0`` is FORA's skipped-step residual.
+    """
+    acc = _acc_dtype(x)
+    f = cached.to(acc)
+    if trend is not None and w != 0.0:
+        f = f * (1 + w * trend.to(acc))
+    return (x.to(acc) + gate.to(acc)[:, None, :] * f).to(x.dtype)
+
+
+def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A skipped stack: ``out = x + r`` (fp32 math, ``x.dtype`` out)."""
+    acc = _acc_dtype(x)
+    return (x.to(acc) + r.to(acc)).to(x.dtype)
+
+
+def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
+    """``r <- out - x_in`` where the device flag says the stack was computed.
+
+    The flag is read on the device: under ``torch.cond`` the store sits outside the
+    branches and must not overwrite the cache on a skipped step.
+    """
+    acc = _acc_dtype(out)
+    new = (out.to(acc) - x_in.to(acc)).to(r.dtype)
+    r.copy_(torch.where(flag.to(torch.bool), new, r))
