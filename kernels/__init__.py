@@ -1,0 +1,52 @@
+"""fastcache's Triton kernels (shipped as ``fastcache.kernels``).
+
+One file per op family, three layers in each: ``@triton.jit _<op>_kernel`` -> a
+launcher with the op's exact dispatcher-schema signature (checks shape, dtype,
+contiguity and device from metadata only, picks the grid, never reads a device value
+to the host) -> registration, done by :mod:`fastcache.ops._library` from
+:data:`LAUNCHERS` (CUDA; CPU too under ``FASTCACHE_BACKEND=triton`` with
+``TRITON_INTERPRET=1``).
+
+=========================  ===========================
+op                         file
+=========================  ===========================
+modulated_rel_l1_sums      modulated_rel_l1.py
+rel_l1_sums                rel_l1.py
+cache_decision             decision.py
+gated_residual             gated_residual.py
+apply_residual             residual.py
+store_residual             residual.py
+=========================  ===========================
+
+Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
+
+    from fastcache.kernels import LAUNCHERS
+    sums = LAUNCHERS["rel_l1_sums"](x, prev, True)
+"""
+
+from __future__ import annotations
+
+from .decision import cache_decision
+from .gated_residual import gated_residual
+from .modulated_rel_l1 import modulated_rel_l1_sums
+from .rel_l1 import rel_l1_sums
+from .residual import apply_residual, store_residual
+
+LAUNCHERS = {
+    "modulated_rel_l1_sums": modulated_rel_l1_sums,
+    "rel_l1_sums": rel_l1_sums,
+    "cache_decision": cache_decision,
+    "gated_residual": gated_residual,
+    "apply_residual": apply_residual,
+    "store_residual": store_residual,
+}
+
+__all__ = [
+    "LAUNCHERS",
+    "apply_residual",
+    "cache_decision",
+    "gated_residual",
+    "modulated_rel_l1_sums",
+    "rel_l1_sums",
+    "store_residual",
+]

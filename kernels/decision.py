@@ -1,0 +1,196 @@
+"""``cache_decision``: the whole TeaCache decision as one single-program kernel (Triton).
+
+TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; METHODS.md): ``d_s = sum num /
+sum den``, ``A <- A + poly(d_s)``, compute iff a step is forced or ``A >= threshold``.
+Everything happens on the device on a flat fp32 ``state`` (layout: the table in
+:mod:`fastcache.ops.reference`, hard-coded below and checked against it by the tests);
+the launcher never reads a value back to the host, so a sampling loop can decide,
+branch (``torch.cond``) and record its history without a single synchronisation.
+
+Bitwise contract with the reference: scalar fp32 math in the reference's order.
+``sum over b`` runs 0..B-1 sequentially; the division is IEEE (``div_rn``: a plain
+``/`` compiles to the approximate ``div.full.f32``); Horner ``r = r * ratio + c`` must
+not be contracted into an FMA (the reference rounds the product), so the kernel is
+always launched with :data:`COMPILE_OPTIONS` (``enable_fp_fusion=False``), which makes
+the PTX keep ``mul.rn.f32`` + ``add.rn.f32`` (tests/ops/test_ptx.py checks it).
+
+Example::
+
+    flag = cache_decision(sums, t, coeffs, state, 0.25, 1, 0, 28)   # 0-dim bool, on device
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_contiguous, check_devices, to_fp32
+
+# Layout of the state (fastcache.ops.reference; kept in sync by tests/ops/test_triton.py).
+ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(
+    10
+)
+STATE_HEADER = 16
+MAX_COEFFS = 8
+
+# FMA contraction would change the Horner bits vs the reference: never fuse here.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
+_HEADER: tl.constexpr = tl.constexpr(STATE_HEADER)  # a global a jit function may read
+
+
+@triton.jit
+def _cache_decision_kernel(
+    sums_ptr,
+    t_ptr,
+    coeffs_ptr,
+    state_ptr,
+    flag_ptr,
+    B,
+    n_coeffs,
+    H,
+    threshold,
+    min_steps,
+    last_step,
+    max_skips,
+    has_last,
+    has_max_skips,
+    caching_off,
+):
+    t = tl.load(t_ptr).to(tl.float32)
+    acc_prev = tl.load(state_ptr + 0)  # ACC
+    step = tl.load(state_ptr + 1)  # STEP
+    skips = tl.load(state_ptr + 2)  # SKIPS
+    prev_t = tl.load(state_ptr + 3)  # PREV_T
+    n_computed = tl.load(state_ptr + 7)  # N_COMPUTED
+    n_skipped = tl.load(state_ptr + 8)  # N_SKIPPED
+    n_runs = tl.load(state_ptr + 9)  # N_RUNS
+
+    # Diffusers' timesteps fall within a run: a rise means the sampler restarted.
+    new_run = t > prev_t
+    acc_prev = tl.where(new_run, 0.0, acc_prev)
+    step = tl.where(new_run, 0.0, step)
+    skips = tl.where(new_run, 0.0, skips)
+    n_computed = tl.where(new_run, 0.0, n_computed)
+    n_skipped = tl.where(new_run, 0.0, n_skipped)
+    n_runs = n_runs + tl.where(new_run, 1.0, 0.0)
+
+    num = tl.zeros([], dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
+    for b in range(B):  # fixed order, the reference's
+        num = num + tl.load(sums_ptr + 2 * b)
+        den = den + tl.load(sums_ptr + 2 * b + 1)
+    den_ok = den > 0.0
+    ratio = tl.where(
+        den_ok, tl.math.div_rn(num, tl.where(den_ok, den, 1.0)), float("nan")
+    )
+
+    poly = tl.zeros([], dtype=tl.float32)
+    for k in range(n_coeffs):  # Horner, highest power first (numpy.poly1d order)
+        poly = poly * ratio + tl.load(coeffs_ptr + k)
+    rescaled = tl.where(n_coeffs > 0, poly, ratio)
+
+    valid = (tl.abs(ratio) < float("inf")) & (
+        tl.abs(rescaled) < float("inf")
+    )  # False for NaN too
+    acc = tl.where(valid, acc_prev + tl.where(valid, rescaled, 0.0), 0.0)
+    forced = (step < min_steps) | (valid == 0)
+    forced = forced | ((has_last != 0) & (step >= last_step))
+    forced = forced | ((has_max_skips != 0) & (skips >= max_skips))
+    forced = forced | (caching_off != 0)
+    compute = forced | (acc >= threshold)
+    cf = tl.where(compute, 1.0, 0.0)
+
+    # History row `step` when it fits: ratio, acc before the reset, flag.
+    inside = step < H
+    row = tl.where(inside, step, 0.0).to(tl.int32)
+    hist = state_ptr + _HEADER + row
+    tl.store(hist, ratio, mask=inside)
+    tl.store(hist + H, acc, mask=inside)
+    tl.store(hist + 2 * H, cf, mask=inside)
+
+    tl.store(state_ptr + 0, tl.where(compute, 0.0, acc))
+    tl.store(state_ptr + 1, step + 1.0)
+    tl.store(state_ptr + 2, tl.where(compute, 0.0, skips + 1.0))
+    tl.store(state_ptr + 3, t)
+    tl.store(state_ptr + 4, ratio)
+    tl.store(state_ptr + 5, rescaled)
+    tl.store(state_ptr + 6, cf)
+    tl.store(state_ptr + 7, n_computed + cf)
+    tl.store(state_ptr + 8, n_skipped + (1.0 - cf))
+    tl.store(state_ptr + 9, n_runs)
+    tl.store(flag_ptr, compute)
+
+
+def cache_decision(
+    sums: torch.Tensor,
+    timestep: torch.Tensor,
+    coeffs: torch.Tensor,
+    state: torch.Tensor,
+    threshold: float,
+    warmup: int,
+    max_skips: int,
+    num_steps: int,
+) -> torch.Tensor:
+    """Schema ``cache_decision(Tensor sums, Tensor timestep, Tensor coeffs, Tensor(a!) state,
+    float threshold, int warmup, int max_skips, int num_steps) -> Tensor``.
+
+    sums ``(B, 2)`` or ``(2,)`` fp32; timestep: any shape, element 0 is read on the
+    device (int timesteps are cast to fp32 on the device first); coeffs ``(K,)`` fp32,
+    ``K <= 8``; state 1-D fp32 from ``fastcache.ops.new_state``. Returns a 0-dim bool
+    on the state's device (True = compute). See :func:`fastcache.ops.reference.cache_decision`.
+    """
+    op = "cache_decision"
+    if sums.dtype != torch.float32 or sums.dim() < 1 or sums.shape[-1] != 2:
+        raise ValueError(
+            f"{op}: sums must be fp32 (B, 2) or (2,), got {sums.dtype} {tuple(sums.shape)}; use sums.float()"
+        )
+    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
+        raise ValueError(
+            f"{op}: state must be a 1-D fp32 tensor from fastcache.ops.new_state(), got "
+            f"{state.dtype} {tuple(state.shape)}"
+        )
+    if (
+        coeffs.dtype != torch.float32
+        or coeffs.dim() != 1
+        or coeffs.numel() > MAX_COEFFS
+    ):
+        raise ValueError(
+            f"{op}: coeffs must be a 1-D fp32 tensor of at most {MAX_COEFFS} values (highest power "
+            f"first), got {coeffs.dtype} {tuple(coeffs.shape)}"
+        )
+    if timestep.numel() < 1:
+        raise ValueError(
+            f"{op}: timestep must hold at least one value, got shape {tuple(timestep.shape)}"
+        )
+    for name, t in (("sums", sums), ("coeffs", coeffs), ("state", state)):
+        check_contiguous(op, name, t)
+    check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs)
+    if not timestep.is_floating_point():
+        # Device-side cast (an int tensor cannot be loaded as fp32); no host read.
+        timestep = timestep.reshape(-1)[:1].to(torch.float32)
+    # element 0 of any-strided timestep: data_ptr() is the address of index (0, ..., 0)
+    flag = torch.empty((), dtype=torch.bool, device=state.device)
+    B = sums.numel() // 2
+    H = (state.numel() - STATE_HEADER) // 3
+    _cache_decision_kernel[(1,)](
+        sums,
+        timestep,
+        coeffs,
+        state,
+        flag,
+        B,
+        coeffs.numel(),
+        H,
+        to_fp32(threshold),
+        max(int(warmup), 1),
+        int(num_steps) - 1,
+        int(max_skips),
+        int(int(num_steps) > 0),
+        int(int(max_skips) > 0),
+        int(threshold <= 0),
+        num_warps=1,
+        **COMPILE_OPTIONS,
+    )
+    return flag

@@ -1,0 +1,152 @@
+"""``modulated_rel_l1_sums``: TeaCache's indicator and its distance in one pass (Triton).
+
+TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3) measures the first block's
+timestep-modulated input ``I_s = LN(x) * (1 + scale) + shift`` (LayerNorm without
+affine, biased variance, eps inside the square root) and its relative L1 change
+``d_s = sum|I_s - I_{s-1}| / sum|I_{s-1}|``. This kernel reads ``x`` and ``prev`` once,
+writes ``prev <- I_s`` and returns the per-sample sums before the division, so that a
+sequence-parallel run can all-reduce them::
+
+    sums[b] = (sum_{n,d} |m[b,n,d] - prev[b,n,d]|, sum_{n,d} |prev[b,n,d]|)
+
+Layout: x, prev ``(B, N, D)`` contiguous; shift, scale ``(B, D)`` contiguous. Each
+program normalises a ``(BLOCK_N, BLOCK_D)`` tile of whole rows (``BLOCK_D >= D``: the
+LayerNorm needs the full row), grid ``(B, cdiv(N, BLOCK_N))``; per-program partials are
+reduced in a fixed order by :func:`fastcache.kernels._partials.finish_sums`.
+fp32 accumulation whatever the input dtype (fp64 for fp64 inputs).
+
+Example::
+
+    sums = modulated_rel_l1_sums(x, shift_msa, scale_msa, 1e-6, prev)   # (B, 2) fp32
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import (
+    acc_is_fp64,
+    check_contiguous,
+    check_devices,
+    check_float,
+    next_pow2,
+    sums_dtype,
+)
+from ._partials import finish_sums
+
+# Whole rows live in one tile; 16384 channels covers every DiT we know of (FLUX 3072,
+# Wan 5120) with room to spare. Past it the launcher refuses with a clear error.
+MAX_D = 16384
+_TILE = 4096  # elements per program: BLOCK_N rows x BLOCK_D channels
+
+
+@triton.jit
+def _modulated_rel_l1_kernel(
+    x_ptr,
+    shift_ptr,
+    scale_ptr,
+    prev_ptr,
+    partials_ptr,
+    N,
+    D,
+    P,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    # int64: (b * N + n) * D passes 2^31 for long video token sequences
+    offs = ((pid_b * N + rows) * D)[:, None] + cols[None, :]
+
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    shift = tl.load(shift_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(acc_ty)
+    scale = tl.load(scale_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(acc_ty)
+    m = (xc * rstd[:, None]) * (1.0 + scale[None, :]) + shift[None, :]
+
+    p = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    num = tl.sum(tl.sum(tl.where(mask, tl.abs(m - p), 0.0), axis=1), axis=0)
+    den = tl.sum(tl.sum(tl.abs(p), axis=1), axis=0)
+    out = partials_ptr + (pid_b * P + pid_n) * 2
+    tl.store(out, num)
+    tl.store(out + 1, den)
+    tl.store(prev_ptr + offs, m.to(prev_ptr.dtype.element_ty), mask=mask)
+
+
+def modulated_rel_l1_sums(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    prev: torch.Tensor,
+) -> torch.Tensor:
+    """Schema ``modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev) -> Tensor``.
+
+    x, prev ``(B, N, D)``; shift, scale ``(B, D)``; all contiguous, any float dtypes.
+    Returns ``(B, 2)`` fp32 (fp64 for fp64 x) and writes ``prev`` in place.
+    See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
+    """
+    op = "modulated_rel_l1_sums"
+    if x.dim() != 3:
+        raise ValueError(
+            f"{op}: x must be (B, N, D) hidden states, got shape {tuple(x.shape)}"
+        )
+    B, N, D = x.shape
+    for name, t in (("x", x), ("shift", shift), ("scale", scale), ("prev", prev)):
+        check_float(op, name, t)
+    if prev.shape != x.shape:
+        raise ValueError(
+            f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
+        )
+    for name, t in (("shift", shift), ("scale", scale)):
+        if tuple(t.shape) != (B, D):
+            raise ValueError(
+                f"{op}: {name} must be (B, D) = {(B, D)}, got {tuple(t.shape)}; "
+                f"fastcache.ops.{op} broadcasts (1, D), (D,) and (B, 1, D) for you"
+            )
+    for name, t in (("x", x), ("shift", shift), ("scale", scale), ("prev", prev)):
+        check_contiguous(op, name, t)
+    check_devices(op, "x", x, shift=shift, scale=scale, prev=prev)
+    if D > MAX_D:
+        raise ValueError(
+            f"{op}: D={D} channels exceeds the Triton kernel's whole-row tile ({MAX_D}); "
+            "use the eager or C++ backend (FASTCACHE_BACKEND=eager|cpp) for this model"
+        )
+    out_dtype = sums_dtype(x)
+    if x.numel() == 0:
+        # No rows: nothing to normalise, both sums are empty sums.
+        return torch.zeros((B, 2), dtype=out_dtype, device=x.device)
+    BLOCK_D = next_pow2(D)
+    BLOCK_N = max(1, min(next_pow2(N), _TILE // BLOCK_D))
+    P = triton.cdiv(N, BLOCK_N)
+    partials = torch.empty((B, P, 2), dtype=out_dtype, device=x.device)
+    tile = BLOCK_N * BLOCK_D
+    _modulated_rel_l1_kernel[(B, P)](
+        x,
+        shift,
+        scale,
+        prev,
+        partials,
+        N,
+        D,
+        P,
+        float(eps),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        ACC_FP64=acc_is_fp64(x),
+        num_warps=4 if tile <= 2048 else (8 if tile <= 8192 else 16),
+    )
+    return finish_sums(partials)

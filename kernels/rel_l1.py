@@ -1,0 +1,106 @@
+"""``rel_l1_sums``: relative-L1 sums of an already-computed indicator (Triton).
+
+For indicators that are not the modulated hidden state: a timestep embedding
+(CogVideoX, Wan2.1; METHODS.md, TeaCache) or a first-block residual (First-Block
+Cache). ``x`` of any shape ``(B, ...)`` is viewed as ``(B, M)``::
+
+    sums[b] = (sum_m |x[b, m] - prev[b, m]|, sum_m |prev[b, m]|)     prev <- x  (WRITE_PREV)
+
+Grid ``(B, cdiv(M, BLOCK))``; each program writes one partial pair, then
+:func:`fastcache.kernels._partials.finish_sums` reduces them in a fixed order, so the
+result is bitwise identical run to run. Accumulation is fp32 (fp64 for fp64 inputs).
+
+Example::
+
+    sums = rel_l1_sums(temb, prev_temb, True)     # (B, 2) fp32; prev_temb now holds temb
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import (
+    acc_is_fp64,
+    check_contiguous,
+    check_devices,
+    check_float,
+    next_pow2,
+    sums_dtype,
+)
+from ._partials import finish_sums
+
+_BLOCK_MAX = 4096
+
+
+@triton.jit
+def _rel_l1_partials_kernel(
+    x_ptr,
+    prev_ptr,
+    partials_ptr,
+    M,
+    P,
+    BLOCK: tl.constexpr,
+    WRITE_PREV: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    # int64: B * M (and M alone) may pass 2^31 elements
+    offs = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    base = pid_b * M
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    p = tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    num = tl.sum(tl.abs(x - p), axis=0)
+    den = tl.sum(tl.abs(p), axis=0)
+    out = partials_ptr + (pid_b * P + pid_p) * 2
+    tl.store(out, num)
+    tl.store(out + 1, den)
+    if WRITE_PREV:
+        tl.store(prev_ptr + base + offs, x.to(prev_ptr.dtype.element_ty), mask=mask)
+
+
+def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.Tensor:
+    """Schema ``rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev) -> Tensor``.
+
+    x, prev: same shape ``(B, ...)``, contiguous, any float dtype each. Returns ``(B, 2)``
+    fp32 (fp64 for fp64 x). See :func:`fastcache.ops.reference.rel_l1_sums`.
+    """
+    op = "rel_l1_sums"
+    if x.dim() < 1:
+        raise ValueError(
+            f"{op}: x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)"
+        )
+    check_float(op, "x", x)
+    check_float(op, "prev", prev)
+    if prev.shape != x.shape:
+        raise ValueError(
+            f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
+        )
+    check_contiguous(op, "x", x)
+    check_contiguous(op, "prev", prev)
+    check_devices(op, "x", x, prev=prev)
+    B = x.shape[0]
+    M = x.numel() // B if B else 0
+    BLOCK = min(next_pow2(M), _BLOCK_MAX)
+    P = max(
+        triton.cdiv(M, BLOCK), 1
+    )  # M == 0: one all-masked program per sample -> zeros
+    partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
+    if B == 0:
+        return torch.empty((0, 2), dtype=partials.dtype, device=x.device)
+    _rel_l1_partials_kernel[(B, P)](
+        x,
+        prev,
+        partials,
+        M,
+        P,
+        BLOCK=BLOCK,
+        WRITE_PREV=bool(write_prev),
+        ACC_FP64=acc_is_fp64(x),
+        num_warps=8 if BLOCK >= 4096 else 4,
+    )
+    return finish_sums(partials)
