@@ -1,5 +1,30 @@
-"""fastcache: kernel-fused, sync-free caching for diffusion transformers."""
+"""fastcache: kernel-fused, sync-free caching for diffusion transformers.
+
+    import fastcache
+    handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
+    ...  # sample as usual; fastcache.stats(transformer) afterwards
+    handle.remove()
+"""
 
 from . import ops
+from .config import CacheConfig, TeaCacheConfig
+from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
+from .specs import ModelSpec, register
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CacheConfig",
+    "ModelSpec",
+    "Patch",
+    "TeaCacheConfig",
+    "context",
+    "get_patch",
+    "ops",
+    "patch",
+    "patched",
+    "register",
+    "reset",
+    "stats",
+    "unpatch",
+]

@@ -1,0 +1,98 @@
+"""The policy interface and the pieces every policy shares.
+
+A policy decides, per denoising step and per cache context, what of the block stack
+runs and what is reused. The runtime gives it three things:
+
+* :class:`StackRunner` — runs the original blocks of every segment in order
+  (the stack-level policies: TeaCache, First-Block Cache, Δ-DiT's block ranges are a
+  runner over a slice of blocks);
+* the bound arguments of the first block's call (``call``) and the model-level
+  timestep of the current step;
+* a per-context state object it creates itself (:meth:`Policy.new_state`), holding
+  device tensors that only fused ops update.
+
+Branch-level policies (FORA, EOC: reuse attention/MLP outputs before gating, applied
+with :func:`fastcache.ops.gated_residual`) plug in the same way at block granularity:
+the runtime already patches every block's ``forward`` and passes the spec, so such a
+policy overrides :meth:`Policy.block_forward` instead of :meth:`Policy.run_stack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..specs import ModelSpec
+
+
+def is_tracing() -> bool:
+    """True under torch.compile tracing or CUDA-graph stream capture: the skip must be
+    a ``torch.cond`` there (a Python branch on a device value cannot be traced or
+    captured)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class StackRunner:
+    """Runs the unpatched blocks of every segment, threading the hidden-state streams."""
+
+    def __init__(self, spec: ModelSpec, segments: list[list[Callable]]):
+        self.spec = spec
+        self.segments = segments  # original bound forwards, segment by segment
+
+    def run(self, call: dict, streams: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        kwargs = dict(call)
+        for seg in self.segments:
+            for fwd in seg:
+                kwargs.update(streams)
+                streams = self.spec.unpack(fwd(**kwargs))
+        return streams
+
+
+class Policy:
+    """Base policy. Subclasses implement :meth:`new_state` and :meth:`run_stack`."""
+
+    def __init__(self, config, spec: ModelSpec, model: nn.Module):
+        self.config = config
+        self.spec = spec
+        self.model = model
+
+    # -- state --------------------------------------------------------------------
+    def new_state(self):
+        raise NotImplementedError
+
+    def reset_state(self, state) -> None:
+        raise NotImplementedError
+
+    def state_stats(self, state) -> dict:
+        raise NotImplementedError
+
+    # -- the step -----------------------------------------------------------------
+    def run_stack(
+        self, state, runner: StackRunner, head: nn.Module, call: dict, timestep: torch.Tensor
+    ) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+_POLICIES: dict[type, type[Policy]] = {}
+
+
+def register_policy(config_type: type):
+    """Class decorator: ``@register_policy(MyConfig) class MyPolicy(Policy): ...``."""
+
+    def deco(cls):
+        _POLICIES[config_type] = cls
+        return cls
+
+    return deco
+
+
+def policy_for(config) -> type[Policy]:
+    try:
+        return _POLICIES[type(config)]
+    except KeyError:
+        known = ", ".join(sorted(c.__name__ for c in _POLICIES))
+        raise TypeError(f"no policy runs {type(config).__name__}; configs with a policy: {known}") from None
