@@ -128,6 +128,8 @@ def cache_decision(
 
     See :func:`fastcache.ops.reference.cache_decision` for the exact semantics.
     """
+    if sums.dtype == torch.float64:  # fp64 models: the decision itself runs in fp32
+        sums = sums.float()
     if sums.dtype != torch.float32 or sums.shape[-1] != 2:
         raise ValueError(f"sums must be fp32 (B, 2) or (2,), got {sums.dtype} {tuple(sums.shape)}")
     if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER + 3:

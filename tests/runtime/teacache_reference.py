@@ -1,0 +1,92 @@
+"""A host-side TeaCache written from METHODS.md, independent of fastcache's runtime.
+
+It runs the *unpatched* model and uses ordinary module hooks: a pre-hook on the first
+block computes the indicator (with the block's own modules) and decides in Python; a
+hook on the last block replaces its output on skipped steps with ``x_in + R`` and
+stores ``R = out - x_in`` on computed steps. Every block still runs (the reference is
+about semantics, not speed), so its outputs are what a correct cache must produce.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _modulate(h, shift, scale):
+    return h * (1 + scale) + shift
+
+
+# (first block, its call as a kwargs dict) -> modulated input I_s
+INDICATORS = {
+    "diffusers-dit": lambda b, kw: b.norm1(
+        kw["hidden_states"], kw["timestep"], kw["class_labels"], hidden_dtype=kw["hidden_states"].dtype
+    )[0],
+    "diffusers-pixart": lambda b, kw: _modulate(
+        b.norm1(kw["hidden_states"]),
+        *(b.scale_shift_table[None] + kw["timestep"].reshape(kw["hidden_states"].shape[0], 6, -1)).chunk(6, 1)[:2],
+    ),
+    "diffusers-flux": lambda b, kw: b.norm1(kw["hidden_states"], emb=kw["temb"])[0],
+    "diffusers-sd3": lambda b, kw: b.norm1(kw["hidden_states"], emb=kw["temb"])[0],
+    "fastcache-dit": lambda b, kw: _modulate(
+        b.norm1(kw["x"]), *(t[:, None] for t in b.adaLN_modulation(kw["c"]).chunk(6, 1)[:2])
+    ),
+}
+STREAM = {"fastcache-dit": "x"}
+POSITIONAL = {"diffusers-dit": ["hidden_states"], "diffusers-pixart": ["hidden_states"], "fastcache-dit": ["x", "c"]}
+BLOCK_LISTS = {
+    "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
+    "fastcache-dit": ("blocks",),
+}
+
+
+class ReferenceTeaCache:
+    def __init__(self, name, model, threshold, num_steps, coefficients=None):
+        self.name = name
+        self.threshold = threshold
+        self.num_steps = num_steps
+        self.poly = np.poly1d(coefficients) if coefficients else (lambda v: v)
+        self.cnt = 0
+        self.acc = 0.0
+        self.prev = None
+        self.residual = None
+        self.x_in = None
+        self.skip = False
+        self.trace: list[bool] = []
+        lists = [getattr(model, n) for n in BLOCK_LISTS.get(name, ("transformer_blocks",))]
+        self.first, self.last = lists[0][0], lists[-1][-1]
+        self.stream = STREAM.get(name, "hidden_states")
+        self.handles = [
+            self.first.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.last.register_forward_hook(self._post),
+        ]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, module, args, kwargs):
+        kw = dict(zip(POSITIONAL.get(self.name, []), args))
+        kw.update(kwargs)
+        m = INDICATORS[self.name](module, kw).float()
+        self.x_in = kw[self.stream]
+        if self.cnt == 0 or self.cnt == self.num_steps - 1 or self.threshold == 0:
+            compute, self.acc = True, 0.0
+        else:
+            rel = ((m - self.prev).abs().mean() / self.prev.abs().mean()).item()
+            self.acc += float(self.poly(rel))
+            compute = self.acc >= self.threshold
+            if compute:
+                self.acc = 0.0
+        self.prev = m
+        self.cnt += 1
+        self.skip = not compute
+        self.trace.append(compute)
+
+    def _post(self, module, args, out):
+        hidden = out[1] if isinstance(out, tuple) else out
+        if self.skip:
+            hidden = self.x_in + self.residual
+        else:
+            self.residual = hidden - self.x_in
+        return (out[0], hidden) if isinstance(out, tuple) else hidden

@@ -1,0 +1,73 @@
+"""TeaCache parity on every supported model, over 20-step loops with real schedulers.
+
+* threshold 0: every step computed, output bitwise equal to the unpatched model;
+* threshold > 0: decision trace and output equal the host-side reference
+  (tests/runtime/teacache_reference.py) written from METHODS.md.
+"""
+
+import pytest
+import torch
+from teacache_reference import ReferenceTeaCache
+from zoo import CASES
+
+import fastcache
+
+STEPS = 20
+# thresholds chosen so that every model skips a good share of steps with its coefficients
+THRESHOLDS = {
+    "diffusers-dit": 0.3,
+    "diffusers-pixart": 0.3,
+    "diffusers-flux": 0.2,
+    "diffusers-sd3": 0.1,
+    "fastcache-dit": 0.3,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    return CASES[request.param]()
+
+
+def test_threshold_zero_is_bitwise_unpatched(case):
+    ref = case.sample(steps=STEPS)
+    with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=0.0, num_steps=STEPS)):
+        out = case.sample(steps=STEPS)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert torch.equal(out, ref)
+    assert st["computed"] == STEPS and st["skipped"] == 0
+    assert st["timeline"] == [True] * STEPS
+
+
+def test_matches_host_reference(case):
+    thr = THRESHOLDS[case.name]
+    spec = fastcache.specs.find_spec(case.model)
+    coeffs = spec.teacache_coefficients
+
+    ref = ReferenceTeaCache(case.name, case.model, thr, STEPS, coeffs)
+    try:
+        expected = case.sample(steps=STEPS)
+    finally:
+        ref.remove()
+
+    with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=thr, num_steps=STEPS)):
+        out = case.sample(steps=STEPS)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+
+    assert st["timeline"] == ref.trace
+    skipped = STEPS - sum(ref.trace)
+    assert skipped >= 4, f"the test threshold should make {case.name} skip steps; skipped {skipped}"
+    assert st["skipped"] == skipped
+    assert ref.trace[0] and ref.trace[-1]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_second_run_resets_automatically(case):
+    thr = THRESHOLDS[case.name]
+    with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=thr, num_steps=STEPS)):
+        a = case.sample(steps=STEPS)
+        s1 = fastcache.stats(case.model)["contexts"]["default"]
+        b = case.sample(steps=STEPS)
+        s2 = fastcache.stats(case.model)["contexts"]["default"]
+    assert torch.equal(a, b)
+    assert s1["timeline"] == s2["timeline"]
+    assert (s1["runs"], s2["runs"]) == (1, 2)

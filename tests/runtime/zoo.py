@@ -1,0 +1,213 @@
+"""Tiny instances of every supported model (the real classes, small configs) and a
+real diffusers sampling loop for each: DDIM for DiT / PixArt / the reference DiT,
+flow-matching Euler for Flux / SD3."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    model: torch.nn.Module
+    inputs: Callable[[torch.Tensor, torch.Tensor], dict]  # (latents, t) -> model kwargs
+    latents: Callable[[torch.Generator], torch.Tensor]
+    scheduler: Callable[[], object]
+    output: Callable[[object], torch.Tensor] = lambda o: o.sample  # noqa: E731
+    batch: int = 2
+
+    def sample(self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None) -> torch.Tensor:
+        """Run a full sampling loop; returns the final latents."""
+        model = model or self.model
+        sch = self.scheduler()
+        sch.set_timesteps(steps)
+        x = self.latents(torch.Generator().manual_seed(seed)) if latents is None else latents
+        with torch.no_grad():
+            for i, t in enumerate(sch.timesteps):
+                kw = self.inputs(x, t)
+                out = self.output(model(**kw))
+                if per_step is not None:
+                    per_step(i, out)
+                x = sch.step(out, t, x).prev_sample
+        return x
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def dit_case(B=2) -> Case:
+    torch.manual_seed(0)
+    m = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
+    _randomize_zero_init(m)
+    labels = torch.arange(B) % 10
+    return Case(
+        "diffusers-dit",
+        m,
+        inputs=lambda x, t: dict(hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=labels[: x.shape[0]]),
+        latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
+        scheduler=DDIMScheduler,
+        batch=B,
+    )
+
+
+def pixart_case(B=2) -> Case:
+    torch.manual_seed(0)
+    m = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=24,
+        use_additional_conditions=False,
+    ).eval()
+    _randomize_zero_init(m)
+    text = torch.randn(B, 5, 24, generator=_gen(3))
+    return Case(
+        "diffusers-pixart",
+        m,
+        inputs=lambda x, t: dict(
+            hidden_states=x,
+            encoder_hidden_states=text[: x.shape[0]],
+            timestep=t.expand(x.shape[0]),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ),
+        latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
+        scheduler=DDIMScheduler,
+        output=lambda o: o.sample.chunk(2, dim=1)[0],  # learned sigma: keep epsilon
+        batch=B,
+    )
+
+
+def flux_case(B=2) -> Case:
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    _randomize_zero_init(m)
+    N, T = 16, 6
+    text = torch.randn(B, T, 24, generator=_gen(3))
+    pooled = torch.randn(B, 16, generator=_gen(4))
+    img_ids = torch.zeros(N, 3)
+    img_ids[:, 1] = torch.arange(N) // 4
+    img_ids[:, 2] = torch.arange(N) % 4
+    txt_ids = torch.zeros(T, 3)
+    return Case(
+        "diffusers-flux",
+        m,
+        inputs=lambda x, t: dict(
+            hidden_states=x,
+            encoder_hidden_states=text[: x.shape[0]],
+            pooled_projections=pooled[: x.shape[0]],
+            timestep=(t / 1000).expand(x.shape[0]),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+        ),
+        latents=lambda g: torch.randn(B, N, 8, generator=g),
+        scheduler=FlowMatchEulerDiscreteScheduler,
+        batch=B,
+    )
+
+
+def sd3_case(B=2) -> Case:
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        caption_projection_dim=32,
+        pooled_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    _randomize_zero_init(m)
+    text = torch.randn(B, 6, 24, generator=_gen(3))
+    pooled = torch.randn(B, 16, generator=_gen(4))
+    return Case(
+        "diffusers-sd3",
+        m,
+        inputs=lambda x, t: dict(
+            hidden_states=x,
+            encoder_hidden_states=text[: x.shape[0]],
+            pooled_projections=pooled[: x.shape[0]],
+            timestep=t.expand(x.shape[0]),
+        ),
+        latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
+        scheduler=FlowMatchEulerDiscreteScheduler,
+        batch=B,
+    )
+
+
+def reference_dit_case(B=2) -> Case:
+    from fastcache.models import DiT
+
+    torch.manual_seed(0)
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10).eval()
+    _randomize_zero_init(m)
+    labels = torch.arange(B) % 10
+    return Case(
+        "fastcache-dit",
+        m,
+        inputs=lambda x, t: dict(x=x, t=t.expand(x.shape[0]), y=labels[: x.shape[0]]),
+        latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
+        scheduler=DDIMScheduler,
+        output=lambda o: o,
+        batch=B,
+    )
+
+
+def _randomize_zero_init(m: torch.nn.Module) -> None:
+    """adaLN-Zero / zero-init output layers make an untrained model's blocks the
+    identity, which would make every cache test trivial: give every zero-initialised
+    parameter small random values (seeded)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+CASES = {
+    "diffusers-dit": dit_case,
+    "diffusers-pixart": pixart_case,
+    "diffusers-flux": flux_case,
+    "diffusers-sd3": sd3_case,
+    "fastcache-dit": reference_dit_case,
+}
