@@ -26,27 +26,24 @@ Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
 
 from __future__ import annotations
 
-from .decision import cache_decision
-from .gated_residual import gated_residual
-from .modulated_rel_l1 import modulated_rel_l1_sums
-from .rel_l1 import rel_l1_sums
-from .residual import apply_residual, store_residual
+# Launchers are reached through LAUNCHERS (or their modules): re-exporting them here
+# would shadow the module ``gated_residual`` with the function of the same name.
+from . import decision, gated_residual, modulated_rel_l1, rel_l1, residual
 
 LAUNCHERS = {
-    "modulated_rel_l1_sums": modulated_rel_l1_sums,
-    "rel_l1_sums": rel_l1_sums,
-    "cache_decision": cache_decision,
-    "gated_residual": gated_residual,
-    "apply_residual": apply_residual,
-    "store_residual": store_residual,
+    "modulated_rel_l1_sums": modulated_rel_l1.modulated_rel_l1_sums,
+    "rel_l1_sums": rel_l1.rel_l1_sums,
+    "cache_decision": decision.cache_decision,
+    "gated_residual": gated_residual.gated_residual,
+    "apply_residual": residual.apply_residual,
+    "store_residual": residual.store_residual,
 }
 
 __all__ = [
     "LAUNCHERS",
-    "apply_residual",
-    "cache_decision",
+    "decision",
     "gated_residual",
-    "modulated_rel_l1_sums",
-    "rel_l1_sums",
-    "store_residual",
+    "modulated_rel_l1",
+    "rel_l1",
+    "residual",
 ]

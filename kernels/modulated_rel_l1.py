@@ -69,10 +69,23 @@ def _modulated_rel_l1_kernel(
     offs = ((pid_b * N + rows) * D)[:, None] + cols[None, :]
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # IEEE div/sqrt (per row, so free): for fp32 a plain `/` and tl.sqrt compile to
+    # the approximate div.full / sqrt.approx; these match the reference's 1/sqrt.
+    # (fp64 `/` and sqrt are IEEE already, and div_rn/sqrt_rn take fp32 only.)
+    d = D + tl.zeros(
+        [BLOCK_N], acc_ty
+    )  # D as a float vector (D may arrive as constexpr 1)
+    one = tl.full([BLOCK_N], 1.0, acc_ty)
+    if ACC_FP64:
+        mean = tl.sum(x, axis=1) / d
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / d
+        rstd = one / tl.sqrt(var + eps)
+    else:
+        mean = tl.math.div_rn(tl.sum(x, axis=1), d)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.math.div_rn(tl.sum(xc * xc, axis=1), d)
+        rstd = tl.math.div_rn(one, tl.sqrt_rn(var + eps))
     shift = tl.load(shift_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(acc_ty)
     scale = tl.load(scale_ptr + pid_b * D + cols, mask=col_ok, other=0.0).to(acc_ty)
     m = (xc * rstd[:, None]) * (1.0 + scale[None, :]) + shift[None, :]
