@@ -29,11 +29,23 @@ def ext_modules():
             f"Or set FASTCACHE_SKIP_EXT=1 to skip the extension. ({e})"
         )
     # Portable flags only: no -march=native, so a wheel built here runs on any x86-64
-    # (and aarch64) CPU; vector code paths are chosen at run time in csrc/.
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+    # (and aarch64) CPU; csrc/kernels_avx2.cpp and kernels_avx512.cpp set their own target
+    # with a pragma and csrc/cpu_dispatch.cpp picks the variant at run time.
+    # -ffp-contract=off: no silent a*b+c -> FMA, so every variant rounds like the eager
+    # reference (bitwise-equal element-wise outputs and decision arithmetic).
+    # -fvisibility=hidden: our inline/template code binds inside _C.so, never to another
+    # library's copy of the same symbol.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno",
+           "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    # Link order matters: every source compiled for the baseline ISA comes before the
+    # per-ISA kernel files, so when the linker merges duplicate inline functions (COMDAT:
+    # it keeps the first copy) it keeps a baseline copy, never an AVX-512 one that a
+    # baseline caller could reach. tests/ops/test_cpp.py disassembles _C.so to check that
+    # no vector-extension instruction appears outside the avx2/avx512 kernels.
+    sources = sorted(glob.glob("csrc/*.cpp"), key=lambda p: ("kernels_avx" in p, p))
     ext = CppExtension(
         name="fastcache._C",
-        sources=sorted(glob.glob("csrc/*.cpp")),
+        sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
