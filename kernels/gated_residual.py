@@ -70,9 +70,8 @@ def _gated_residual_kernel(
             t_offs = ((rows % N).to(tl.int64) * D)[:, None] + cols[None, :]
             trend = tl.load(trend_ptr + t_offs, mask=mask, other=0.0).to(acc_ty)
         else:
-            trend = tl.load(trend_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)[
-                None, :
-            ]
+            trend = tl.load(trend_ptr + cols, mask=col_ok, other=0.0).to(acc_ty)
+            trend = trend[None, :]
         f = f * (1.0 + w * trend)
     out = x + gate * f
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
