@@ -106,7 +106,9 @@ class TeaCachePolicy(Policy):
 
             def compute(*operands):
                 outs = runner.run(call, dict(zip(names, operands[:k])))
-                return tuple(outs[n] for n in cached)
+                # Both branches must return plain dense tensors (same strides, offset 0):
+                # a stack may end in a view (Flux's single blocks slice the text off).
+                return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in cached)
 
             def skip(*operands):
                 ins = dict(zip(names, operands[:k]))

@@ -30,7 +30,7 @@ class Case:
 
     def sample(self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None) -> torch.Tensor:
         """Run a full sampling loop; returns the final latents."""
-        model = model or self.model
+        model = self.model if model is None else model
         sch = self.scheduler()
         sch.set_timesteps(steps)
         x = self.latents(torch.Generator().manual_seed(seed)) if latents is None else latents

@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True) of every patched supported model: 0 graph breaks, the
+skip is a torch.cond, and the compiled sampling loop matches eager."""
+
+import pytest
+import torch
+import torch._dynamo
+from zoo import CASES
+
+import fastcache
+
+pytestmark = pytest.mark.compile
+
+STEPS = 10
+THRESHOLDS = {
+    "diffusers-dit": 0.3,
+    "diffusers-pixart": 0.3,
+    "diffusers-flux": 0.2,
+    "diffusers-sd3": 0.1,
+    "fastcache-dit": 0.3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fullgraph_compile_matches_eager(name):
+    case = CASES[name]()
+    m = case.model
+    cfg = fastcache.TeaCacheConfig(threshold=THRESHOLDS[name], num_steps=STEPS)
+    with fastcache.patched(m, cfg):
+        eager = case.sample(steps=STEPS)
+        eager_tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
+        assert not all(eager_tl), "the threshold should skip some steps"
+
+        fastcache.reset(m)
+        sch = case.scheduler()
+        sch.set_timesteps(STEPS)
+        kw = case.inputs(case.latents(torch.Generator().manual_seed(1)), sch.timesteps[0])
+        with torch.no_grad():
+            explain = torch._dynamo.explain(m)(**kw)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        assert explain.graph_count == 1
+        cond_nodes = [
+            n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)
+        ]
+        assert len(cond_nodes) == 1, "the skip must be one torch.cond"
+
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True)
+        out = case.sample(model=compiled, steps=STEPS)
+        tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
+    assert tl == eager_tl
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
