@@ -31,7 +31,8 @@ from pathlib import Path
 import cases
 import pytest
 import torch
-import triton
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 from fastcache.kernels import LAUNCHERS, decision
 
 from fastcache.ops import reference as ref
