@@ -28,9 +28,8 @@ import triton.language as tl
 from ._checks import check_contiguous, check_devices, to_fp32
 
 # Layout of the state (fastcache.ops.reference; kept in sync by tests/ops/test_triton.py).
-ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(
-    10
-)
+ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG = range(7)
+N_COMPUTED, N_SKIPPED, N_RUNS = 7, 8, 9
 STATE_HEADER = 16
 MAX_COEFFS = 8
 
@@ -82,18 +81,16 @@ def _cache_decision_kernel(
         num = num + tl.load(sums_ptr + 2 * b)
         den = den + tl.load(sums_ptr + 2 * b + 1)
     den_ok = den > 0.0
-    ratio = tl.where(
-        den_ok, tl.math.div_rn(num, tl.where(den_ok, den, 1.0)), float("nan")
-    )
+    safe_den = tl.where(den_ok, den, 1.0)
+    ratio = tl.where(den_ok, tl.math.div_rn(num, safe_den), float("nan"))
 
     poly = tl.zeros([], dtype=tl.float32)
     for k in range(n_coeffs):  # Horner, highest power first (numpy.poly1d order)
         poly = poly * ratio + tl.load(coeffs_ptr + k)
     rescaled = tl.where(n_coeffs > 0, poly, ratio)
 
-    valid = (tl.abs(ratio) < float("inf")) & (
-        tl.abs(rescaled) < float("inf")
-    )  # False for NaN too
+    finite_ratio = tl.abs(ratio) < float("inf")  # False for NaN too
+    valid = finite_ratio & (tl.abs(rescaled) < float("inf"))
     acc = tl.where(valid, acc_prev + tl.where(valid, rescaled, 0.0), 0.0)
     forced = (step < min_steps) | (valid == 0)
     forced = forced | ((has_last != 0) & (step >= last_step))
