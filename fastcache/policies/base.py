@@ -19,7 +19,8 @@ policy overrides :meth:`Policy.block_forward` instead of :meth:`Policy.run_stack
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,11 +28,28 @@ from torch import nn
 from ..specs import ModelSpec
 
 
+_FORCE_COND = [False]
+
+
+@contextlib.contextmanager
+def force_cond() -> Iterator[None]:
+    """Take the ``torch.cond`` path in eager mode too (CUDA-graph warm-up must run both
+    branches through cond; see :mod:`fastcache.cudagraph`)."""
+    old = _FORCE_COND[0]
+    _FORCE_COND[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_COND[0] = old
+
+
 def is_tracing() -> bool:
     """True under torch.compile tracing or CUDA-graph stream capture: the skip must be
     a ``torch.cond`` there (a Python branch on a device value cannot be traced or
     captured)."""
     if torch.compiler.is_compiling():
+        return True
+    if _FORCE_COND[0]:
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
