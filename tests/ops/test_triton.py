@@ -755,6 +755,10 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
     from fastcache.ops import reference as ref
 
     assert ops.BACKEND.cpu == "triton", ops.BACKEND.as_dict()
+    # proof that the dispatcher reaches the Triton launcher and not the reference: the
+    # interpreter truncates fp32 -> bf16 (1 + 3/512 -> 1.0), the reference rounds
+    y = torch.ops.fastcache.apply_residual(torch.zeros(4, dtype=torch.bfloat16), torch.full((4,), 1 + 3 / 512))
+    assert torch.equal(y, torch.ones(4, dtype=torch.bfloat16)), y
     torch.manual_seed(0)
     f = torch.ops.fastcache
     B, N, D = 2, 5, 33
