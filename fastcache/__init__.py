@@ -1,9 +1,9 @@
 """fastcache: kernel-fused, sync-free caching for diffusion transformers.
 
-    import fastcache
-    handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
-    ...  # sample as usual; fastcache.stats(transformer) afterwards
-    handle.remove()
+import fastcache
+handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
+...  # sample as usual; fastcache.stats(transformer) afterwards
+handle.remove()
 """
 
 from . import ops

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import fastcache
-from fastcache.models import load_digits_dit, psnr, sample_digits, save_image_grid
+from fastcache.models import load_digits_dit, psnr, sample_digits
 
 
 def _timed_sample(model, labels, steps, seed, cfg_scale):

@@ -60,8 +60,7 @@ def _per_sample_vec(name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
         v = v[None]
     if v.dim() != 2 or v.shape[-1] != D or v.shape[0] not in (1, B):
         raise ValueError(
-            f"{name} must have shape (B, D), (B, 1, D), (1, D) or (D,) with B={B}, D={D}; "
-            f"got {tuple(v.shape)}"
+            f"{name} must have shape (B, D), (B, 1, D), (1, D) or (D,) with B={B}, D={D}; got {tuple(v.shape)}"
         )
     return v.expand(B, D).contiguous()
 
@@ -169,7 +168,7 @@ def gated_residual(
     gate = _per_sample_vec("gate", gate, B, D)
     if trend is not None:
         if tuple(trend.shape) not in ((N, D), (D,), (1, N, D)):
-            raise ValueError(f"trend must be (N, D)={N, D} or (D,)={D,}, got {tuple(trend.shape)}")
+            raise ValueError(f"trend must be (N, D)={N, D} or (D,)={(D,)}, got {tuple(trend.shape)}")
         _check_device("trend", trend, x)
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
     for name, t in (("gate", gate), ("cached", cached)):
@@ -187,9 +186,7 @@ def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
     """``r <- out - x_in`` iff the device flag is set (no host read)."""
     if not (out.shape == x_in.shape == r.shape):
-        raise ValueError(
-            f"out {tuple(out.shape)}, x_in {tuple(x_in.shape)} and r {tuple(r.shape)} must have one shape"
-        )
+        raise ValueError(f"out {tuple(out.shape)}, x_in {tuple(x_in.shape)} and r {tuple(r.shape)} must have one shape")
     if not r.is_contiguous():
         raise ValueError("r must be contiguous: it is written in place")
     _ops.store_residual(out.contiguous(), x_in.contiguous(), flag, r)

@@ -111,8 +111,17 @@ _impl_lib = torch.library.Library(NAMESPACE, "IMPL")
 
 
 def _load_cpp() -> bool:
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("fastcache._C") is None:
+        BACKEND.cpp_error = (
+            "the extension fastcache._C is not built (pip install -e . --no-build-isolation builds it; "
+            "FASTCACHE_SKIP_EXT=1 was set at build time, or the build failed)"
+        )
+        return False
     try:
-        from fastcache import _C  # noqa: F401  (registers the CPU kernels on import)
+        importlib.import_module("fastcache._C")  # registers the CPU kernels on import
     except Exception as e:  # ImportError, OSError (bad .so), undefined symbols...
         BACKEND.cpp_error = f"{type(e).__name__}: {e}"
         return False
@@ -141,8 +150,7 @@ def _select_backends() -> None:
     req = BACKEND.requested
     if req not in BACKENDS:
         raise ValueError(
-            f"FASTCACHE_BACKEND={req!r} is not a backend; use one of {', '.join(BACKENDS)} "
-            "(unset it for 'auto')."
+            f"FASTCACHE_BACKEND={req!r} is not a backend; use one of {', '.join(BACKENDS)} (unset it for 'auto')."
         )
     if req == "eager":
         return

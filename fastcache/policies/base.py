@@ -27,7 +27,6 @@ from torch import nn
 
 from ..specs import ModelSpec
 
-
 _FORCE_COND = [False]
 
 

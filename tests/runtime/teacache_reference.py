@@ -10,7 +10,6 @@ about semantics, not speed), so its outputs are what a correct cache must produc
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def _modulate(h, shift, scale):

@@ -226,8 +226,9 @@ def test_max_consecutive_skips_and_warmup(dit):
 def test_blocks_called_outside_model_forward_error(dit):
     with fastcache.patched(dit.model, fastcache.TeaCacheConfig()):
         with pytest.raises(RuntimeError, match="outside its model's forward"):
-            dit.model.transformer_blocks[0](torch.randn(2, 16, 32), timestep=torch.tensor([1, 1]),
-                                            class_labels=torch.tensor([0, 1]))
+            dit.model.transformer_blocks[0](
+                torch.randn(2, 16, 32), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([0, 1])
+            )
 
 
 def test_register_custom_dual_stream_model():
