@@ -35,8 +35,10 @@ def ext_modules():
     # reference (bitwise-equal element-wise outputs and decision arithmetic).
     # -fvisibility=hidden: our inline/template code binds inside _C.so, never to another
     # library's copy of the same symbol.
-    cxx = ["-O3", "-fopenmp", "-std=c++20", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno",
-           "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    # -g0 overrides the -g of Python's default CFLAGS: debug info doubles the build time.
+    # -Wno-unknown-pragmas: the at::vec headers are full of `#pragma unroll` GCC ignores.
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++20", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno",
+           "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wno-unknown-pragmas"]
     # Link order matters: every source compiled for the baseline ISA comes before the
     # per-ISA kernel files, so when the linker merges duplicate inline functions (COMDAT:
     # it keeps the first copy) it keeps a baseline copy, never an AVX-512 one that a

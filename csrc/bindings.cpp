@@ -26,8 +26,8 @@ namespace {
 void register_cpu_kernels() {
   // Same as the body of TORCH_LIBRARY_IMPL(fastcache, CPU, m). If any impl() throws, the
   // Library's destructor removes the registrations made so far: nothing half-registered.
-  auto m = std::make_unique<torch::Library>(torch::Library::IMPL, "fastcache", c10::DispatchKey::CPU, __FILE__,
-                                            __LINE__);
+  auto m =
+      std::make_unique<torch::Library>(torch::Library::IMPL, "fastcache", c10::DispatchKey::CPU, __FILE__, __LINE__);
   m->impl("modulated_rel_l1_sums", TORCH_FN(fastcache::modulated_rel_l1_sums));
   m->impl("rel_l1_sums", TORCH_FN(fastcache::rel_l1_sums));
   m->impl("cache_decision", TORCH_FN(fastcache::cache_decision));
@@ -42,19 +42,24 @@ void register_cpu_kernels() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastcache's C++ CPU kernels (csrc/). Importing registers them as the CPU implementation of "
-            "torch.ops.fastcache.*; the functions below call the kernels directly.";
+  m.doc() =
+      "fastcache's C++ CPU kernels (csrc/). Importing registers them as the CPU implementation of "
+      "torch.ops.fastcache.*; the functions below call the kernels directly.";
   try {
     fastcache::cpu::init_capability_from_env();
   } catch (const std::exception& e) {
     throw py::import_error(std::string("fastcache._C: ") + e.what());
   }
+  const std::string why =
+      "fastcache._C could not register its CPU kernels with the dispatcher (do the schemas in "
+      "fastcache/ops/_library.py still match the C++ signatures in csrc/ops.h? Rebuild with `pip install -e . "
+      "--no-build-isolation`): ";
   try {
     register_cpu_kernels();
+  } catch (const c10::Error& e) {
+    throw py::import_error(why + e.what_without_backtrace());
   } catch (const std::exception& e) {
-    throw py::import_error(std::string("fastcache._C could not register its CPU kernels with the dispatcher (do the "
-                                       "schemas in fastcache/ops/_library.py match csrc/ops.h?): ") +
-                           e.what());
+    throw py::import_error(why + e.what());
   }
 
   m.def("modulated_rel_l1_sums", &fastcache::modulated_rel_l1_sums, py::arg("x"), py::arg("shift"), py::arg("scale"),
@@ -81,10 +86,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_capabilities", &fastcache::cpu::supported_capabilities,
         "The compiled variants this CPU can run, lowest first.");
   m.attr("STATE_HEADER") = fastcache::state::HEADER;
-  m.attr("STATE_INDEX") = py::dict(
-      py::arg("ACC") = fastcache::state::ACC, py::arg("STEP") = fastcache::state::STEP,
-      py::arg("SKIPS") = fastcache::state::SKIPS, py::arg("PREV_T") = fastcache::state::PREV_T,
-      py::arg("RATIO") = fastcache::state::RATIO, py::arg("RESCALED") = fastcache::state::RESCALED,
-      py::arg("FLAG") = fastcache::state::FLAG, py::arg("N_COMPUTED") = fastcache::state::N_COMPUTED,
-      py::arg("N_SKIPPED") = fastcache::state::N_SKIPPED, py::arg("N_RUNS") = fastcache::state::N_RUNS);
+  m.attr("STATE_INDEX") =
+      py::dict(py::arg("ACC") = fastcache::state::ACC, py::arg("STEP") = fastcache::state::STEP,
+               py::arg("SKIPS") = fastcache::state::SKIPS, py::arg("PREV_T") = fastcache::state::PREV_T,
+               py::arg("RATIO") = fastcache::state::RATIO, py::arg("RESCALED") = fastcache::state::RESCALED,
+               py::arg("FLAG") = fastcache::state::FLAG, py::arg("N_COMPUTED") = fastcache::state::N_COMPUTED,
+               py::arg("N_SKIPPED") = fastcache::state::N_SKIPPED, py::arg("N_RUNS") = fastcache::state::N_RUNS);
 }

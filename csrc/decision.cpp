@@ -57,8 +57,8 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
   TORCH_CHECK(timestep.numel() >= 1, kOp, ": timestep must hold at least one value, got shape ",
               shape_str(timestep.sizes()), ".");
   CHECK_CPU(coeffs);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"sums", &sums}, {"timestep", &timestep},
-                                {"coeffs", &coeffs}}) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"sums", &sums}, {"timestep", &timestep}, {"coeffs", &coeffs}}) {
     TORCH_CHECK(!t->is_complex(), kOp, ": ", name, " must be real, got ", dtype_str(t->scalar_type()), ".");
   }
 

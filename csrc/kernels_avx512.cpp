@@ -12,6 +12,8 @@
 #include "isa_macros_avx2.h"
 // Lambdas in the at::vec headers we never call make GCC warn about the vector ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 false positive on the _mm512_undefined_* operands of the fp16 conversions.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

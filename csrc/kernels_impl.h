@@ -9,7 +9,7 @@
 //  * accumulation in fp32 (fp64 for fp64 inputs); the element-wise formula is evaluated
 //    in exactly the eager reference's operation order, with no FMA (the extension is
 //    built with -ffp-contract=off), so element-wise outputs equal the reference's;
-//  * reductions use kLanes = 16 lanes: element i of a row feeds lane i % 16 in index
+//  * reductions use kLanes = 32 lanes: element i of a row feeds lane i % 32 in index
 //    order (vector body and scalar tail alike), and the lanes are summed by a fixed
 //    tree. Vector width never changes the order, so every variant gives the same bits,
 //    and the callers' fixed chunking makes the result independent of the thread count.
@@ -42,67 +42,73 @@ constexpr bool is_reduced_v = std::is_same_v<T, BFloat16> || std::is_same_v<T, H
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// Geometry of one vector "block" for accumulation type A: kElems elements held in kVecs
-// vectors of V lanes; the 16 reduction lanes fit in kAccVecs vectors. For fp32, a block
-// is at least 2V wide so that one Vectorized<bf16/fp16> (2V elements) converts to a
-// whole number of fp32 vectors.
+// Geometry for accumulation type A. Data moves in "units" of kUnit vectors (2 fp32
+// vectors = one Vectorized<bf16/fp16>, so conversions stay whole; 1 fp64 vector); the
+// vector body walks whole blocks of kElems elements, kVecs vectors, whose vector j feeds
+// reduction accumulator j % kAccVecs (kLanes lanes in all).
 template <typename A>
-struct Block {
+struct Geom {
   using Vec = Vectorized<A>;
   static constexpr int64_t V = Vec::size();
+  static constexpr int64_t kUnit = std::is_same_v<A, float> ? 2 : 1;
+  static constexpr int64_t U = kUnit * V;
   static constexpr int64_t kAccVecs = kLanes / V;
-  static constexpr int64_t kElems = std::is_same_v<A, float> ? std::max<int64_t>(kLanes, 2 * V) : kLanes;
+  static constexpr int64_t kElems = std::max<int64_t>(kLanes, U);
   static constexpr int64_t kVecs = kElems / V;
-  static_assert(kLanes % V == 0, "the vector width must divide the 16 reduction lanes");
-  static_assert(kElems % kLanes == 0, "a block must hold whole groups of 16 lanes");
+  static constexpr int64_t kUnits = kVecs / kUnit;
+  static_assert(kLanes % V == 0, "the vector width must divide the reduction lanes");
+  static_assert(kElems % kLanes == 0 && kVecs % kUnit == 0, "a block must hold whole lane groups and units");
 };
 
+// Load / store one unit (kUnit vectors of A) from / to T, converting bf16/fp16 <-> fp32.
 template <typename A, typename T>
-inline void load_block(const T* p, Vectorized<A>* v) {
-  using B = Block<A>;
+inline void load_unit(const T* p, Vectorized<A>* v) {
+  using G = Geom<A>;
   if constexpr (std::is_same_v<T, A>) {
-    for (int64_t j = 0; j < B::kVecs; ++j) v[j] = Vectorized<A>::loadu(p + j * B::V);
+    for (int64_t k = 0; k < G::kUnit; ++k) v[k] = Vectorized<A>::loadu(p + k * G::V);
   } else {
     static_assert(std::is_same_v<A, float> && is_reduced_v<T>, "only bf16/fp16 -> fp32 loads convert");
-    static_assert(Vectorized<T>::size() == 2 * B::V, "a reduced vector must hold two fp32 vectors");
-    for (int64_t j = 0; j < B::kVecs; j += 2) {
-      auto halves = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p + j * B::V));
-      v[j] = std::get<0>(halves);
-      v[j + 1] = std::get<1>(halves);
-    }
+    static_assert(Vectorized<T>::size() == G::U, "a reduced vector must hold exactly one unit");
+    auto halves = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+    v[0] = std::get<0>(halves);
+    v[1] = std::get<1>(halves);
   }
 }
 
 template <typename A, typename T>
-inline void store_block(T* p, const Vectorized<A>* v) {
-  using B = Block<A>;
+inline void store_unit(T* p, const Vectorized<A>* v) {
+  using G = Geom<A>;
   if constexpr (std::is_same_v<T, A>) {
-    for (int64_t j = 0; j < B::kVecs; ++j) v[j].store(p + j * B::V);
+    for (int64_t k = 0; k < G::kUnit; ++k) v[k].store(p + k * G::V);
   } else {
     static_assert(std::is_same_v<A, float> && is_reduced_v<T>, "only fp32 -> bf16/fp16 stores convert");
-    for (int64_t j = 0; j < B::kVecs; j += 2) at::vec::convert_from_float<T>(v[j], v[j + 1]).store(p + j * B::V);
+    at::vec::convert_from_float<T>(v[0], v[1]).store(p);
   }
 }
 
-// 16 lane accumulators: vector j of a block feeds accumulator j % kAccVecs, so lane l
-// sees elements l, l + 16, l + 32, ... in order.
+// kLanes accumulators: element i (from the start of the row / chunk) goes to lane
+// i % kLanes, in index order; vector j of a block holds lanes (j % kAccVecs) * V + [0, V).
 template <typename A>
 struct Lanes {
-  using B = Block<A>;
-  Vectorized<A> acc[B::kAccVecs];
+  using G = Geom<A>;
+  Vectorized<A> acc[G::kAccVecs];
   Lanes() {
     for (auto& a : acc) a = Vectorized<A>(A(0));
   }
-  inline void add_block(const Vectorized<A>* v) {
-    for (int64_t j = 0; j < B::kVecs; ++j) acc[j % B::kAccVecs] = acc[j % B::kAccVecs] + v[j];
+  // u-th unit of a block
+  inline void add_unit(int64_t u, const Vectorized<A>* v) {
+    for (int64_t k = 0; k < G::kUnit; ++k) {
+      auto& a = acc[(u * G::kUnit + k) % G::kAccVecs];
+      a = a + v[k];
+    }
   }
-  // Spill to scalars for the tail: lane(i) += value for the elements past the last block.
+  // To scalars, for the tail (elements past the last whole block) and the final tree.
   inline void spill(A* lanes) const {
-    for (int64_t k = 0; k < B::kAccVecs; ++k) acc[k].store(lanes + k * B::V);
+    for (int64_t k = 0; k < G::kAccVecs; ++k) acc[k].store(lanes + k * G::V);
   }
 };
 
-// Fixed pairwise tree over the 16 lanes (the same in every variant).
+// Fixed pairwise tree over the lanes (the same in every variant).
 template <typename A>
 inline A reduce_lanes(A* lanes) {
   for (int64_t w = kLanes / 2; w >= 1; w /= 2) {
@@ -113,17 +119,17 @@ inline A reduce_lanes(A* lanes) {
 
 // ------------------------------------------------------------------ modulated_rel_l1_sums
 template <typename T, typename P>
-void modulated_rows(const void* x_, const void* shift_, const void* scale_, void* prev_, int64_t rows,
-                    int64_t D, double eps, void* sums_) {
+void modulated_rows(const void* x_, const void* shift_, const void* scale_, void* prev_, int64_t rows, int64_t D,
+                    double eps, void* sums_) {
   using A = acc_t<T>;
-  using B = Block<A>;
+  using G = Geom<A>;
   using Vec = Vectorized<A>;
   const T* x = static_cast<const T*>(x_);
   const A* shift = static_cast<const A*>(shift_);
   const A* scale = static_cast<const A*>(scale_);
   P* prev = static_cast<P*>(prev_);
   A* sums = static_cast<A*>(sums_);
-  const int64_t Dv = D - D % B::kElems;
+  const int64_t Dv = D - D % G::kElems;
   const A eps_a = static_cast<A>(eps);  // the reference adds eps to an fp32 (fp64) tensor
   const A d_a = static_cast<A>(D);
   const Vec one(A(1));
@@ -133,25 +139,29 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * D;
     P* pr = prev + r * D;
-    Vec v[B::kVecs];
+    Vec v[G::kUnit], p[G::kUnit], sc[G::kUnit], sh[G::kUnit];
     // LayerNorm statistics, two passes as in the reference (the row is in L1 by now).
     Lanes<A> s1;
-    for (int64_t i = 0; i < Dv; i += B::kElems) {
-      load_block<A>(xr + i, v);
-      s1.add_block(v);
+    for (int64_t i = 0; i < Dv; i += G::kElems) {
+      for (int64_t u = 0; u < G::kUnits; ++u) {
+        load_unit<A>(xr + i + u * G::U, v);
+        s1.add_unit(u, v);
+      }
     }
     s1.spill(lanes);
     for (int64_t i = Dv; i < D; ++i) lanes[i % kLanes] = lanes[i % kLanes] + static_cast<A>(xr[i]);
     const A mean = reduce_lanes(lanes) / d_a;
     const Vec vmean(mean);
     Lanes<A> s2;
-    for (int64_t i = 0; i < Dv; i += B::kElems) {
-      load_block<A>(xr + i, v);
-      for (auto& e : v) {
-        const Vec c = e - vmean;
-        e = c * c;
+    for (int64_t i = 0; i < Dv; i += G::kElems) {
+      for (int64_t u = 0; u < G::kUnits; ++u) {
+        load_unit<A>(xr + i + u * G::U, v);
+        for (auto& e : v) {
+          const Vec c = e - vmean;
+          e = c * c;
+        }
+        s2.add_unit(u, v);
       }
-      s2.add_block(v);
     }
     s2.spill(lanes);
     for (int64_t i = Dv; i < D; ++i) {
@@ -163,21 +173,23 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
     const Vec vrstd(rstd);
     // m = LN(x) * (1 + scale) + shift; sums of |m - prev| and |prev|; prev <- m.
     Lanes<A> sn, sd;
-    Vec p[B::kVecs], sc[B::kVecs], sh[B::kVecs];
-    for (int64_t i = 0; i < Dv; i += B::kElems) {
-      load_block<A>(xr + i, v);
-      load_block<A>(pr + i, p);
-      load_block<A>(scale + i, sc);
-      load_block<A>(shift + i, sh);
-      for (int64_t j = 0; j < B::kVecs; ++j) {
-        const Vec m = ((v[j] - vmean) * vrstd) * (one + sc[j]) + sh[j];
-        v[j] = m;
-        sc[j] = (m - p[j]).abs();
-        sh[j] = p[j].abs();
+    for (int64_t i = 0; i < Dv; i += G::kElems) {
+      for (int64_t u = 0; u < G::kUnits; ++u) {
+        const int64_t o = i + u * G::U;
+        load_unit<A>(xr + o, v);
+        load_unit<A>(pr + o, p);
+        load_unit<A>(scale + o, sc);
+        load_unit<A>(shift + o, sh);
+        for (int64_t k = 0; k < G::kUnit; ++k) {
+          const Vec m = ((v[k] - vmean) * vrstd) * (one + sc[k]) + sh[k];
+          v[k] = m;
+          sc[k] = (m - p[k]).abs();
+          sh[k] = p[k].abs();
+        }
+        sn.add_unit(u, sc);
+        sd.add_unit(u, sh);
+        store_unit<A>(pr + o, v);
       }
-      sn.add_block(sc);
-      sd.add_block(sh);
-      store_block<A>(pr + i, v);
     }
     sn.spill(lanes);
     sd.spill(lanes_den);
@@ -199,24 +211,27 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
 template <typename T, typename P>
 void rel_l1_chunk(const void* x_, void* prev_, int64_t n, bool write_prev, void* sums_) {
   using A = acc_t<T>;
-  using B = Block<A>;
+  using G = Geom<A>;
   using Vec = Vectorized<A>;
   const T* x = static_cast<const T*>(x_);
   P* prev = static_cast<P*>(prev_);
   A* sums = static_cast<A*>(sums_);
-  const int64_t nv = n - n % B::kElems;
+  const int64_t nv = n - n % G::kElems;
   Lanes<A> sn, sd;
-  Vec v[B::kVecs], p[B::kVecs], dn[B::kVecs], dd[B::kVecs];
-  for (int64_t i = 0; i < nv; i += B::kElems) {
-    load_block<A>(x + i, v);
-    load_block<A>(prev + i, p);
-    for (int64_t j = 0; j < B::kVecs; ++j) {
-      dn[j] = (v[j] - p[j]).abs();
-      dd[j] = p[j].abs();
+  Vec v[G::kUnit], p[G::kUnit], dn[G::kUnit], dd[G::kUnit];
+  for (int64_t i = 0; i < nv; i += G::kElems) {
+    for (int64_t u = 0; u < G::kUnits; ++u) {
+      const int64_t o = i + u * G::U;
+      load_unit<A>(x + o, v);
+      load_unit<A>(prev + o, p);
+      for (int64_t k = 0; k < G::kUnit; ++k) {
+        dn[k] = (v[k] - p[k]).abs();
+        dd[k] = p[k].abs();
+      }
+      sn.add_unit(u, dn);
+      sd.add_unit(u, dd);
+      if (write_prev) store_unit<A>(prev + o, v);
     }
-    sn.add_block(dn);
-    sd.add_block(dd);
-    if (write_prev) store_block<A>(prev + i, v);
   }
   alignas(64) A lanes[kLanes];
   alignas(64) A lanes_den[kLanes];
@@ -234,38 +249,39 @@ void rel_l1_chunk(const void* x_, void* prev_, int64_t n, bool write_prev, void*
 }
 
 // ---------------------------------------------------------------------- gated_residual
+// Element-wise ops walk units; no lanes are involved, so any split of the work gives the
+// same bits.
 template <typename T, typename C, typename R>
-void gated_rows(const void* x_, const void* gate_, const void* cached_, const void* trend_,
-                int64_t trend_row_stride, double w, void* out_, int64_t row_begin, int64_t row_end, int64_t N,
-                int64_t D) {
+void gated_rows(const void* x_, const void* gate_, const void* cached_, const void* trend_, int64_t trend_row_stride,
+                double w, void* out_, int64_t row_begin, int64_t row_end, int64_t N, int64_t D) {
   using A = acc_t<T>;
-  using B = Block<A>;
+  using G = Geom<A>;
   using Vec = Vectorized<A>;
   const T* x = static_cast<const T*>(x_);
   const A* gate = static_cast<const A*>(gate_);
   const C* cached = static_cast<const C*>(cached_);
   const R* trend = static_cast<const R*>(trend_);
   T* out = static_cast<T*>(out_);
-  const int64_t Dv = D - D % B::kElems;
+  const int64_t Dv = D - D % G::U;
   const A w_a = static_cast<A>(w);  // the reference multiplies an fp32 tensor by w
   const Vec vw(w_a), one(A(1));
-  Vec v[B::kVecs], c[B::kVecs], g[B::kVecs], t[B::kVecs];
+  Vec v[G::kUnit], c[G::kUnit], g[G::kUnit], t[G::kUnit];
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* xr = x + r * D;
     const C* cr = cached + r * D;
     const A* gr = gate + (r / N) * D;
     const R* tr = trend ? trend + (r % N) * trend_row_stride : nullptr;
     T* orow = out + r * D;
-    for (int64_t i = 0; i < Dv; i += B::kElems) {
-      load_block<A>(xr + i, v);
-      load_block<A>(cr + i, c);
-      load_block<A>(gr + i, g);
+    for (int64_t i = 0; i < Dv; i += G::U) {
+      load_unit<A>(xr + i, v);
+      load_unit<A>(cr + i, c);
+      load_unit<A>(gr + i, g);
       if (tr) {
-        load_block<A>(tr + i, t);
-        for (int64_t j = 0; j < B::kVecs; ++j) c[j] = c[j] * (one + vw * t[j]);
+        load_unit<A>(tr + i, t);
+        for (int64_t k = 0; k < G::kUnit; ++k) c[k] = c[k] * (one + vw * t[k]);
       }
-      for (int64_t j = 0; j < B::kVecs; ++j) v[j] = v[j] + g[j] * c[j];
-      store_block<A>(orow + i, v);
+      for (int64_t k = 0; k < G::kUnit; ++k) v[k] = v[k] + g[k] * c[k];
+      store_unit<A>(orow + i, v);
     }
     for (int64_t i = Dv; i < D; ++i) {
       A f = static_cast<A>(cr[i]);
@@ -279,17 +295,17 @@ void gated_rows(const void* x_, const void* gate_, const void* cached_, const vo
 template <typename T, typename R>
 void add_kernel(const void* a_, const void* b_, void* out_, int64_t n) {
   using A = acc_t<T>;
-  using B = Block<A>;
+  using G = Geom<A>;
   const T* a = static_cast<const T*>(a_);
   const R* b = static_cast<const R*>(b_);
   T* out = static_cast<T*>(out_);
-  const int64_t nv = n - n % B::kElems;
-  Vectorized<A> va[B::kVecs], vb[B::kVecs];
-  for (int64_t i = 0; i < nv; i += B::kElems) {
-    load_block<A>(a + i, va);
-    load_block<A>(b + i, vb);
-    for (int64_t j = 0; j < B::kVecs; ++j) va[j] = va[j] + vb[j];
-    store_block<A>(out + i, va);
+  const int64_t nv = n - n % G::U;
+  Vectorized<A> va[G::kUnit], vb[G::kUnit];
+  for (int64_t i = 0; i < nv; i += G::U) {
+    load_unit<A>(a + i, va);
+    load_unit<A>(b + i, vb);
+    for (int64_t k = 0; k < G::kUnit; ++k) va[k] = va[k] + vb[k];
+    store_unit<A>(out + i, va);
   }
   for (int64_t i = nv; i < n; ++i) out[i] = static_cast<T>(static_cast<A>(a[i]) + static_cast<A>(b[i]));
 }
@@ -298,17 +314,17 @@ void add_kernel(const void* a_, const void* b_, void* out_, int64_t n) {
 template <typename T, typename I, typename O>
 void sub_kernel(const void* a_, const void* b_, void* out_, int64_t n) {
   using A = acc_t<T>;
-  using B = Block<A>;
+  using G = Geom<A>;
   const T* a = static_cast<const T*>(a_);
   const I* b = static_cast<const I*>(b_);
   O* out = static_cast<O*>(out_);
-  const int64_t nv = n - n % B::kElems;
-  Vectorized<A> va[B::kVecs], vb[B::kVecs];
-  for (int64_t i = 0; i < nv; i += B::kElems) {
-    load_block<A>(a + i, va);
-    load_block<A>(b + i, vb);
-    for (int64_t j = 0; j < B::kVecs; ++j) va[j] = va[j] - vb[j];
-    store_block<A>(out + i, va);
+  const int64_t nv = n - n % G::U;
+  Vectorized<A> va[G::kUnit], vb[G::kUnit];
+  for (int64_t i = 0; i < nv; i += G::U) {
+    load_unit<A>(a + i, va);
+    load_unit<A>(b + i, vb);
+    for (int64_t k = 0; k < G::kUnit; ++k) va[k] = va[k] - vb[k];
+    store_unit<A>(out + i, va);
   }
   for (int64_t i = nv; i < n; ++i) out[i] = static_cast<O>(static_cast<A>(a[i]) - static_cast<A>(b[i]));
 }

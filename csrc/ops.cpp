@@ -194,7 +194,8 @@ at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_p
   constexpr const char* kOp = "fastcache::rel_l1_sums";
   CHECK_CPU(x);
   CHECK_FLOATING(x);
-  TORCH_CHECK(x.dim() >= 1, kOp, ": x must have a leading batch dimension (B, ...), got a 0-dim tensor; use x.reshape(1).");
+  TORCH_CHECK(x.dim() >= 1, kOp,
+              ": x must have a leading batch dimension (B, ...), got a 0-dim tensor; use x.reshape(1).");
   CHECK_CPU(prev);
   CHECK_FLOATING(prev);
   TORCH_CHECK(prev.sizes() == x.sizes(), kOp, ": prev must have x's shape ", shape_str(x.sizes()), ", got ",
@@ -255,9 +256,8 @@ at::Tensor gated_residual(const at::Tensor& x, const at::Tensor& gate, const at:
   const void* cp = c.t.const_data_ptr();
   const void* tp = use_trend ? t.t.const_data_ptr() : nullptr;
   void* op = out.work.data_ptr();
-  at::parallel_for(0, B * N, std::max<int64_t>(1, kGrainElems / D), [&](int64_t begin, int64_t end) {
-    fn(xp, gp, cp, tp, trend_stride, w, op, begin, end, N, D);
-  });
+  at::parallel_for(0, B * N, std::max<int64_t>(1, kGrainElems / D),
+                   [&](int64_t begin, int64_t end) { fn(xp, gp, cp, tp, trend_stride, w, op, begin, end, N, D); });
   return out.finish();
 }
 
