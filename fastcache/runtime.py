@@ -114,6 +114,7 @@ class Patch:
             if not isinstance(t, torch.Tensor):
                 t = torch.tensor([float(t)], dtype=torch.float32)
             patch._timestep = t
+            policy.begin_step(patch.contexts[patch.current_context], t)
             try:
                 return model_fwd(*args, **kwargs)
             finally:
@@ -141,8 +142,30 @@ class Patch:
 
             return passthrough_forward
 
+        def make_block_forward(index, forward, binder):
+            def block_forward(*args, **kwargs):
+                t = patch._timestep
+                if t is None:
+                    raise RuntimeError(
+                        "fastcache: a patched block was called outside its model's forward; call the model itself."
+                    )
+                state = patch.contexts[patch.current_context]
+                return policy.block_forward(state, index, forward, binder(args, kwargs), t)
+
+            return block_forward
+
         self._saved.append((self.model, _instance_forward(self.model)))
         _set_forward(self.model, model_forward)
+        if policy.granularity == "block":
+            for i, seg in enumerate(self.segments):
+                binder = _Binder(originals[i][0])
+                for j, blk in enumerate(seg):
+                    self._saved.append((blk, _instance_forward(blk)))
+                    _set_forward(blk, make_block_forward((i, j), originals[i][j], binder))
+            self.active = True
+            return
+        if policy.granularity != "stack":
+            raise ValueError(f"policy granularity must be 'stack' or 'block', got {policy.granularity!r}")
         for i, seg in enumerate(self.segments):
             passthrough = make_passthrough(_Binder(originals[i][0]))
             for j, blk in enumerate(seg):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -70,7 +71,16 @@ class StackRunner:
 
 
 class Policy:
-    """Base policy. Subclasses implement :meth:`new_state` and :meth:`run_stack`."""
+    """Base policy.
+
+    ``granularity = "stack"``: the runtime hands the first block's call to
+    :meth:`run_stack` and makes every other block a pass-through (TeaCache, First-Block
+    Cache, Δ-DiT). ``granularity = "block"``: every block's call goes through
+    :meth:`block_forward` with the block's original forward (FORA, EOC, Block Caching).
+    :meth:`begin_step` runs at the start of every model call, in both cases.
+    """
+
+    granularity: ClassVar[str] = "stack"
 
     def __init__(self, config, spec: ModelSpec, model: nn.Module):
         self.config = config
@@ -88,6 +98,14 @@ class Policy:
         raise NotImplementedError
 
     # -- the step -----------------------------------------------------------------
+    def begin_step(self, state, timestep: torch.Tensor) -> None:
+        """Called once per model call, before any block runs (no host reads here)."""
+
+    def block_forward(self, state, index: tuple[int, int], forward: Callable, call: dict, timestep: torch.Tensor):
+        """One block's call (``granularity = "block"``); ``index`` = (segment, block).
+        Returns what the block returns; ``forward(**call)`` runs the original block."""
+        raise NotImplementedError
+
     def run_stack(
         self, state, runner: StackRunner, head: nn.Module, call: dict, timestep: torch.Tensor
     ) -> dict[str, torch.Tensor | None]:
