@@ -27,7 +27,7 @@ def ext_modules():
             "fastcache's C++ kernels build against the installed torch: install it first "
             "(pip install torch==2.13.0), then pip install -e . --no-build-isolation. "
             f"Or set FASTCACHE_SKIP_EXT=1 to skip the extension. ({e})"
-        )
+        ) from e
     # Portable flags only: no -march=native, so a wheel built here runs on any x86-64
     # (and aarch64) CPU; csrc/kernels_avx2.cpp and kernels_avx512.cpp set their own target
     # with a pragma and csrc/cpu_dispatch.cpp picks the variant at run time.

@@ -1,8 +1,9 @@
 """The C++ CPU kernels (csrc/, module fastcache._C) against the eager reference.
 
-Every test runs on every compiled CPU variant this machine can execute (baseline, avx2,
-avx512; selected with ``_C.set_cpu_capability``), so a machine with AVX-512 checks all
-three code paths.
+Every kernel test runs on every compiled CPU variant this machine can execute (baseline,
+avx2, avx512; selected with ``_C.set_cpu_capability``), so a machine with AVX-512 checks
+all three code paths (:func:`test_every_compiled_variant_runs_here` skips, visibly, when
+the CPU cannot run one of them).
 
 Oracle: the reference in fp64 on the same (low-precision-valued) inputs. fp32 outputs
 match it to cases.FP32_RTOL/ATOL. Low-precision outputs follow
@@ -66,6 +67,26 @@ def variant(request):
     _C.set_cpu_capability(previous)
 
 
+def each_variant():
+    """Run the loop body once per CPU variant this machine can execute (the oracle is
+    computed once, outside the loop: that is most of the cost)."""
+    previous = _C.cpu_capability()
+    try:
+        for name in _C.supported_cpu_capabilities():
+            _C.set_cpu_capability(name)
+            yield name
+    finally:
+        _C.set_cpu_capability(previous)
+
+
+def test_every_compiled_variant_runs_here():
+    """The parity tests loop over the supported variants; say so when one is left out."""
+    missing = [v for v in _C.compiled_cpu_capabilities() if v not in _C.supported_cpu_capabilities()]
+    if missing:
+        pytest.skip(f"this CPU cannot run the {missing} kernels: their parity is not checked on this machine")
+    assert _C.supported_cpu_capabilities() == _C.compiled_cpu_capabilities()
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """Raw bits, so NaNs compare equal to themselves and -0.0 differs from 0.0."""
     t = t.detach().contiguous()
@@ -101,23 +122,24 @@ def _modulation_inputs(shape, dtype, gen):
 # ------------------------------------------------------------------ modulated_rel_l1_sums
 @pytest.mark.parametrize("dtype", cases.DTYPES, ids=_did)
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=_sid)
-def test_modulated_rel_l1_sums_matches_reference(variant, shape, dtype):
+def test_modulated_rel_l1_sums_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(sum(shape) * 10 + cases.DTYPES.index(dtype))
     x, shift, scale, prev = _modulation_inputs(shape, dtype, gen)
-    prev_k = prev.clone()
-    sums = torch.ops.fastcache.modulated_rel_l1_sums(x, shift, scale, EPS, prev_k)
     prev_exact = prev.double()
     sums_exact = ref.modulated_rel_l1_sums(x.double(), shift.double(), scale.double(), EPS, prev_exact)
-
-    assert sums.dtype == torch.float32 and sums.shape == (shape[0], 2)
-    # fp32 accumulation of values the fp64 oracle sees exactly: the fp32 bound in every dtype
-    assert_fp32_close(sums, sums_exact, f"sums {variant}")
-    if dtype == torch.float32:
-        assert_fp32_close(prev_k, prev_exact, f"prev {variant}")
-    else:
-        prev_lowp = prev.clone()
+    prev_lowp = prev.clone()
+    if dtype != torch.float32:
         ref.modulated_rel_l1_sums(x, shift, scale, EPS, prev_lowp)
-        cases.assert_within_lowp_bound(prev_k, prev_lowp, prev_exact, dtype, f"prev {variant} {_did(dtype)}")
+    for variant in each_variant():
+        prev_k = prev.clone()
+        sums = torch.ops.fastcache.modulated_rel_l1_sums(x, shift, scale, EPS, prev_k)
+        assert sums.dtype == torch.float32 and sums.shape == (shape[0], 2)
+        # fp32 accumulation of values the fp64 oracle sees exactly: the fp32 bound in every dtype
+        assert_fp32_close(sums, sums_exact, f"sums {variant}")
+        if dtype == torch.float32:
+            assert_fp32_close(prev_k, prev_exact, f"prev {variant}")
+        else:
+            cases.assert_within_lowp_bound(prev_k, prev_lowp, prev_exact, dtype, f"prev {variant} {_did(dtype)}")
 
 
 @pytest.mark.parametrize(
@@ -181,16 +203,17 @@ REL_SHAPES = [s for s in cases.SHAPES] + [(3,), (2, 5, 7, 3), (2, 40000)]  # 400
 @pytest.mark.parametrize("write_prev", [True, False], ids=["write", "keep"])
 @pytest.mark.parametrize("dtype", cases.DTYPES, ids=_did)
 @pytest.mark.parametrize("shape", REL_SHAPES, ids=_sid)
-def test_rel_l1_sums_matches_reference(variant, shape, dtype, write_prev):
+def test_rel_l1_sums_matches_reference(shape, dtype, write_prev):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=gen).to(dtype)
     prev = (torch.randn(shape, generator=gen) * 0.9).to(dtype)
-    prev_k = prev.clone()
-    sums = torch.ops.fastcache.rel_l1_sums(x, prev_k, write_prev)
     sums_exact = ref.rel_l1_sums(x.double(), prev.double(), False)
-    assert sums.dtype == torch.float32 and sums.shape == (shape[0], 2)
-    assert_fp32_close(sums, sums_exact, f"sums {variant}")
-    assert_bitwise(prev_k, x if write_prev else prev, "prev")
+    for variant in each_variant():
+        prev_k = prev.clone()
+        sums = torch.ops.fastcache.rel_l1_sums(x, prev_k, write_prev)
+        assert sums.dtype == torch.float32 and sums.shape == (shape[0], 2)
+        assert_fp32_close(sums, sums_exact, f"sums {variant}")
+        assert_bitwise(prev_k, x if write_prev else prev, f"prev {variant}")
 
 
 @pytest.mark.parametrize(
@@ -231,17 +254,19 @@ def _trend(kind, N, D, dtype, gen):
 @pytest.mark.parametrize("trend_kind,w", TREND_CASES, ids=[f"{k}-w{w}" for k, w in TREND_CASES])
 @pytest.mark.parametrize("dtype", cases.DTYPES, ids=_did)
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=_sid)
-def test_gated_residual_matches_reference(variant, shape, dtype, trend_kind, w):
+def test_gated_residual_matches_reference(shape, dtype, trend_kind, w):
     B, N, D = shape
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(shape, generator=gen).to(dtype)
     gate = torch.randn(B, D, generator=gen).to(dtype)
     cached = torch.randn(shape, generator=gen).to(dtype)
     trend = _trend(trend_kind, N, D, dtype, gen)
-    out = torch.ops.fastcache.gated_residual(x, gate, cached, trend, w)
     same = ref.gated_residual(x, gate, cached, trend, w)
-    assert_bitwise(out, same, f"gated_residual {variant} vs the reference in {_did(dtype)}")
     exact = ref.gated_residual(x.double(), gate.double(), cached.double(), None if trend is None else trend.double(), w)
+    for variant in each_variant():
+        out = torch.ops.fastcache.gated_residual(x, gate, cached, trend, w)
+        assert_bitwise(out, same, f"gated_residual {variant} vs the reference in {_did(dtype)}")
+    # (bitwise equal to `same`, so the fp64 bounds hold for every variant at once)
     if dtype == torch.float32:
         assert_fp32_close(out, exact, "gated_residual")
     else:
@@ -283,26 +308,27 @@ def test_gated_residual_noncontiguous_x_keeps_layout(variant):
 # --------------------------------------------------------------- apply / store residual
 @pytest.mark.parametrize("dtype", cases.DTYPES, ids=_did)
 @pytest.mark.parametrize("shape", cases.SHAPES, ids=_sid)
-def test_apply_and_store_residual_match_reference(variant, shape, dtype):
+def test_apply_and_store_residual_match_reference(shape, dtype):
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(shape, generator=gen).to(dtype)
     r = torch.randn(shape, generator=gen).to(dtype)
-    out = torch.ops.fastcache.apply_residual(x, r)
+    block_out = torch.randn(shape, generator=gen).to(dtype)
     same = ref.apply_residual(x, r)
-    assert_bitwise(out, same, "apply_residual")
     exact = ref.apply_residual(x.double(), r.double())
+    stored = r.clone()
+    ref.store_residual(block_out, x, torch.tensor(True), stored)
+    assert not torch.equal(stored, r), "a set flag must overwrite the cached residual"
+    for variant in each_variant():
+        out = torch.ops.fastcache.apply_residual(x, r)
+        assert_bitwise(out, same, f"apply_residual {variant}")
+        for flag, want in ((torch.tensor(False), r), (torch.tensor(True), stored)):
+            r_k = r.clone()
+            assert torch.ops.fastcache.store_residual(block_out, x, flag, r_k) is None
+            assert_bitwise(r_k, want, f"store_residual {variant} flag={bool(flag)}")
     if dtype == torch.float32:
         assert_fp32_close(out, exact, "apply_residual")
     else:
         cases.assert_within_lowp_bound(out, same, exact, dtype, "apply_residual")
-
-    block_out = torch.randn(shape, generator=gen).to(dtype)
-    for flag in (torch.tensor(False), torch.tensor(True)):
-        r_k, r_r = r.clone(), r.clone()
-        assert torch.ops.fastcache.store_residual(block_out, x, flag, r_k) is None
-        ref.store_residual(block_out, x, flag, r_r)
-        assert_bitwise(r_k, r_r, f"store_residual flag={bool(flag)}")
-    assert not torch.equal(r_k, r), "a set flag must overwrite the cached residual"
 
 
 @pytest.mark.parametrize(
@@ -731,6 +757,53 @@ def test_no_vector_extension_code_outside_its_variant():
     assert not bad, "vector-extension instructions outside their variant:\n" + "\n".join(
         f"{f}: {insns[:3]}" for f, insns in list(bad.items())[:10]
     )
+
+
+_EMULATED_CHECK = """
+import torch
+import fastcache.ops as ops
+from fastcache import _C
+assert ops.BACKEND.cpu == "cpp", ops.BACKEND.cpp_error
+g = torch.Generator().manual_seed(0)
+x, p = torch.randn(2, 5, 97, generator=g), torch.randn(2, 5, 97, generator=g)
+sh, sc = torch.randn(2, 97, generator=g), torch.randn(2, 97, generator=g)
+pk, pr = p.clone(), p.clone()
+sums = _C.modulated_rel_l1_sums(x, sh, sc, 1e-6, pk)
+torch.testing.assert_close(sums, ops.reference.modulated_rel_l1_sums(x, sh, sc, 1e-6, pr))
+torch.testing.assert_close(pk, pr)
+xb = x.bfloat16()
+assert torch.equal(_C.gated_residual(xb, sh, xb, p[0], 0.01), ops.reference.gated_residual(xb, sh, xb, p[0], 0.01))
+refused = []
+for name in _C.compiled_cpu_capabilities():
+    try:
+        _C.set_cpu_capability(name)
+    except ValueError:
+        refused.append(name)
+print("variant", _C.supported_cpu_capabilities()[-1], "refused", ",".join(refused))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 ISA check")
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (qemu-x86_64) to emulate older CPUs")
+def test_runs_on_cpus_without_avx512_or_avx2():
+    """Import and run the extension on emulated CPUs: Haswell (AVX2, no AVX-512) must
+    pick avx2 and refuse avx512; Nehalem (no AVX at all) must run the baseline kernels.
+    A stray AVX-512 / AVX instruction on the import or baseline path would be a SIGILL."""
+    cpus = {"Haswell": ("avx2", "avx512"), "Nehalem": ("baseline", "avx2,avx512")}
+    procs = {
+        cpu: subprocess.Popen(
+            ["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", _EMULATED_CHECK],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cpu in cpus
+    }
+    for cpu, (variant, refused) in cpus.items():
+        out, err = procs[cpu].communicate(timeout=600)
+        assert procs[cpu].returncode == 0, f"{cpu}: exit {procs[cpu].returncode}\n{err[-3000:]}"
+        assert f"variant {variant} refused {refused}" in out, f"{cpu}: {out}"
 
 
 def test_fp64_is_accumulated_in_fp64(variant):
