@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 
 #include "kernel_table.h"
@@ -136,15 +137,26 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
   A num = 0, den = 0;
   alignas(64) A lanes[kLanes];
   alignas(64) A lanes_den[kLanes];
+  // bf16/fp16 rows are converted once, in the first pass, into an fp32 scratch row that
+  // the other two passes read back from L1 (converting three times costs more).
+  constexpr bool kConvert = !std::is_same_v<T, A>;
+  std::unique_ptr<A[]> scratch(kConvert ? new A[std::max<int64_t>(Dv, 1)] : nullptr);
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * D;
     P* pr = prev + r * D;
+    const A* xs = nullptr;  // x's row in the accumulation dtype, for passes 2 and 3
+    if constexpr (kConvert) {
+      xs = scratch.get();
+    } else {
+      xs = xr;
+    }
     Vec v[G::kUnit], p[G::kUnit], sc[G::kUnit], sh[G::kUnit];
     // LayerNorm statistics, two passes as in the reference (the row is in L1 by now).
     Lanes<A> s1;
     for (int64_t i = 0; i < Dv; i += G::kElems) {
       for (int64_t u = 0; u < G::kUnits; ++u) {
         load_unit<A>(xr + i + u * G::U, v);
+        if constexpr (kConvert) store_unit<A>(scratch.get() + i + u * G::U, v);
         s1.add_unit(u, v);
       }
     }
@@ -155,7 +167,7 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
     Lanes<A> s2;
     for (int64_t i = 0; i < Dv; i += G::kElems) {
       for (int64_t u = 0; u < G::kUnits; ++u) {
-        load_unit<A>(xr + i + u * G::U, v);
+        load_unit<A>(xs + i + u * G::U, v);
         for (auto& e : v) {
           const Vec c = e - vmean;
           e = c * c;
@@ -176,7 +188,7 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
     for (int64_t i = 0; i < Dv; i += G::kElems) {
       for (int64_t u = 0; u < G::kUnits; ++u) {
         const int64_t o = i + u * G::U;
-        load_unit<A>(xr + o, v);
+        load_unit<A>(xs + o, v);
         load_unit<A>(pr + o, p);
         load_unit<A>(scale + o, sc);
         load_unit<A>(shift + o, sh);
