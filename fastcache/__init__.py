@@ -6,7 +6,7 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import ops
+from . import calibration, ops
 from .config import CacheConfig, TeaCacheConfig
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "calibration",
     "ModelSpec",
     "Patch",
     "TeaCacheConfig",

@@ -1,0 +1,55 @@
+"""Calibration: recorded pairs are the indicator / stack-output relative L1 of uncached
+runs, and the fit is numpy.polyfit over them."""
+
+import numpy as np
+import pytest
+import torch
+from teacache_reference import INDICATORS
+from zoo import reference_dit_case
+
+import fastcache
+from fastcache import calibration
+
+
+def test_recording_pairs_match_a_hand_computation_and_fit():
+    case = reference_dit_case()
+    m = case.model
+    ins, outs = [], []
+    blk0, last = m.blocks[0], m.blocks[-1]
+    hooks = [
+        blk0.register_forward_pre_hook(
+            lambda mod, a: ins.append(INDICATORS["fastcache-dit"](mod, {"x": a[0], "c": a[1]}))
+        ),
+        last.register_forward_hook(lambda mod, a, o: outs.append(o.detach().clone())),
+    ]
+    ref = case.sample(steps=8)
+    for h in hooks:
+        h.remove()
+
+    with calibration.recording(m) as rec:
+        out = case.sample(steps=8)
+        case.sample(steps=8, seed=2)  # a second run: pairs restart (no pair across runs)
+    assert torch.equal(out, ref)  # calibration never skips
+    pairs = rec.pairs
+    assert pairs.shape == (14, 2)
+    exp = [
+        (
+            ((ins[s] - ins[s - 1]).abs().mean() / ins[s - 1].abs().mean()).item(),
+            ((outs[s] - outs[s - 1]).abs().sum() / outs[s - 1].abs().sum()).item(),
+        )
+        for s in range(1, 8)
+    ]
+    np.testing.assert_allclose(pairs[:7], np.array(exp), rtol=1e-4)
+    coeffs = rec.fit(degree=2)
+    np.testing.assert_allclose(coeffs, np.polyfit(pairs[:, 0], pairs[:, 1], 2), rtol=1e-9)
+    cfg = fastcache.TeaCacheConfig(threshold=0.2, coefficients=coeffs)
+    assert cfg.coefficients == coeffs
+    assert "forward" not in m.__dict__  # recording removed its patch
+
+
+def test_too_few_pairs_is_a_clear_error():
+    case = reference_dit_case()
+    with calibration.recording(case.model) as rec:
+        case.sample(steps=2)
+    with pytest.raises(ValueError, match="too few"):
+        rec.fit(degree=4)
