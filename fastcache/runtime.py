@@ -237,6 +237,7 @@ def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None) 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() takes the transformer nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)
     if not isinstance(config, CacheConfig):
         raise TypeError(
             f"config must be a fastcache config (e.g. fastcache.TeaCacheConfig(threshold=0.1)), "
@@ -254,9 +255,14 @@ def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None) 
     return p
 
 
+def _unwrap(model):
+    """The module behind a ``torch.compile`` wrapper (OptimizedModule._orig_mod)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def get_patch(model: nn.Module) -> Patch:
     try:
-        return _PATCHES[model]
+        return _PATCHES[_unwrap(model)]
     except (KeyError, TypeError):
         raise ValueError(f"{type(model).__name__} is not patched by fastcache (use fastcache.patch first)") from None
 

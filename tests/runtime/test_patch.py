@@ -307,3 +307,12 @@ def test_indicator_matches_reference_formula():
         modulated_rel_l1_sums(xx, shift, scale, eps, prev)
         expected = blk.norm1(x, call["timestep"], call["class_labels"], hidden_dtype=x.dtype)[0]
     torch.testing.assert_close(prev, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_and_stats_accept_a_compiled_wrapper():
+    case = reference_dit_case()
+    compiled = torch.compile(case.model)  # not run: only the wrapper is needed
+    with fastcache.patched(compiled, fastcache.TeaCacheConfig(threshold=0.0)):
+        assert fastcache.get_patch(case.model) is fastcache.get_patch(compiled)
+        case.sample(steps=2)
+        assert fastcache.stats(compiled)["contexts"]["default"]["computed"] == 2
