@@ -15,7 +15,9 @@ Measured per model forward (B = 2, fp32, no grad):
   LayerNorm/modulate/rel-L1 formula, ``.cpu().item()``, ``np.poly1d`` and host math.
 
 Each is reported in ms and as % of ``full``; ``patched_computed`` also as the overhead
-over ``full``. With ``torch.compile(fullgraph=True)`` (the skip is a ``torch.cond``; the
+over ``full``. The three forwards run on three instances with the same weights, timed
+round-robin; the % figures are medians of per-round ratios, so drift of a shared machine
+cancels. With ``torch.compile(fullgraph=True)`` (the skip is a ``torch.cond``; the
 unpatched baseline is compiled too) the same rows are reported for ``provider=compile``;
 compile times are reported separately and excluded.
 
@@ -141,25 +143,60 @@ def decision_teacache_host_fn(shape):
 
 def _time(fn, args) -> common.Timing:
     return common.measure(
-        fn, warmup=2, reps=args.reps or (5 if args.quick else 11), min_reps=3, max_seconds=2.0 if args.quick else 4.0
+        fn, warmup=3, reps=args.reps or (9 if args.quick else 41), min_reps=5, max_seconds=2.0 if args.quick else 3.0
     )
 
 
+def _steps(models: dict, args) -> tuple[dict[str, common.Timing], dict[str, float]]:
+    """Time full / computed / skipped forwards round-robin; ratios to ``full`` are medians
+    of per-round ratios (robust to drift of a shared machine)."""
+    fns = {
+        "full": forward_fn(models["full"], *models["inputs"], rising=False),
+        "patched_computed": forward_fn(models["computed"], *models["inputs"], rising=True),
+        "patched_skipped": forward_fn(models["skipped"], *models["inputs"], rising=False),
+    }
+    timings, samples = common.measure_interleaved(
+        fns,
+        warmup=3,
+        reps=args.reps or (9 if args.quick else 41),
+        max_seconds=4.0 if args.quick else 12.0,
+    )
+    ratios = {k: common.paired_ratio(samples[k], samples["full"]) for k in fns}
+    return timings, ratios
+
+
+def _check_stats(model, computed: int | None = None, skipped: int | None = None) -> None:
+    import fastcache
+
+    st = fastcache.stats(model)["contexts"]["default"]
+    if computed is not None and st["computed"] != computed:
+        raise RuntimeError(f"expected {computed} computed steps, stats say {st}")
+    if skipped is not None and st["skipped"] != skipped:
+        raise RuntimeError(f"expected {skipped} skipped steps, stats say {st}")
+
+
 def bench_model(name, model, note, args, results, env):
+    """Three instances with the same weights: unpatched (full), patched with rising
+    timesteps (every step computed), patched with a constant timestep and threshold 1e9
+    (every step after the first skipped); timed round-robin."""
+    import copy
+
     import fastcache
 
     x, y = model_inputs(model)
     shape = token_shape(model)
     in_shape = tuple(x.shape)
-    full = {}
+    full: dict[str, float] = {}
 
-    def record(measure_name, provider, timing, extra_note="", **extra):
+    def record(measure_name, provider, timing, extra_note="", ratio=None, **extra):
         cfg = Config(NAME, measure_name, provider, name, in_shape, "fp32")
         base = full.get(provider)
-        if timing is not None and base:
-            extra["pct_of_full"] = 100.0 * timing.median_us / base
+        if ratio is not None:
+            extra["pct_of_full"] = 100.0 * ratio
             if measure_name == "patched_computed":
-                extra["overhead_pct"] = 100.0 * (timing.median_us - base) / base
+                extra["overhead_pct"] = 100.0 * (ratio - 1.0)
+        elif timing is not None and base:
+            extra["pct_of_full"] = 100.0 * timing.median_us / base
         extra["tokens"] = "x".join(map(str, shape))
         res = common.make_result(cfg, timing, note=extra_note or note, **extra)
         results.append(res)
@@ -167,61 +204,47 @@ def bench_model(name, model, note, args, results, env):
         print(f"  {name:11s} {provider:8s} {measure_name:24s} {ms}  {extra_note}", flush=True)
 
     cfg_skip = fastcache.TeaCacheConfig(threshold=SKIP_ALL)
-    with torch.no_grad():
+    computed_model, skipped_model = copy.deepcopy(model), copy.deepcopy(model)
+    inst = {"full": model, "computed": computed_model, "skipped": skipped_model, "inputs": (x, y)}
+    with torch.no_grad(), fastcache.patched(computed_model, cfg_skip), fastcache.patched(skipped_model, cfg_skip):
         # ---- eager
-        t = _time(forward_fn(model, x, y, rising=False), args)
-        full["eager"] = t.median_us
-        record("full", "eager", t)
-        with fastcache.patched(model, cfg_skip):
-            t = _time(forward_fn(model, x, y, rising=True), args)
-            stats = fastcache.stats(model)["contexts"]["default"]
-            assert stats["skipped"] == 0, "rising timesteps must compute every step"
-            record("patched_computed", "eager", t)
-            fastcache.reset(model)
-            fn = forward_fn(model, x, y, rising=False)
-            fn()  # step 0: forced compute, fills the cache
-            t = _time(fn, args)
-            stats = fastcache.stats(model)["contexts"]["default"]
-            assert stats["computed"] == 1, f"every step after the first must skip, got {stats}"
-            record("patched_skipped", "eager", t)
+        timings, ratios = _steps(inst, args)
+        _check_stats(computed_model, skipped=0)
+        _check_stats(skipped_model, computed=1)
+        full["eager"] = timings["full"].median_us
+        for k, t in timings.items():
+            record(k, "eager", t, ratio=None if k == "full" else ratios[k])
         record("decision", "eager", _time(decision_fn(shape), args))
         record("decision_teacache_host", "eager", _time(decision_teacache_host_fn(shape), args))
 
         if args.no_compile:
             return
-        # ---- torch.compile(fullgraph=True)
+        # ---- torch.compile(fullgraph=True) of each instance
         try:
+            fastcache.reset(computed_model)
+            fastcache.reset(skipped_model)
             torch._dynamo.reset()
-            compiled = torch.compile(model, fullgraph=True)
-            fn = forward_fn(compiled, x, y, rising=False)
-            t0 = time.perf_counter()
-            fn()
-            compile_full = time.perf_counter() - t0
-            t = _time(fn, args)
-            full["compile"] = t.median_us
-            record("full", "compile", t, compile_s=compile_full)
-            torch._dynamo.reset()
-            with fastcache.patched(model, cfg_skip):
-                compiled = torch.compile(model, fullgraph=True)
-                fn = forward_fn(compiled, x, y, rising=True)
+            compiled = {"inputs": (x, y)}
+            compile_s = {}
+            for key in ("full", "computed", "skipped"):
+                compiled[key] = torch.compile(inst[key], fullgraph=True)
                 t0 = time.perf_counter()
-                fn()
-                compile_patched = time.perf_counter() - t0
-                t = _time(fn, args)
-                assert fastcache.stats(model)["contexts"]["default"]["skipped"] == 0
-                record("patched_computed", "compile", t, compile_s=compile_patched)
-                fastcache.reset(model)
-                fn = forward_fn(compiled, x, y, rising=False)
-                fn()
-                t = _time(fn, args)
-                stats = fastcache.stats(model)["contexts"]["default"]
-                assert stats["computed"] == 1, f"every compiled step after the first must skip, got {stats}"
-                record("patched_skipped", "compile", t)
-            torch._dynamo.reset()
+                forward_fn(compiled[key], x, y, rising=key == "computed")()
+                compile_s[key] = time.perf_counter() - t0
+            timings, ratios = _steps(compiled, args)
+            _check_stats(computed_model, skipped=0)
+            _check_stats(skipped_model, computed=1)
+            full["compile"] = timings["full"].median_us
+            keys = {"full": "full", "patched_computed": "computed", "patched_skipped": "skipped"}
+            for k, t in timings.items():
+                ratio = None if k == "full" else ratios[k]
+                record(k, "compile", t, ratio=ratio, compile_s=compile_s[keys[k]])
         except Exception as e:  # report, do not hide: the eager rows stand on their own
             msg = f"compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
             record("patched_computed", "compile", None, msg)
             env.setdefault("errors", []).append(f"{name}: {msg}")
+        finally:
+            torch._dynamo.reset()
 
 
 def run(args) -> list[common.Result]:

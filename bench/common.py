@@ -260,9 +260,49 @@ def measure(
         dt = time.perf_counter() - t0
         spent += dt
         samples.append(dt / inner * 1e6)
-    samples.sort()
+    return _timing(samples, inner)
+
+
+def _timing(samples: list[float], inner: int = 1) -> Timing:
+    samples = sorted(samples)
     q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
     return Timing(statistics.median(samples), q[0], q[3], samples[0], len(samples), inner)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    reps: int = 21,
+    min_reps: int = 5,
+    max_seconds: float = 10.0,
+) -> tuple[dict[str, Timing], dict[str, list[float]]]:
+    """Time several callables round-robin (one call each per round, the order rotated
+    every round), so that drift of the machine (frequency, other load) hits all of them
+    alike. Returns per-name :class:`Timing` and the raw per-round samples in us, for
+    paired comparisons (``median(a[i] / b[i])``)."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    spent = 0.0
+    rnd = 0
+    while rnd < reps and (rnd < min_reps or spent < max_seconds):
+        k = rnd % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            dt = time.perf_counter() - t0
+            spent += dt
+            samples[name].append(dt * 1e6)
+        rnd += 1
+    return {n: _timing(v) for n, v in samples.items()}, samples
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median of the per-round ratios ``a[i] / b[i]`` (see :func:`measure_interleaved`)."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, flush: Callable[[], None] | None = None, reps: int = 7) -> float:
@@ -296,6 +336,19 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _sched_policy() -> str:
+    """The scheduling policy of this process (SCHED_FIFO when run under ``chrt -f``)."""
+    try:
+        pol = os.sched_getscheduler(0)
+    except (AttributeError, OSError):
+        return "unknown"
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_FIFO", "SCHED_RR", "SCHED_BATCH", "SCHED_IDLE")}
+    name = names.get(pol, str(pol))
+    if pol in (getattr(os, "SCHED_FIFO", -1), getattr(os, "SCHED_RR", -1)):
+        name += f" priority {os.sched_getparam(0).sched_priority}"
+    return name
 
 
 def _mem_total_gib() -> float | None:
@@ -339,6 +392,7 @@ def environment() -> dict[str, Any]:
             "llc_bytes": llc_bytes(),
             "mem_total_gib": _mem_total_gib(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "sched_policy": _sched_policy(),
             "torch": torch.__version__,
             "torch_num_threads": torch.get_num_threads(),
             "python": platform.python_version(),
@@ -426,7 +480,7 @@ def describe_env(env: dict[str, Any], copy_gbps: float | None = None) -> str:
         f"torch {env.get('torch')}  triton {env.get('triton')}  commit {env.get('commit') or env.get('commit_full')}"
         f"{' (dirty)' if env.get('tree_dirty') else ''}\n"
         f"backend: CPU={b.get('cpu')} (cpp variant {cpp.get('cpu_capability')})  load avg at start "
-        f"{env.get('loadavg_start')}"
+        f"{env.get('loadavg_start')}  scheduler {env.get('sched_policy')}"
     )
     if copy_gbps is not None:
         s += f"\nmeasured copy bandwidth (dst.copy_(src), 2 x 1 GiB, 2*bytes/time): {copy_gbps:.2f} GB/s"
@@ -439,7 +493,7 @@ def warn_if_busy(threshold: float = 1.0) -> str | None:
     if load > threshold:
         msg = (
             f"WARNING: load average {load:.2f} > {threshold}: other processes share the {os.cpu_count()} CPUs; "
-            "timings will be noisy and slow."
+            "timings will be noisy and slow (`chrt -f 1 python ...` preempts them for the run)."
         )
         print(msg, file=sys.stderr)
         return msg
