@@ -68,24 +68,18 @@ def load_digits_16() -> tuple[torch.Tensor, torch.Tensor]:
             "load_digits_16 needs scikit-learn (it ships the digits data): pip install scikit-learn"
         ) from e
     digits = load_digits()
-    x = (
-        torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
-    )  # (N, 1, 8, 8) in [0, 1]
+    x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     x = (x * 2.0 - 1.0).clamp(-1.0, 1.0)
     y = torch.from_numpy(digits.target).long()
     return x.contiguous(), y
 
 
-def class_means(
-    images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10
-) -> torch.Tensor:
+def class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
     """Per-class mean image: ``(N, C, H, W), (N,) -> (num_classes, C, H, W)``."""
     missing = [k for k in range(num_classes) if not bool((labels == k).any())]
     if missing:
-        raise ValueError(
-            f"class_means: no image with label(s) {missing}; every class 0..{num_classes - 1} needs one"
-        )
+        raise ValueError(f"class_means: no image with label(s) {missing}; every class 0..{num_classes - 1} needs one")
     return torch.stack([images[labels == k].mean(dim=0) for k in range(num_classes)])
 
 
@@ -106,10 +100,7 @@ def save_digits_dit(
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / WEIGHTS_FILE.name
     config_path = directory / WEIGHTS_CONFIG.name
-    state = {
-        k: v.detach().to("cpu", dtype).contiguous()
-        for k, v in model.state_dict().items()
-    }
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path), metadata={"format": "pt", "dtype": str(dtype)})
     doc = {"model": model.config.to_dict(), "schedule": dict(TRAIN_SCHEDULE)}
     doc.update(metadata or {})
@@ -122,9 +113,7 @@ def read_digits_dit_metadata(directory: Path | str = WEIGHTS_DIR) -> dict[str, A
     """The JSON written next to the shipped weights (model config, schedule, training log)."""
     config_path = Path(directory) / WEIGHTS_CONFIG.name
     if not config_path.is_file():
-        raise FileNotFoundError(
-            f"digits DiT config {config_path} is missing: {_RETRAIN_HINT}"
-        )
+        raise FileNotFoundError(f"digits DiT config {config_path} is missing: {_RETRAIN_HINT}")
     return json.loads(config_path.read_text())
 
 
@@ -148,9 +137,7 @@ def load_digits_dit(
         )
     meta = read_digits_dit_metadata(directory)
     if "model" not in meta:
-        raise ValueError(
-            f"{directory / WEIGHTS_CONFIG.name} has no 'model' entry (the DiTConfig): {_RETRAIN_HINT}"
-        )
+        raise ValueError(f"{directory / WEIGHTS_CONFIG.name} has no 'model' entry (the DiTConfig): {_RETRAIN_HINT}")
     model = DiT.from_config(DiTConfig.from_dict(meta["model"]))
     state = load_file(str(weights_path))
     try:

@@ -52,13 +52,9 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     as in MAE / DiT. ``dim`` must be divisible by 4.
     """
     if dim % 4 != 0:
-        raise ValueError(
-            f"sincos_pos_embed_2d: dim={dim} must be divisible by 4 (two axes x sin/cos)"
-        )
+        raise ValueError(f"sincos_pos_embed_2d: dim={dim} must be divisible by 4 (two axes x sin/cos)")
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
-    emb = np.concatenate(
-        [_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], axis=1
-    )
+    emb = np.concatenate([_sincos_1d(dim // 2, rows), _sincos_1d(dim // 2, cols)], axis=1)
     return torch.from_numpy(emb).float()
 
 
@@ -96,9 +92,7 @@ class DiTConfig:
                 "choose a patch size that tiles the image"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(
                 f"DiTConfig.hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos pos embedding)"
@@ -106,9 +100,7 @@ class DiTConfig:
         if not self.mlp_ratio > 0:
             raise ValueError(f"DiTConfig.mlp_ratio={self.mlp_ratio!r}: must be > 0")
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(
-                f"DiTConfig.class_dropout_prob={self.class_dropout_prob!r}: must be in [0, 1)"
-            )
+            raise ValueError(f"DiTConfig.class_dropout_prob={self.class_dropout_prob!r}: must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,9 +110,7 @@ class DiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(
-                f"DiTConfig.from_dict: unknown keys {sorted(unknown)}; known keys are {sorted(known)}"
-            )
+            raise ValueError(f"DiTConfig.from_dict: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
 
 
@@ -130,9 +120,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(
-            in_channels, hidden_size, kernel_size=patch_size, stride=patch_size
-        )
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -141,9 +129,7 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps ``(B,)`` -> ``(B, D)``: sinusoidal frequencies, then a 2-layer SiLU MLP."""
 
-    def __init__(
-        self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0
-    ):
+    def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0):
         super().__init__()
         self.frequency_size = frequency_size
         self.max_period = max_period
@@ -155,11 +141,7 @@ class TimestepEmbedder(nn.Module):
 
     def frequency_embedding(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
-        freqs = torch.exp(
-            -math.log(self.max_period)
-            * torch.arange(half, dtype=torch.float32, device=t.device)
-            / half
-        )
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -197,11 +179,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = (
-            self.qkv(x)
-            .reshape(B, N, 3, self.num_heads, D // self.num_heads)
-            .permute(2, 0, 3, 1, 4)
-        )
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, D/H)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -228,20 +206,12 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).chunk(6, dim=1)
-        )
-        x = x + gate_msa.unsqueeze(1) * self.attn(
-            modulate(self.norm1(x), shift_msa, scale_msa)
-        )
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(
-            modulate(self.norm2(x), shift_mlp, scale_mlp)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -252,9 +222,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -308,9 +276,7 @@ class DiT(nn.Module):
             sincos_pos_embed_2d(hidden_size, self.grid_size).unsqueeze(0),
             persistent=False,
         )
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -355,9 +321,7 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:

@@ -13,9 +13,7 @@ import torch
 __all__ = ["class_match_accuracy", "nearest_class", "psnr"]
 
 
-def psnr(
-    a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, reduction: str = "none"
-) -> torch.Tensor:
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, reduction: str = "none") -> torch.Tensor:
     """Peak signal-to-noise ratio in dB between two image batches ``(B, ...)``.
 
     ``10 * log10(data_range**2 / mse)`` per image, computed in float64; identical images
@@ -23,23 +21,12 @@ def psnr(
     (``(B,)``) or ``"mean"`` (PSNR of the mean MSE over the batch, a scalar).
     """
     if a.shape != b.shape:
-        raise ValueError(
-            f"psnr: shapes differ, a {tuple(a.shape)} vs b {tuple(b.shape)}; pass equal-shaped batches"
-        )
+        raise ValueError(f"psnr: shapes differ, a {tuple(a.shape)} vs b {tuple(b.shape)}; pass equal-shaped batches")
     if a.dim() < 1:
-        raise ValueError(
-            "psnr: expected a batch (B, ...) with at least one dimension, got a scalar"
-        )
+        raise ValueError("psnr: expected a batch (B, ...) with at least one dimension, got a scalar")
     if not data_range > 0:
-        raise ValueError(
-            f"psnr: data_range={data_range!r} must be > 0 (2.0 for images in [-1, 1])"
-        )
-    err = (
-        (a.detach().double() - b.detach().double())
-        .pow(2)
-        .reshape(a.shape[0], -1)
-        .mean(dim=1)
-    )
+        raise ValueError(f"psnr: data_range={data_range!r} must be > 0 (2.0 for images in [-1, 1])")
+    err = (a.detach().double() - b.detach().double()).pow(2).reshape(a.shape[0], -1).mean(dim=1)
     if reduction == "mean":
         err = err.mean()
     elif reduction != "none":
@@ -60,21 +47,12 @@ def nearest_class(images: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
-def class_match_accuracy(
-    images: torch.Tensor, labels: torch.Tensor, means: torch.Tensor
-) -> float:
+def class_match_accuracy(images: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> float:
     """Fraction of ``images`` whose nearest class mean (L2) is their ``labels`` class.
 
     On real 16x16 digits this nearest-mean rule scores about 0.9; pure noise scores
     about 1/K. A cheap, offline sanity measure that samples look like the right digit.
     """
     if labels.shape != (images.shape[0],):
-        raise ValueError(
-            f"class_match_accuracy: labels {tuple(labels.shape)} must be ({images.shape[0]},)"
-        )
-    return (
-        (nearest_class(images, means) == labels.to(images.device))
-        .double()
-        .mean()
-        .item()
-    )
+        raise ValueError(f"class_match_accuracy: labels {tuple(labels.shape)} must be ({images.shape[0]},)")
+    return (nearest_class(images, means) == labels.to(images.device)).double().mean().item()

@@ -91,9 +91,7 @@ def sample_digits(
     device, dtype = param.device, param.dtype
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
     if labels.numel() == 0:
-        raise ValueError(
-            "sample_digits: labels is empty; pass at least one class label"
-        )
+        raise ValueError("sample_digits: labels is empty; pass at least one class label")
     if bool(((labels < 0) | (labels >= cfg.num_classes)).any()):
         raise ValueError(
             f"sample_digits: labels must be in [0, {cfg.num_classes}) (the null class {cfg.num_classes} "
@@ -110,18 +108,12 @@ def sample_digits(
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
     x = x * scheduler.init_noise_sigma
     guided = cfg_scale > 1.0
-    y = (
-        torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
-        if guided
-        else labels
-    )
+    y = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
 
     for i, t in enumerate(scheduler.timesteps):
         model_in = torch.cat([x, x]) if guided else x
         model_in = scheduler.scale_model_input(model_in, t)
-        t_batch = torch.full(
-            (model_in.shape[0],), int(t), device=device, dtype=torch.long
-        )
+        t_batch = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
         eps = model(model_in.to(dtype), t_batch, y).float()
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
@@ -135,16 +127,12 @@ def sample_digits(
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 1) -> torch.Tensor:
     """Tile ``(B, C, H, W)`` images in [-1, 1] into one uint8 ``(rows*(H+p)+p, nrow*(W+p)+p, C)`` array."""
     if images.dim() != 4:
-        raise ValueError(
-            f"image_grid: expected (B, C, H, W), got shape {tuple(images.shape)}"
-        )
+        raise ValueError(f"image_grid: expected (B, C, H, W), got shape {tuple(images.shape)}")
     if nrow < 1:
         raise ValueError(f"image_grid: nrow={nrow} must be >= 1")
     B, C, H, W = images.shape
     rows = (B + nrow - 1) // nrow
-    grid = torch.zeros(
-        C, rows * (H + padding) + padding, nrow * (W + padding) + padding
-    )
+    grid = torch.zeros(C, rows * (H + padding) + padding, nrow * (W + padding) + padding)
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
     for k in range(B):
         r, c = divmod(k, nrow)
@@ -153,9 +141,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 1) -> torch.T
     return grid.permute(1, 2, 0).to(torch.uint8)
 
 
-def save_image_grid(
-    images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 4
-) -> Path:
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 4) -> Path:
     """Write ``(B, C, H, W)`` images in [-1, 1] as a PNG grid, each pixel ``scale`` x ``scale``."""
     from PIL import Image
 
