@@ -218,12 +218,6 @@ except ImportError:  # script mode does not need pytest
     pytest = None
 
 if pytest is not None:
-    _FLUSHER: list = []
-
-    def _flush():
-        if not _FLUSHER:
-            _FLUSHER.append(common.CacheFlusher())
-        _FLUSHER[0]()
 
     @pytest.mark.parametrize("dtype", list(DTYPES))
     @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -237,7 +231,7 @@ if pytest is not None:
         nbytes = bytes_moved(shape, DTYPES[dtype])
         benchmark.group = f"{OP}/{shape_name}/{dtype}"
         benchmark.extra_info.update(bytes_moved=nbytes, **extra)
-        benchmark.pedantic(fn, setup=_flush, rounds=10, warmup_rounds=2)
+        benchmark.pedantic(fn, setup=common.flush_caches, rounds=10, warmup_rounds=2)
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
 
 

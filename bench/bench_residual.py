@@ -239,12 +239,6 @@ except ImportError:
     pytest = None
 
 if pytest is not None:
-    _FLUSHER: list = []
-
-    def _flush():
-        if not _FLUSHER:
-            _FLUSHER.append(common.CacheFlusher())
-        _FLUSHER[0]()
 
     @pytest.mark.parametrize("dtype", list(DTYPES))
     @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -259,7 +253,7 @@ if pytest is not None:
         nbytes = bytes_moved(op, variant, shape, DTYPES[dtype])
         benchmark.group = f"{op}{'[' + variant + ']' if variant else ''}/{shape_name}/{dtype}"
         benchmark.extra_info.update(bytes_moved=nbytes, **extra)
-        benchmark.pedantic(fn, setup=_flush, rounds=7, warmup_rounds=1)
+        benchmark.pedantic(fn, setup=common.flush_caches, rounds=7, warmup_rounds=1)
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
 
 
