@@ -55,4 +55,4 @@ def class_match_accuracy(images: torch.Tensor, labels: torch.Tensor, means: torc
     """
     if labels.shape != (images.shape[0],):
         raise ValueError(f"class_match_accuracy: labels {tuple(labels.shape)} must be ({images.shape[0]},)")
-    return (nearest_class(images, means) == labels.to(images.device)).double().mean().item()
+    return (nearest_class(images, means) == labels.to(images.device)).double().mean().item()  # host-read-ok: metric

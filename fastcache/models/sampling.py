@@ -95,7 +95,7 @@ def sample_digits(
     if bool(((labels < 0) | (labels >= cfg.num_classes)).any()):
         raise ValueError(
             f"sample_digits: labels must be in [0, {cfg.num_classes}) (the null class {cfg.num_classes} "
-            f"is added by guidance), got {labels.tolist()}"
+            f"is added by guidance), got {labels.tolist()}"  # host-read-ok: error message
         )
     if num_steps < 1:
         raise ValueError(f"sample_digits: num_steps={num_steps} must be >= 1")
@@ -133,7 +133,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 1) -> torch.T
     B, C, H, W = images.shape
     rows = (B + nrow - 1) // nrow
     grid = torch.zeros(C, rows * (H + padding) + padding, nrow * (W + padding) + padding)
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()  # host-read-ok: image output
     for k in range(B):
         r, c = divmod(k, nrow)
         top, left = padding + r * (H + padding), padding + c * (W + padding)
@@ -145,7 +145,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale
     """Write ``(B, C, H, W)`` images in [-1, 1] as a PNG grid, each pixel ``scale`` x ``scale``."""
     from PIL import Image
 
-    grid = image_grid(images, nrow=nrow).numpy()
+    grid = image_grid(images, nrow=nrow).numpy()  # host-read-ok: image output
     mode = "L" if grid.shape[2] == 1 else "RGB"
     img = Image.fromarray(grid[:, :, 0] if mode == "L" else grid, mode=mode)
     if scale > 1:
