@@ -152,11 +152,7 @@ def run(args) -> list[common.Result]:
                 results.append(common.make_result(cfg, t, note=note))
                 print(f"  {cfg.id():60s} {t.median_us:9.2f} us", flush=True)
     summary = summarize(results)
-    print()
-    print(format_summary(summary))
-    if not args.no_write:
-        paths = common.write_results(NAME, results, env, {"rows": summary})
-        print("\nwrote " + ", ".join(str(p.relative_to(common.REPO_ROOT)) for p in paths))
+    common.report(NAME, results, env, format_summary(summary), {"rows": summary}, write=not args.no_write)
     return results
 
 

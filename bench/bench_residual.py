@@ -181,20 +181,13 @@ def run(args) -> list[common.Result]:
                     results.append(res)
                     print(f"  {cfg.id():62s} {t.median_us:11.1f} us  {res.gbps:7.2f} GB/s", flush=True)
     summary = summarize(results)
-    print()
-    print(format_summary(summary))
-    if not args.no_write:
-        paths = common.write_results(NAME, results, env, {"cases": summary})
-        print("\nwrote " + ", ".join(str(p.relative_to(common.REPO_ROOT)) for p in paths))
+    common.report(NAME, results, env, format_summary(summary), {"cases": summary}, write=not args.no_write)
     return results
 
 
 def summarize(results: list[common.Result]) -> list[dict]:
-    by_case: dict[str, dict[str, common.Result]] = {}
-    for r in results:
-        by_case.setdefault(r.config.case, {})[r.config.provider] = r
     rows = []
-    for rs in by_case.values():
+    for rs in common.group_by_case(results).values():
         c = next(iter(rs.values())).config
         row = {
             "op": c.op + (f"[{c.variant}]" if c.variant else ""),

@@ -261,11 +261,7 @@ def run(args) -> list[common.Result]:
     for name, (model, note) in models.items():
         bench_model(name, model, note, args, results, env)
     summary = summarize(results)
-    print()
-    print(format_summary(summary))
-    if not args.no_write:
-        paths = common.write_results(NAME, results, env, {"rows": summary})
-        print("\nwrote " + ", ".join(str(p.relative_to(common.REPO_ROOT)) for p in paths))
+    common.report(NAME, results, env, format_summary(summary), {"rows": summary}, write=not args.no_write)
     return results
 
 

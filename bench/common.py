@@ -520,3 +520,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--no-write", action="store_true", help="print only, do not write bench/results/")
     return p
+
+
+def group_by_case(results: list[Result]) -> dict[str, dict[str, Result]]:
+    """Results keyed by case, then by provider (for side-by-side summary rows)."""
+    by_case: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(r.config.case, {})[r.config.provider] = r
+    return by_case
+
+
+def report(name: str, results: list[Result], env: dict, summary_text: str, extra: dict, write: bool) -> None:
+    """Print the summary table and, unless ``write`` is False, write the result files."""
+    print()
+    print(summary_text)
+    if write:
+        paths = write_results(name, results, env, extra)
+        print("\nwrote " + ", ".join(str(p.relative_to(REPO_ROOT)) for p in paths))
