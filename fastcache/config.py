@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar
 
 from .ops.reference import MAX_COEFFS
@@ -42,9 +43,22 @@ def config_type(cls):
     return cls
 
 
-def _check_int(name: str, v: Any, lo: int, hint: str = "") -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+def _check_int(name: str, v: Any, lo: int, hint: str = "") -> int:
+    """An integer >= lo (numpy integers accepted, bools and floats refused); returns an int."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < lo:
         raise ValueError(f"{name} must be an integer >= {lo}{hint}, got {v!r}")
+    return int(v)
+
+
+def _check_float(name: str, v: Any, lo: float, hint: str = "") -> float:
+    """A finite real >= lo (numpy floats accepted, bools and strings refused); returns a float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < lo:
+        raise ValueError(f"{name} must be a finite number >= {lo}{hint}, got {v!r}")
+    return float(v)
+
+
+def _set(obj, name: str, value) -> None:
+    object.__setattr__(obj, name, value)
 
 
 @config_type
@@ -80,23 +94,35 @@ class TeaCacheConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"threshold must be a finite number >= 0 (0 disables skipping), got {t!r}")
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
         if self.coefficients is not None:
-            try:
-                cs = tuple(float(c) for c in self.coefficients)
-            except (TypeError, ValueError):
+            cs = self.coefficients
+            if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__"):
                 raise ValueError(
                     f"coefficients must be a sequence of numbers (numpy.poly1d order), got {self.coefficients!r}"
-                ) from None
+                )
+            cs = tuple(cs)
+            if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in cs):
+                raise ValueError(
+                    f"coefficients must be a sequence of numbers (numpy.poly1d order), got {self.coefficients!r}"
+                )
+            cs = tuple(float(c) for c in cs)
             if not 1 <= len(cs) <= MAX_COEFFS or not all(math.isfinite(c) for c in cs):
                 raise ValueError(
                     f"coefficients must hold 1..{MAX_COEFFS} finite numbers (highest power first), got {cs}"
                 )
-            object.__setattr__(self, "coefficients", cs)
-        _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)")
-        _check_int("max_consecutive_skips", self.max_consecutive_skips, 0, " (0 = unlimited)")
+            _set(self, "coefficients", cs)
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        _set(
+            self,
+            "max_consecutive_skips",
+            _check_int("max_consecutive_skips", self.max_consecutive_skips, 0, " (0 = unlimited)"),
+        )
         if self.num_steps is not None:
-            _check_int("num_steps", self.num_steps, 1, " or None")
-        _check_int("history", self.history, 1)
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+            if self.warmup_steps >= self.num_steps:
+                raise ValueError(
+                    f"warmup_steps={self.warmup_steps} >= num_steps={self.num_steps}: every step would be "
+                    "computed; lower warmup_steps or raise num_steps"
+                )
+        _set(self, "history", _check_int("history", self.history, 1))

@@ -49,6 +49,10 @@ class ModelSpec:
         cached_streams: streams whose stack residual is cached (the streams the model
             uses after the stack); others pass through unchanged on a skipped step.
             Defaults to ``streams[:1]``.
+        dropped_streams: streams the model never reads after the stack (Flux's and SD3's
+            text tokens: their last block may even return None for them). Under
+            ``torch.cond`` the cache neither stores nor returns them; every other
+            returned stream comes back computed on a computed step.
         modulation: reads the first block's timestep modulation for the indicator.
         timestep_arg: name of the model forward's timestep argument (a rise in the
             timestep starts a new sampling run).
@@ -65,6 +69,7 @@ class ModelSpec:
     modulation: ModulationFn
     timestep_arg: str = "timestep"
     cached_streams: tuple[str, ...] | None = None
+    dropped_streams: tuple[str, ...] = ()
     refuse_args: tuple[str, ...] = ()
     teacache_coefficients: tuple[float, ...] | None = None
 
@@ -79,6 +84,12 @@ class ModelSpec:
         if not set(cached) <= set(self.returns):
             raise ValueError(f"ModelSpec {self.name!r}: cached_streams {cached} must be among returns {self.returns}")
         object.__setattr__(self, "cached_streams", tuple(cached))
+        dropped = tuple(self.dropped_streams)
+        if set(dropped) & set(cached) or not set(dropped) <= set(self.streams):
+            raise ValueError(
+                f"ModelSpec {self.name!r}: dropped_streams {dropped} must be streams that are not cached {cached}"
+            )
+        object.__setattr__(self, "dropped_streams", dropped)
 
     def types(self) -> tuple[type, ...]:
         t = self.model_types
@@ -137,6 +148,17 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def registered() -> list[ModelSpec]:
     return list(_REGISTRY)
+
+
+def spec_by_name(name: str) -> ModelSpec:
+    """The registered spec called ``name`` (copies and unpickled models find theirs here)."""
+    for spec in _REGISTRY:
+        if spec.name == name:
+            return spec
+    raise LookupError(
+        f"fastcache: no registered ModelSpec named {name!r} (the model was patched with it); "
+        "fastcache.register() it before copying or loading the patched model."
+    )
 
 
 def find_spec(model: nn.Module) -> ModelSpec:
@@ -239,6 +261,7 @@ BUILTIN_SPECS = (
         # leaving the single-stream blocks is dropped by the model (norm_out sees the
         # image tokens), so it passes through unchanged on a skipped step.
         cached_streams=("hidden_states",),
+        dropped_streams=("encoder_hidden_states",),
         modulation=_mod_joint,
         refuse_args=("controlnet_block_samples", "controlnet_single_block_samples"),
         teacache_coefficients=FLUX_TEACACHE_COEFFICIENTS,
@@ -250,6 +273,7 @@ BUILTIN_SPECS = (
         streams=("hidden_states", "encoder_hidden_states"),
         returns=("encoder_hidden_states", "hidden_states"),
         cached_streams=("hidden_states",),
+        dropped_streams=("encoder_hidden_states",),  # the last block may return None for it
         modulation=_mod_joint,
         refuse_args=("block_controlnet_hidden_states", "skip_layers"),
     ),

@@ -20,6 +20,7 @@ policy overrides :meth:`Policy.block_forward` instead of :meth:`Policy.run_stack
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -52,6 +53,20 @@ def is_tracing() -> bool:
     if _FORCE_COND[0]:
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """Where the sampling loop is, as known on the host without reading the device.
+
+    ``index``: step index within the current run (the pipeline's ``step_index`` from
+    ``cache_context``, else ``call % num_steps`` when ``num_steps`` is known, else None);
+    ``num_steps``: steps per run if known; ``call``: model calls in this context since
+    the last reset. Static schedules (FORA, Δ-DiT, ...) place themselves by ``index``."""
+
+    index: int | None
+    num_steps: int | None
+    call: int
 
 
 class StackRunner:
@@ -97,8 +112,17 @@ class Policy:
     def state_stats(self, state) -> dict:
         raise NotImplementedError
 
+    def invalidate(self, state) -> None:
+        """The model ran uncached outside the policy (autograd bypass): whatever is
+        cached must not be reused by the next call. Default: forget everything."""
+        self.reset_state(state)
+
+    def set_num_steps(self, num_steps: int | None) -> None:
+        """Steps per sampling run changed (``handle.set_num_steps``)."""
+        self.num_steps = num_steps or 0
+
     # -- the step -----------------------------------------------------------------
-    def begin_step(self, state, timestep: torch.Tensor) -> None:
+    def begin_step(self, state, timestep: torch.Tensor, step: StepInfo) -> None:
         """Called once per model call, before any block runs (no host reads here)."""
 
     def block_forward(self, state, index: tuple[int, int], forward: Callable, call: dict, timestep: torch.Tensor):

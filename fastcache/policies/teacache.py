@@ -10,6 +10,14 @@ Per step (METHODS.md, "TeaCache"):
 3. computed step: run the whole stack, ``R <- out - in`` per cached stream;
    skipped step: ``out = in + R``.
 
+Timesteps (all on the device, no host read): a new sampling run starts when the
+timestep rises by more than a relative tolerance (:data:`TIMESTEP_RTOL`; float jitter
+such as KDPM2-ancestral's 554.9999 -> 555.0 stays in the run). A call whose timestep
+repeats the previous call's (Heun's and PNDM's repeated evaluations, or classifier-free
+guidance run as two calls without a context) is computed in full and leaves the cache
+untouched: it neither reuses nor overwrites the other call's residual, indicator or
+accumulator, and it is counted in ``stats`` (``repeated_timestep_calls``).
+
 Eager mode reads the decision flag once per step and branches in Python. Under
 ``torch.compile`` or CUDA-graph capture the branch is ``torch.cond`` with functional
 branches; the residual store sits outside and is gated by the device flag.
@@ -17,12 +25,22 @@ branches; the residual store sits outside and is gated by the device flag.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import ops
 from ..config import TeaCacheConfig
-from ..ops.reference import ACC, N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
+from ..ops.reference import ACC, N_COMPUTED, N_RUNS, N_SKIPPED, PREV_T, STATE_HEADER, STEP
 from .base import Policy, StackRunner, is_tracing, register_policy
+
+# Two timesteps closer than this (relative to the larger magnitude) are the same step.
+TIMESTEP_RTOL = 1e-5
+TIMESTEP_ATOL = 1e-7
+
+# Runtime counters kept on the device next to the decision state (fp32 slots).
+AUX_REPEATS, AUX_LAST_RUN_STEPS, AUX_RUN_LENGTH_MISMATCHES, AUX_JITTER = range(4)
+AUX_SIZE = 4
 
 
 class TeaCacheState:
@@ -36,9 +54,11 @@ class TeaCacheState:
         self.residuals: dict[str, torch.Tensor] = {}  # stack residual per cached stream
         self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
         self.coeffs: torch.Tensor | None = None
+        self.aux: torch.Tensor | None = None  # AUX_* counters
+        self.pending_invalidate = False
 
     def nbytes(self) -> int:
-        ts = [self.prev, self.state, self.coeffs, *self.residuals.values()]
+        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values()]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -71,25 +91,71 @@ class TeaCachePolicy(Policy):
         st.residuals = {n: torch.zeros_like(streams[n], memory_format=torch.contiguous_format) for n in cached}
         st.state = ops.new_state(st.history, device=x.device)
         st.coeffs = torch.tensor(self.coefficients, dtype=torch.float32, device=x.device)
+        if st.aux is None or st.aux.device != x.device:
+            st.aux = torch.zeros(AUX_SIZE, dtype=torch.float32, device=x.device)
         st.signature = sig
 
     def reset_state(self, st: TeaCacheState) -> None:
+        st.pending_invalidate = False
         if st.state is None:
             return
         st.state.copy_(ops.new_state(st.history, device=st.state.device))
+        st.aux.zero_()
         st.prev.zero_()
         for r in st.residuals.values():
             r.zero_()
+
+    def invalidate(self, st: TeaCacheState) -> None:
+        # An infinite accumulator forces the next decision to compute (then resets to 0);
+        # the step count of the run is kept. A host-to-device write, no read.
+        if st.state is not None:
+            st.state[ACC : ACC + 1].fill_(math.inf)
+
+    def _timestep_guard(self, st: TeaCacheState, timestep: torch.Tensor):
+        """(timestep the decision op sees, repeated-call flag), both on the device.
+
+        A rise within the tolerance is float jitter: the op sees the previous timestep,
+        so the run goes on. A timestep equal (within the tolerance) to the previous
+        call's is a repeated evaluation of the same step."""
+        f32 = torch.float32
+        t0 = timestep.detach().reshape(-1)[:1].to(st.state.device, f32)
+        prev_t = st.state[PREV_T : PREV_T + 1]
+        seen = torch.isfinite(prev_t)
+        scale = torch.maximum(t0.abs(), torch.where(seen, prev_t, 0.0).abs())
+        diff = t0 - prev_t
+        same = seen & (diff.abs() <= scale * TIMESTEP_RTOL + TIMESTEP_ATOL)
+        rep = same & (st.state[STEP : STEP + 1] > 0)
+        new_run = ~seen | (diff > scale * TIMESTEP_RTOL + TIMESTEP_ATOL)
+        had_run = st.state[N_RUNS : N_RUNS + 1] > 0
+        aux = st.aux
+        jitter = same & (diff != 0)
+        counts = torch.cat([rep, jitter]).to(f32)
+        aux[AUX_REPEATS : AUX_REPEATS + 1].add_(counts[:1])
+        aux[AUX_JITTER : AUX_JITTER + 1].add_(counts[1:])
+        ended = new_run & had_run
+        last = st.state[STEP : STEP + 1]
+        aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1].copy_(
+            torch.where(ended, last, aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1])
+        )
+        if self.num_steps > 0:
+            aux[AUX_RUN_LENGTH_MISMATCHES : AUX_RUN_LENGTH_MISMATCHES + 1].add_(
+                (ended & (last != self.num_steps)).to(f32)
+            )
+        return torch.where(same, prev_t, t0), rep.reshape(())
 
     def run_stack(self, st: TeaCacheState, runner: StackRunner, head, call, timestep):
         spec = self.spec
         x, shift, scale, eps = spec.modulation(head, call)
         streams = {n: call[n] for n in spec.streams}
         self._ensure(st, x, streams)
+        t_op, rep = self._timestep_guard(st, timestep)
+        # A repeated call must leave the cache as it found it (see the module docstring).
+        state_before = st.state.clone()
+        prev_before = st.prev.clone()
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps)
         flag = ops.cache_decision(
             sums,
-            timestep,
+            t_op,
             st.coeffs,
             st.state,
             self.config.threshold,
@@ -97,8 +163,13 @@ class TeaCachePolicy(Policy):
             self.config.max_consecutive_skips,
             self.num_steps,
         )
+        torch.where(rep, state_before, st.state, out=st.state)
+        torch.where(rep, prev_before, st.prev, out=st.prev)
+        store = flag & ~rep
+        flag = flag | rep
         cached = spec.cached_streams
         residuals = [st.residuals[n] for n in cached]
+        returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
 
         if is_tracing():
             names = [n for n in spec.streams if streams[n] is not None]
@@ -108,11 +179,18 @@ class TeaCachePolicy(Policy):
                 outs = runner.run(call, dict(zip(names, operands[:k])))
                 # Both branches must return plain dense tensors (same strides, offset 0):
                 # a stack may end in a view (Flux's single blocks slice the text off).
-                return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in cached)
+                return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in returned)
 
             def skip(*operands):
                 ins = dict(zip(names, operands[:k]))
-                return tuple(ops.apply_residual(ins[n], r) for n, r in zip(cached, operands[k:]))
+                res = dict(zip(cached, operands[k:]))
+                # Streams without a cached residual pass through (a copy: branches are functional).
+                return tuple(
+                    ops.apply_residual(ins[n], res[n])
+                    if n in res
+                    else ins[n].clone(memory_format=torch.contiguous_format)
+                    for n in returned
+                )
 
             # Contiguous operands: inductor may lay out a transposed producer (e.g. a
             # patch embedding's flatten().transpose()) differently from its fake tensor,
@@ -120,15 +198,15 @@ class TeaCachePolicy(Policy):
             operands = (*[streams[n].contiguous() for n in names], *residuals)
             outs = torch.cond(flag, compute, skip, operands)
             result = dict(streams)
-            for n, o, r in zip(cached, outs, residuals):
-                ops.store_residual(o, streams[n], flag, r)
-                result[n] = o
+            result.update(zip(returned, outs))
+            for n, r in zip(cached, residuals):
+                ops.store_residual(result[n], streams[n], store, r)
             return result
 
         if flag.item():  # host-read-ok: the single eager decision read per step
             result = runner.run(call, streams)
             for n, r in zip(cached, residuals):
-                ops.store_residual(result[n], streams[n], flag, r)
+                ops.store_residual(result[n], streams[n], store, r)
             return result
         result = dict(streams)
         for n, r in zip(cached, residuals):
@@ -139,10 +217,11 @@ class TeaCachePolicy(Policy):
         if st.state is None:
             return {"steps": 0, "computed": 0, "skipped": 0, "runs": 0, "timeline": [], "cache_bytes": 0}
         s = st.state.detach().cpu()  # host-read-ok: stats are read off the step path
+        aux = st.aux.detach().cpu()  # host-read-ok: stats
         H = st.history
         steps = min(int(s[STEP]), H)
         flags = s[STATE_HEADER + 2 * H : STATE_HEADER + 2 * H + steps]
-        return {
+        out = {
             "steps": int(s[STEP]),
             "computed": int(s[N_COMPUTED]),
             "skipped": int(s[N_SKIPPED]),
@@ -151,5 +230,24 @@ class TeaCachePolicy(Policy):
             "timeline": [bool(f) for f in flags],
             "rel_l1": s[STATE_HEADER : STATE_HEADER + steps].tolist(),  # host-read-ok: stats
             "accumulated": s[STATE_HEADER + H : STATE_HEADER + H + steps].tolist(),  # host-read-ok: stats
+            "repeated_timestep_calls": int(aux[AUX_REPEATS]),
+            "timestep_jitter_calls": int(aux[AUX_JITTER]),
+            "last_run_steps": int(aux[AUX_LAST_RUN_STEPS]),
+            "run_length_mismatches": int(aux[AUX_RUN_LENGTH_MISMATCHES]),
             "cache_bytes": st.nbytes(),
         }
+        warn = []
+        if out["repeated_timestep_calls"]:
+            warn.append(
+                f"{out['repeated_timestep_calls']} call(s) repeated the previous call's timestep and ran uncached. "
+                "If these are the two branches of classifier-free guidance, give each its own state with "
+                "transformer.cache_context(name) or fastcache.context(model, name) (diffusers pipelines do); "
+                "Heun/PNDM-style repeated evaluations are expected to run uncached."
+            )
+        if self.num_steps and (out["run_length_mismatches"] or out["steps"] > self.num_steps):
+            warn.append(
+                f"num_steps={self.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
+                "last step is misplaced. Set num_steps to the sampler's number of steps (handle.set_num_steps)."
+            )
+        out["warnings"] = warn
+        return out

@@ -41,7 +41,7 @@ class EveryNBlockPolicy(Policy):
     def state_stats(self, st):
         return {"calls": st.calls}
 
-    def begin_step(self, st, timestep):
+    def begin_step(self, st, timestep, step):
         st.calls += 1
 
     def block_forward(self, st, index, forward, call, timestep):
