@@ -297,8 +297,10 @@ class Patch:
             call = self._block_binders[index[0]](args, kwargs)
             return self.spec.pack({n: call.get(n) for n in self.spec.returns})
         if self._bypass:
-            return self._originals[index[0]][index[1]](*args, **kwargs) if kind == "block" else self._head_bypass(
-                args, kwargs
+            return (
+                self._originals[index[0]][index[1]](*args, **kwargs)
+                if kind == "block"
+                else self._head_bypass(args, kwargs)
             )
         t = self._timestep
         if t is None:

@@ -31,16 +31,16 @@ import torch
 
 from .. import ops
 from ..config import TeaCacheConfig
-from ..ops.reference import ACC, N_COMPUTED, N_RUNS, N_SKIPPED, PREV_T, STATE_HEADER, STEP
+from ..ops.reference import ACC, N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 from .base import Policy, StackRunner, is_tracing, register_policy
-
-# Two timesteps closer than this (relative to the larger magnitude) are the same step.
-TIMESTEP_RTOL = 1e-5
-TIMESTEP_ATOL = 1e-7
-
-# Runtime counters kept on the device next to the decision state (fp32 slots).
-AUX_REPEATS, AUX_LAST_RUN_STEPS, AUX_RUN_LENGTH_MISMATCHES, AUX_JITTER = range(4)
-AUX_SIZE = 4
+from .steps import (
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    timestep_guard,
+)
 
 
 class TeaCacheState:
@@ -111,44 +111,12 @@ class TeaCachePolicy(Policy):
         if st.state is not None:
             st.state[ACC : ACC + 1].fill_(math.inf)
 
-    def _timestep_guard(self, st: TeaCacheState, timestep: torch.Tensor):
-        """(timestep the decision op sees, repeated-call flag), both on the device.
-
-        A rise within the tolerance is float jitter: the op sees the previous timestep,
-        so the run goes on. A timestep equal (within the tolerance) to the previous
-        call's is a repeated evaluation of the same step."""
-        f32 = torch.float32
-        t0 = timestep.detach().reshape(-1)[:1].to(st.state.device, f32)
-        prev_t = st.state[PREV_T : PREV_T + 1]
-        seen = torch.isfinite(prev_t)
-        scale = torch.maximum(t0.abs(), torch.where(seen, prev_t, 0.0).abs())
-        diff = t0 - prev_t
-        same = seen & (diff.abs() <= scale * TIMESTEP_RTOL + TIMESTEP_ATOL)
-        rep = same & (st.state[STEP : STEP + 1] > 0)
-        new_run = ~seen | (diff > scale * TIMESTEP_RTOL + TIMESTEP_ATOL)
-        had_run = st.state[N_RUNS : N_RUNS + 1] > 0
-        aux = st.aux
-        jitter = same & (diff != 0)
-        counts = torch.cat([rep, jitter]).to(f32)
-        aux[AUX_REPEATS : AUX_REPEATS + 1].add_(counts[:1])
-        aux[AUX_JITTER : AUX_JITTER + 1].add_(counts[1:])
-        ended = new_run & had_run
-        last = st.state[STEP : STEP + 1]
-        aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1].copy_(
-            torch.where(ended, last, aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1])
-        )
-        if self.num_steps > 0:
-            aux[AUX_RUN_LENGTH_MISMATCHES : AUX_RUN_LENGTH_MISMATCHES + 1].add_(
-                (ended & (last != self.num_steps)).to(f32)
-            )
-        return torch.where(same, prev_t, t0), rep.reshape(())
-
     def run_stack(self, st: TeaCacheState, runner: StackRunner, head, call, timestep):
         spec = self.spec
         x, shift, scale, eps = spec.modulation(head, call)
         streams = {n: call[n] for n in spec.streams}
         self._ensure(st, x, streams)
-        t_op, rep = self._timestep_guard(st, timestep)
+        t_op, rep = timestep_guard(st.state, st.aux, timestep, self.num_steps)
         # A repeated call must leave the cache as it found it (see the module docstring).
         state_before = st.state.clone()
         prev_before = st.prev.clone()
