@@ -207,7 +207,8 @@ def test_stats_and_reset(dit):
         assert d["computed"] + d["skipped"] == d["steps"] == 12 == len(d["timeline"])
         assert d["computed"] == sum(d["timeline"])
         st = h.contexts["default"]
-        expected = st.prev.nbytes + st.residuals["hidden_states"].nbytes + st.state.nbytes + st.coeffs.nbytes + st.aux.nbytes
+        bufs = (st.prev, st.residuals["hidden_states"], st.state, st.coeffs, st.aux)
+        expected = sum(b.nbytes for b in bufs)
         assert d["cache_bytes"] == expected > 0
         fastcache.reset(m)
         d = fastcache.stats(m)["contexts"]["default"]
