@@ -217,7 +217,7 @@ class Patch:
             "config": self.config,
             "spec_name": self.spec.name,
             "active": self.active,
-            "saved": self._saved,
+            "saved": [(m, None if fwd is _MISSING else fwd) for m, fwd in self._saved],
             "saved_cache_context": None if self._saved_cache_context is _MISSING else self._saved_cache_context,
             "has_cache_context": self._has_cache_context,
         }
@@ -227,7 +227,7 @@ class Patch:
         self.config = state["config"]
         self.spec = spec_by_name(state["spec_name"])
         self.active = state["active"]
-        self._saved = state["saved"]
+        self._saved = [(m, _MISSING if fwd is None else fwd) for m, fwd in state["saved"]]
         scc = state["saved_cache_context"]
         self._saved_cache_context = _MISSING if scc is None else scc
         self._has_cache_context = state["has_cache_context"]
@@ -363,8 +363,13 @@ class Patch:
         if not isinstance(t, torch.Tensor):
             t = torch.tensor([float(t)], dtype=torch.float32)
         clock = self.clocks[self.current_context]
-        step = clock.info(self.num_steps)
-        clock.calls += 1
+        if is_tracing():
+            # Host counters change every step: read inside a compiled region they would be
+            # guarded on and recompile each step. Compiled policies count on the device.
+            step = StepInfo(index=None, num_steps=clock.num_steps or self.num_steps, call=None)
+        else:
+            step = clock.info(self.num_steps)
+            clock.calls += 1
         self._timestep = t
         self._step = step
         self.policy.begin_step(self.contexts[self.current_context], t, step)

@@ -62,11 +62,15 @@ class StepInfo:
     ``index``: step index within the current run (the pipeline's ``step_index`` from
     ``cache_context``, else ``call % num_steps`` when ``num_steps`` is known, else None);
     ``num_steps``: steps per run if known; ``call``: model calls in this context since
-    the last reset. Static schedules (FORA, Δ-DiT, ...) place themselves by ``index``."""
+    the last reset. Static schedules (FORA, Δ-DiT, ...) place themselves by ``index``.
+
+    Eager only: under torch.compile / CUDA-graph capture ``index`` and ``call`` are None
+    (a host integer that changes every step would be guarded on and recompile every
+    step), so compiled policies count steps on the device."""
 
     index: int | None
     num_steps: int | None
-    call: int
+    call: int | None
 
 
 class StackRunner:
