@@ -12,6 +12,7 @@ side by side and the decision timeline (relative L1, accumulator, computed steps
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -21,6 +22,23 @@ import fastcache
 from fastcache.models import load_digits_dit, psnr, sample_digits
 
 
+@dataclasses.dataclass
+class DemoResult:
+    """What :func:`run` measured.
+
+    ``rows``: one ``(name, computed, total, wall_s, speedup, psnr_db)`` per config, the
+    printed table (PSNR ``inf`` for the uncached row, the reference). ``images``: the
+    ``(B, 1, 16, 16)`` samples in [-1, 1] per config name. ``stats``: the
+    ``fastcache.stats`` context of each cached config (timeline, relative L1,
+    accumulator, counters), keyed by threshold. ``coefficients``: the fitted polynomial.
+    """
+
+    rows: list[tuple[str, int, int, float, float, float]]
+    images: dict[str, torch.Tensor]
+    stats: dict[float, dict]
+    coefficients: tuple[float, ...]
+
+
 def _timed_sample(model, labels, steps, seed, cfg_scale):
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -28,7 +46,9 @@ def _timed_sample(model, labels, steps, seed, cfg_scale):
     return images, time.perf_counter() - t0
 
 
-def run(steps: int, batch: int, thresholds: list[float], out: Path, seed: int, cfg_scale: float, repeats: int):
+def run(
+    steps: int, batch: int, thresholds: list[float], out: Path, seed: int, cfg_scale: float, repeats: int
+) -> DemoResult:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_digits_dit()
     labels = torch.arange(batch) % 10
@@ -79,7 +99,7 @@ def run(steps: int, batch: int, thresholds: list[float], out: Path, seed: int, c
     _write_timeline(timelines, out / "demo_timeline.png", thresholds)
     (out / "demo_table.txt").write_text(table + "\n")
     print(f"wrote {out / 'demo_images.png'}, {out / 'demo_timeline.png'}, {out / 'demo_table.txt'}")
-    return rows
+    return DemoResult(rows=rows, images=dict(grids), stats=timelines, coefficients=tuple(float(c) for c in coeffs))
 
 
 def _write_grids(grids, path: Path) -> None:
