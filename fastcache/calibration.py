@@ -63,7 +63,7 @@ class CalibrationPolicy(Policy):
         return {"pairs": len(st.pairs)}
 
     def run_stack(self, st: _Recorder, runner, head, call, timestep):
-        x, shift, scale, eps = self.spec.modulation(head, call)
+        x, shift, scale, eps, *_ = self.spec.modulation(head, call)
         t = float(timestep.reshape(-1)[0])  # host-read-ok: calibration is offline
         if t > st.prev_t or st.prev_in is None or st.prev_in.shape != x.shape:
             st.prev_in, st.prev_out = (

@@ -28,8 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-# (block, bound block arguments) -> (x (B,N,D), shift (B,D), scale (B,D), LayerNorm eps)
-ModulationFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+# (block, bound block arguments) -> (x (B,N,D), shift (B,D), scale (B,D), LayerNorm eps[, memo])
+# memo (optional): ((submodule, its output[, args it is called with]), ...) — the block's
+# own submodules this function ran; on a computed step the block gets these outputs
+# instead of recomputing them (fastcache.policies.memo).
+ModulationFn = Callable[[nn.Module, dict], tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,24 +178,28 @@ def find_spec(model: nn.Module) -> ModelSpec:
 
 # --------------------------------------------------------------------------- built-ins
 def _adaln_zero_linear(norm1: nn.Module, emb: torch.Tensor, x: torch.Tensor):
-    """AdaLayerNormZero(-X): linear(silu(emb)); shift_msa, scale_msa are the first two chunks."""
+    """AdaLayerNormZero(-X): linear(silu(emb)); shift_msa, scale_msa are the first two
+    chunks. Returns (shift, scale, the linear's whole output)."""
     chunks = 9 if norm1.linear.out_features == 9 * x.shape[-1] else 6
-    mod = norm1.linear(norm1.silu(emb)).chunk(chunks, dim=1)
-    return mod[0], mod[1]
+    out = norm1.linear(norm1.silu(emb))
+    mod = out.chunk(chunks, dim=1)
+    return mod[0], mod[1], out
 
 
 def _mod_reference_dit(block, call):
     x = call["x"]
-    shift, scale = block.adaLN_modulation(call["c"]).chunk(6, dim=1)[:2]
-    return x, shift, scale, block.norm1.eps
+    out = block.adaLN_modulation(call["c"])
+    shift, scale = out.chunk(6, dim=1)[:2]
+    return x, shift, scale, block.norm1.eps, ((block.adaLN_modulation, out, (call["c"],)),)
 
 
 def _mod_basic_ada_norm_zero(block, call):
     x = call["hidden_states"]
     n = block.norm1
     emb = n.emb(call["timestep"], call["class_labels"], hidden_dtype=x.dtype)
-    shift, scale = _adaln_zero_linear(n, emb, x)
-    return x, shift, scale, n.norm.eps
+    shift, scale, out = _adaln_zero_linear(n, emb, x)
+    # the block calls norm1.emb(timestep, class_labels, ...) and norm1.linear(silu(emb))
+    return x, shift, scale, n.norm.eps, ((n.emb, emb, (call["timestep"], call["class_labels"])), (n.linear, out))
 
 
 def _mod_basic_ada_norm_single(block, call):
@@ -204,8 +211,8 @@ def _mod_basic_ada_norm_single(block, call):
 
 def _mod_joint(block, call):
     x = call["hidden_states"]
-    shift, scale = _adaln_zero_linear(block.norm1, call["temb"], x)
-    return x, shift, scale, block.norm1.norm.eps
+    shift, scale, out = _adaln_zero_linear(block.norm1, call["temb"], x)
+    return x, shift, scale, block.norm1.norm.eps, ((block.norm1.linear, out),)
 
 
 def _reference_types():

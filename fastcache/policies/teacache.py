@@ -33,6 +33,7 @@ from .. import ops
 from ..config import TeaCacheConfig
 from ..ops.reference import ACC, N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 from .base import Policy, StackRunner, is_tracing, register_policy
+from .memo import reuse_outputs
 from .steps import (
     AUX_JITTER,
     AUX_LAST_RUN_STEPS,
@@ -113,7 +114,7 @@ class TeaCachePolicy(Policy):
 
     def run_stack(self, st: TeaCacheState, runner: StackRunner, head, call, timestep):
         spec = self.spec
-        x, shift, scale, eps = spec.modulation(head, call)
+        x, shift, scale, eps, *memo = spec.modulation(head, call)
         streams = {n: call[n] for n in spec.streams}
         self._ensure(st, x, streams)
         t_op, rep = timestep_guard(st.state, st.aux, timestep, self.num_steps)
@@ -172,7 +173,10 @@ class TeaCachePolicy(Policy):
             return result
 
         if flag.item():  # host-read-ok: the single eager decision read per step
-            result = runner.run(call, streams)
+            # The first block gets the modulation computed for the indicator (no second
+            # embedding MLP / AdaLN linear on a computed step).
+            with reuse_outputs(memo[0] if memo else ()):
+                result = runner.run(call, streams)
             for n, r in zip(cached, residuals):
                 ops.store_residual(result[n], streams[n], store, r)
             return result

@@ -431,3 +431,38 @@ def test_compiled_loop_does_not_recompile_across_steps():
             case.sample(model=compiled, steps=8)
         st = fastcache.stats(m)["contexts"]["default"]
     assert st["runs"] == 3 and not all(st["timeline"])
+
+
+# --------------------------------------------------------------------------- step cost
+@pytest.mark.parametrize(
+    "make, modules",
+    [
+        (dit_case, lambda m: [m.transformer_blocks[0].norm1.emb, m.transformer_blocks[0].norm1.linear]),
+        (flux_case, lambda m: [m.transformer_blocks[0].norm1.linear]),
+        (reference_dit_case, lambda m: [m.blocks[0].adaLN_modulation]),
+    ],
+)
+def test_first_block_modulation_runs_once_per_computed_step(make, modules, monkeypatch):
+    """The indicator's embedding MLP / AdaLN linear output is handed to the first block on
+    a computed step instead of being computed twice; outputs stay bitwise equal."""
+    case = make()
+    m = case.model
+    targets = modules(m)
+    counts = []
+    for cls in {type(t) for t in targets}:
+        orig = cls.forward
+
+        def counting(self, *a, _orig=orig, **k):
+            if any(self is t for t in targets):
+                counts.append(1)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, "forward", counting)
+    ref = case.sample(steps=4)
+    unpatched = len(counts)
+    counts.clear()
+    with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.0)):  # every step computed
+        out = case.sample(steps=4)
+    assert unpatched >= 4 * len(targets)
+    assert len(counts) == unpatched  # the indicator's computation is not repeated by the block
+    assert torch.equal(out, ref)
