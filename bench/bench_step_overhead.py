@@ -22,13 +22,19 @@ unpatched baseline is compiled too) the same rows are reported for ``provider=co
 compile times are reported separately and excluded.
 
 Models: the shipped digits DiT (``fastcache.models.load_digits_dit``) when its weights
-are installed, and always a DiT-S-like configuration (hidden 384, depth 12, 6 heads,
-32x32x4 input, patch 2: 256 tokens).
+are installed; a DiT-S-like configuration of the reference DiT (hidden 384, depth 12, 6
+heads, 32x32x4 input, patch 2: 256 tokens); diffusers' ``DiTTransformer2DModel`` at the
+same DiT-S size (its first block computes the timestep+label embedding MLP that the
+indicator shares with it); and diffusers' ``PixArtTransformer2DModel`` at PixArt's width
+(16 heads x 72 = 1152, 120 caption tokens of 4096 channels) with 1024 image tokens and 4
+blocks (PixArt-alpha has 28: with fewer blocks the overhead in % is larger, so this is a
+pessimistic figure that keeps the run short on 2 CPU cores).
 
 Run::
 
     python bench/bench_step_overhead.py               # table + bench/results/step_overhead.{csv,json}
     python bench/bench_step_overhead.py --no-compile  # eager only
+    python bench/bench_step_overhead.py --model diffusers-dit-s --model pixart   # a subset
     pytest bench/bench_step_overhead.py --benchmark-only
 """
 
@@ -45,57 +51,120 @@ from common import Config
 NAME = "step_overhead"
 BATCH = 2
 DIT_S = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6, num_classes=10)
+DIFFUSERS_DIT_S = dict(
+    num_attention_heads=6,
+    attention_head_dim=64,
+    in_channels=4,
+    out_channels=8,
+    num_layers=12,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
+PIXART = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=4,
+    sample_size=64,
+    patch_size=2,
+    cross_attention_dim=1152,
+    caption_channels=4096,
+    use_additional_conditions=False,
+)
+MODEL_NAMES = ("digits", "dit-s", "diffusers-dit-s", "pixart")
 SKIP_ALL = 1e9  # a threshold no accumulated distance reaches: every non-forced step skips
 MEASUREMENTS = ("full", "patched_computed", "patched_skipped", "decision", "decision_teacache_host")
 
 
-def load_models(which: str) -> dict[str, tuple[torch.nn.Module, str]]:
-    """name -> (model in eval mode, note). ``which``: all / digits / dit-s."""
-    from fastcache.models import DiT
-
-    models: dict[str, tuple[torch.nn.Module, str]] = {}
-    if which in ("all", "digits"):
-        try:
-            from fastcache.models import load_digits_dit
-
-            models["digits-dit"] = (load_digits_dit(), "shipped weights")
-        except Exception as e:  # weights not installed yet: report and go on
-            print(f"  digits DiT unavailable ({type(e).__name__}: {e}); DiT-S-like only", flush=True)
-    if which in ("all", "dit-s"):
-        torch.manual_seed(0)
-        m = DiT(**DIT_S).eval()
-        # adaLN-Zero init makes an untrained block the identity; random values keep the
-        # work realistic (same FLOPs either way, but no all-zero operands).
-        g = torch.Generator().manual_seed(123)
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() >= 1 and torch.count_nonzero(p) == 0:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        models["dit-s"] = (m, "random weights, " + ", ".join(f"{k}={v}" for k, v in DIT_S.items()))
-    return models
+def _randomize_zero_init(m: torch.nn.Module) -> torch.nn.Module:
+    # adaLN-Zero init makes an untrained block the identity; random values keep the
+    # work realistic (same FLOPs either way, but no all-zero operands).
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.eval()
 
 
-def model_inputs(model) -> tuple[torch.Tensor, torch.Tensor]:
-    c = model.config
+class Bench:
+    """A model and how to call it for one step at timestep ``t`` (fixed inputs)."""
+
+    def __init__(self, model, note, call, token_shape):
+        self.model, self.note, self.call, self.token_shape = model, note, call, token_shape
+
+
+def _reference_dit(m, note) -> Bench:
+    c = m.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(BATCH, c.in_channels, c.input_size, c.input_size, generator=g)
     y = torch.arange(BATCH) % c.num_classes
-    return x, y
+    return Bench(m, note, lambda model, t: model(x, t, y), (BATCH, (c.input_size // c.patch_size) ** 2, c.hidden_size))
 
 
-def token_shape(model) -> tuple[int, int, int]:
-    c = model.config
-    return BATCH, (c.input_size // c.patch_size) ** 2, c.hidden_size
+def load_models(which) -> dict[str, Bench]:
+    """name -> Bench. ``which``: "all" or a list of names from MODEL_NAMES."""
+    from fastcache.models import DiT
+
+    names = MODEL_NAMES if which == "all" else tuple(which)
+    models: dict[str, Bench] = {}
+    if "digits" in names:
+        try:
+            from fastcache.models import load_digits_dit
+
+            models["digits"] = _reference_dit(load_digits_dit().eval(), "shipped weights")
+        except Exception as e:  # weights not installed yet: report and go on
+            print(f"  digits DiT unavailable ({type(e).__name__}: {e})", flush=True)
+    if "dit-s" in names:
+        torch.manual_seed(0)
+        m = _randomize_zero_init(DiT(**DIT_S))
+        models["dit-s"] = _reference_dit(m, "random weights, " + ", ".join(f"{k}={v}" for k, v in DIT_S.items()))
+    if "diffusers-dit-s" in names:
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        m = _randomize_zero_init(DiTTransformer2DModel(**DIFFUSERS_DIT_S))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, 4, 32, 32, generator=g)
+        y = torch.arange(BATCH) % 1000
+        models["diffusers-dit-s"] = Bench(
+            m,
+            "random weights, DiTTransformer2DModel " + ", ".join(f"{k}={v}" for k, v in DIFFUSERS_DIT_S.items()),
+            lambda model, t: model(hidden_states=x, timestep=t, class_labels=y).sample,
+            (BATCH, 256, 384),
+        )
+    if "pixart" in names:
+        from diffusers import PixArtTransformer2DModel
+
+        torch.manual_seed(0)
+        m = _randomize_zero_init(PixArtTransformer2DModel(**PIXART))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, 4, 64, 64, generator=g)
+        text = torch.randn(BATCH, 120, 4096, generator=g)
+        cond = {"resolution": None, "aspect_ratio": None}
+        models["pixart"] = Bench(
+            m,
+            "random weights, PixArtTransformer2DModel " + ", ".join(f"{k}={v}" for k, v in PIXART.items()),
+            lambda model, t: (
+                model(hidden_states=x, encoder_hidden_states=text, timestep=t, added_cond_kwargs=cond).sample
+            ),
+            (BATCH, 1024, 1152),
+        )
+    return models
 
 
-def forward_fn(model, x, y, rising: bool):
-    """One step: ``rising`` timesteps make every call a new sampling run (a forced
-    computed step); otherwise the timestep stays put (same run, steps can skip)."""
+def forward_fn(bench: Bench, model, mode: str):
+    """One step. ``rising``: every call starts a new sampling run (a forced computed step);
+    ``falling``: the timestep falls by 0.01 per call (one run: steps can skip); ``fixed``:
+    the unpatched baseline's constant timestep."""
     counter = itertools.count()
 
     def fn():
-        v = 100.0 + next(counter) if rising else 500.0
-        return model(x, torch.full((BATCH,), v), y)
+        i = next(counter)
+        v = {"rising": 100.0 + i, "falling": 900.0 - 0.01 * i, "fixed": 500.0}[mode]
+        return bench.call(model, torch.full((BATCH,), v))
 
     return fn
 
@@ -150,10 +219,11 @@ def _time(fn, args) -> common.Timing:
 def _steps(models: dict, args) -> tuple[dict[str, common.Timing], dict[str, float]]:
     """Time full / computed / skipped forwards round-robin; ratios to ``full`` are medians
     of per-round ratios (robust to drift of a shared machine)."""
+    b = models["bench"]
     fns = {
-        "full": forward_fn(models["full"], *models["inputs"], rising=False),
-        "patched_computed": forward_fn(models["computed"], *models["inputs"], rising=True),
-        "patched_skipped": forward_fn(models["skipped"], *models["inputs"], rising=False),
+        "full": forward_fn(b, models["full"], "fixed"),
+        "patched_computed": forward_fn(b, models["computed"], "rising"),
+        "patched_skipped": forward_fn(b, models["skipped"], "falling"),
     }
     timings, samples = common.measure_interleaved(
         fns,
@@ -175,17 +245,16 @@ def _check_stats(model, computed: int | None = None, skipped: int | None = None)
         raise RuntimeError(f"expected {skipped} skipped steps, stats say {st}")
 
 
-def bench_model(name, model, note, args, results, env):
+def bench_model(name, bench: Bench, args, results, env):
     """Three instances with the same weights: unpatched (full), patched with rising
-    timesteps (every step computed), patched with a constant timestep and threshold 1e9
+    timesteps (every step computed), patched with falling timesteps and threshold 1e9
     (every step after the first skipped); timed round-robin."""
     import copy
 
     import fastcache
 
-    x, y = model_inputs(model)
-    shape = token_shape(model)
-    in_shape = tuple(x.shape)
+    model, note = bench.model, bench.note
+    shape = in_shape = bench.token_shape
     full: dict[str, float] = {}
 
     def record(measure_name, provider, timing, extra_note="", ratio=None, **extra):
@@ -205,7 +274,7 @@ def bench_model(name, model, note, args, results, env):
 
     cfg_skip = fastcache.TeaCacheConfig(threshold=SKIP_ALL)
     computed_model, skipped_model = copy.deepcopy(model), copy.deepcopy(model)
-    inst = {"full": model, "computed": computed_model, "skipped": skipped_model, "inputs": (x, y)}
+    inst = {"full": model, "computed": computed_model, "skipped": skipped_model, "bench": bench}
     with torch.no_grad(), fastcache.patched(computed_model, cfg_skip), fastcache.patched(skipped_model, cfg_skip):
         # ---- eager
         timings, ratios = _steps(inst, args)
@@ -224,12 +293,12 @@ def bench_model(name, model, note, args, results, env):
             fastcache.reset(computed_model)
             fastcache.reset(skipped_model)
             torch._dynamo.reset()
-            compiled = {"inputs": (x, y)}
+            compiled = {"bench": bench}
             compile_s = {}
             for key in ("full", "computed", "skipped"):
                 compiled[key] = torch.compile(inst[key], fullgraph=True)
                 t0 = time.perf_counter()
-                forward_fn(compiled[key], x, y, rising=key == "computed")()
+                forward_fn(bench, compiled[key], {"computed": "rising", "skipped": "falling"}.get(key, "fixed"))()
                 compile_s[key] = time.perf_counter() - t0
             timings, ratios = _steps(compiled, args)
             _check_stats(computed_model, skipped=0)
@@ -256,10 +325,10 @@ def run(args) -> list[common.Result]:
     env["cache"] = "hot (whole forwards, back to back)"
     print(common.describe_env(env), flush=True)
     results: list[common.Result] = []
-    models = load_models("dit-s" if args.quick else args.model)
-    env["models"] = {k: v[1] for k, v in models.items()}
-    for name, (model, note) in models.items():
-        bench_model(name, model, note, args, results, env)
+    models = load_models(["dit-s"] if args.quick else (args.model or "all"))
+    env["models"] = {k: v.note for k, v in models.items()}
+    for name, bench in models.items():
+        bench_model(name, bench, args, results, env)
     summary = summarize(results)
     common.report(NAME, results, env, format_summary(summary), {"rows": summary}, write=not args.no_write)
     return results
@@ -314,24 +383,25 @@ if pytest is not None:
         import fastcache
 
         common.setup_torch()
-        ((model, _),) = load_models("dit-s").values()
-        x, y = model_inputs(model)
+        (bench,) = load_models(["dit-s"]).values()
+        model = bench.model
         benchmark.group = "step_overhead/dit-s"
         with torch.no_grad():
             if measurement == "decision":
-                benchmark(decision_fn(token_shape(model)))
+                benchmark(decision_fn(bench.token_shape))
             elif measurement == "decision_teacache_host":
-                benchmark(decision_teacache_host_fn(token_shape(model)))
+                benchmark(decision_teacache_host_fn(bench.token_shape))
             elif measurement == "full":
-                benchmark.pedantic(forward_fn(model, x, y, rising=False), rounds=5, warmup_rounds=1)
+                benchmark.pedantic(forward_fn(bench, model, "fixed"), rounds=5, warmup_rounds=1)
             else:
                 with fastcache.patched(model, fastcache.TeaCacheConfig(threshold=SKIP_ALL)):
-                    fn = forward_fn(model, x, y, rising=measurement == "patched_computed")
+                    mode = "rising" if measurement == "patched_computed" else "falling"
+                    fn = forward_fn(bench, model, mode)
                     fn()
                     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
 if __name__ == "__main__":
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("all", "digits", "dit-s"), default="all")
+    parser.add_argument("--model", choices=MODEL_NAMES, action="append", help="repeatable; default: all")
     run(parser.parse_args())
