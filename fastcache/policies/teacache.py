@@ -56,7 +56,7 @@ class TeaCacheState:
         self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
         self.coeffs: torch.Tensor | None = None
         self.aux: torch.Tensor | None = None  # AUX_* counters
-        self.pending_invalidate = False
+        self.num_steps = 0  # steps per run for this context (pipeline context, config or set_num_steps)
 
     def nbytes(self) -> int:
         ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values()]
@@ -96,8 +96,11 @@ class TeaCachePolicy(Policy):
             st.aux = torch.zeros(AUX_SIZE, dtype=torch.float32, device=x.device)
         st.signature = sig
 
+    def begin_step(self, st: TeaCacheState, timestep, step) -> None:
+        # diffusers' cache_context(num_inference_steps=...) or the configured num_steps
+        st.num_steps = step.num_steps or 0
+
     def reset_state(self, st: TeaCacheState) -> None:
-        st.pending_invalidate = False
         if st.state is None:
             return
         st.state.copy_(ops.new_state(st.history, device=st.state.device))
@@ -117,7 +120,7 @@ class TeaCachePolicy(Policy):
         x, shift, scale, eps, *memo = spec.modulation(head, call)
         streams = {n: call[n] for n in spec.streams}
         self._ensure(st, x, streams)
-        t_op, rep = timestep_guard(st.state, st.aux, timestep, self.num_steps)
+        t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
         # A repeated call must leave the cache as it found it (see the module docstring).
         state_before = st.state.clone()
         prev_before = st.prev.clone()
@@ -130,7 +133,7 @@ class TeaCachePolicy(Policy):
             self.config.threshold,
             self.config.warmup_steps,
             self.config.max_consecutive_skips,
-            self.num_steps,
+            st.num_steps,
         )
         torch.where(rep, state_before, st.state, out=st.state)
         torch.where(rep, prev_before, st.prev, out=st.prev)
@@ -216,9 +219,9 @@ class TeaCachePolicy(Policy):
                 "transformer.cache_context(name) or fastcache.context(model, name) (diffusers pipelines do); "
                 "Heun/PNDM-style repeated evaluations are expected to run uncached."
             )
-        if self.num_steps and (out["run_length_mismatches"] or out["steps"] > self.num_steps):
+        if st.num_steps and (out["run_length_mismatches"] or out["steps"] > st.num_steps):
             warn.append(
-                f"num_steps={self.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
+                f"num_steps={st.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
                 "last step is misplaced. Set num_steps to the sampler's number of steps (handle.set_num_steps)."
             )
         out["warnings"] = warn

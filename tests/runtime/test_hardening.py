@@ -466,3 +466,21 @@ def test_first_block_modulation_runs_once_per_computed_step(make, modules, monke
     assert unpatched >= 4 * len(targets)
     assert len(counts) == unpatched  # the indicator's computation is not repeated by the block
     assert torch.equal(out, ref)
+
+
+def test_cache_context_num_inference_steps_gives_the_forced_last_step():
+    """diffusers' CacheContext may carry num_inference_steps: no num_steps in the config
+    is needed for the last step to be computed."""
+    case = flux_case()
+    m = case.model
+    sch = case.scheduler()
+    sch.set_timesteps(8)
+    x = case.latents(torch.Generator().manual_seed(1))
+    with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=100.0)):  # skips whenever allowed
+        with torch.no_grad():
+            for i, t in enumerate(sch.timesteps):
+                with m.cache_context("cond", step_index=i, num_inference_steps=8):
+                    out = m(**case.inputs(x, t)).sample
+                x = sch.step(out, t, x).prev_sample
+        tl = fastcache.stats(m)["contexts"]["cond"]["timeline"]
+    assert tl == [True] + [False] * 6 + [True]
