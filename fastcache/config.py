@@ -76,7 +76,7 @@ class TeaCacheConfig(CacheConfig):
             order), at most 8 values. ``None`` takes the model's published coefficients
             (FLUX) and otherwise the identity ``poly(x) = x`` — the raw relative-L1, a
             sound default for models without published fits (DiT, PixArt, SD3); fit your
-            own with ``numpy.polyfit`` as the authors do (METHODS.md).
+            own with ``numpy.polyfit`` as the authors do (docs/methods.md, TeaCache).
         warmup_steps: initial steps always computed (>= 1: step 0 has no cache).
         max_consecutive_skips: compute after this many skips in a row (0 = no limit).
         num_steps: sampling steps per run; when given, the last step is always computed

@@ -1,6 +1,6 @@
 """TeaCache on fused, device-resident state (Liu et al., arXiv 2411.19108).
 
-Per step (METHODS.md, "TeaCache"):
+Per step (docs/methods.md, section 1, Eq. T1-T9):
 
 1. indicator ``I_s = LN(x) * (1 + scale_msa) + shift_msa`` of the first block, its
    relative-L1 distance to ``I_{s-1}`` and ``I_{s-1} <- I_s`` — one fused op

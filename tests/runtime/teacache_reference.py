@@ -1,4 +1,4 @@
-"""A host-side TeaCache written from METHODS.md, independent of fastcache's runtime.
+"""A host-side TeaCache written from docs/methods.md, independent of fastcache's runtime.
 
 It runs the *unpatched* model and uses ordinary module hooks: a pre-hook on the first
 block computes the indicator (with the block's own modules) and decides in Python; a

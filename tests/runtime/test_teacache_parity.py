@@ -2,7 +2,7 @@
 
 * threshold 0: every step computed, output bitwise equal to the unpatched model;
 * threshold > 0: decision trace and output equal the host-side reference
-  (tests/runtime/teacache_reference.py) written from METHODS.md.
+  (tests/runtime/teacache_reference.py) written from docs/methods.md.
 """
 
 import pytest
