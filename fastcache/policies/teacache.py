@@ -118,7 +118,7 @@ class TeaCachePolicy(Policy):
             # patch embedding's flatten().transpose()) differently from its fake tensor,
             # and cond subgraphs assert their input strides.
             operands = (*[streams[n].contiguous() for n in names], *residuals)
-            outs = torch.cond(flag, compute, skip, operands)
+            outs = runner.cond(flag, compute, skip, operands)
             result = dict(streams)
             for n, o, r in zip(cached, outs, residuals):
                 ops.store_residual(o, streams[n], flag, r)
