@@ -65,8 +65,8 @@ class CUDAGraphStep:
         warmup_iters: eager warm-up calls through the cond operator (both branches).
         compile_stack: compile the block stack with inductor as its own graph
             (:func:`fastcache.graphs.compile_stack`; needs ``model``) and capture its kernels
-            in the compute branch. It is compiled by one ordinary call before any capture
-            (a fresh cache state computes its first step).
+            in the compute branch. It compiles before any capture, in one call that runs the
+            cond as the capture does (:func:`fastcache.graphs.warm_compiled_stack`).
     """
 
     def __init__(
@@ -99,8 +99,7 @@ class CUDAGraphStep:
         with torch.cuda.stream(side):
             if compile_stack:
                 graphs.compile_stack(model)
-                reset(model)
-                fn(*self.static_inputs)  # a computed first step: inductor compiles outside any capture
+                graphs.warm_compiled_stack(model, fn, *self.static_inputs)  # inductor compiles here, not in capture
             with force_cond():
                 for _ in range(warmup_iters):
                     with ControlFlowOpWarmupDispatchMode():

@@ -33,9 +33,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .policies.base import _RUNNERS, StackRunner
+from .policies.base import _RUNNERS, StackRunner, force_cond
 
 _COND = torch.ops.higher_order.cond
 
@@ -127,3 +129,47 @@ def compile_stack(model: nn.Module, *, dynamic: bool | None = False, options: di
 def uncompile_stack(model: nn.Module) -> None:
     """Run the stack of ``model`` eagerly again (undoes :func:`compile_stack`)."""
     _runner(model).compiled = None
+
+
+class _BothBranchesMode(TorchDispatchMode):
+    """Runs a dispatched cond the way a CUDA graph records it — both branches, from inside
+    the operator's dispatch — and selects on the device (``torch.where``), with no graph."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # compiled code (the stack) must run, and compile, under this mode
+
+    def __init__(self):
+        super().__init__()
+        self.supports_higher_order_operators = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _COND:
+            pred, true_fn, false_fn, operands = args
+            with self:
+                outs = true_fn(*operands)
+                other = false_fn(*operands)
+                for a, b in zip(pytree.tree_iter(outs), pytree.tree_iter(other)):
+                    a.copy_(torch.where(pred, a, b))
+            return outs
+        return func(*args, **(kwargs or {}))
+
+
+def warm_compiled_stack(model: nn.Module, fn: Callable, *inputs):
+    """Compile the stack of ``model`` (see :func:`compile_stack`) for a CUDA-graph capture:
+    reset the cache state, then one call ``fn(*inputs)`` with the cond path taken and both
+    branches run from inside the cond operator's dispatch, as the capture will run them.
+
+    Why: dynamo guards a compiled function on its inputs' dispatch keys, and inside the
+    cond operator autograd is below the dispatch (no Autograd key): a stack compiled by an
+    ordinary eager step would be recompiled during the capture. Returns ``fn``'s output;
+    the cache state is left advanced by one step (reset it before use).
+    """
+    runner = _runner(model)
+    if runner.compiled is None:
+        compile_stack(model)
+    from .runtime import reset
+
+    reset(model)
+    with force_cond(), _BothBranchesMode():
+        return fn(*inputs)

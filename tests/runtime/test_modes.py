@@ -32,12 +32,13 @@ import torch
 import torch._dynamo
 import torch.utils._pytree as pytree
 from hostreads import COND, READ_OPS, HostReadMode, python_level_reads, where
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import CASES
 
 import fastcache
-from fastcache.graphs import compile_stack, uncompile_stack
+from fastcache.graphs import compile_stack, uncompile_stack, warm_compiled_stack
 from fastcache.policies.base import force_cond
 
 pytestmark = pytest.mark.compile
@@ -232,7 +233,8 @@ def test_capture_path_reads_nothing(patched):
 
 @pytest.fixture(scope="module")
 def compiled_stack(patched):
-    """The patched case with its block stack compiled by inductor; the generated code."""
+    """The patched case with its block stack compiled by inductor the way ``CUDAGraphStep``
+    compiles it before capturing (``warm_compiled_stack``); the generated code."""
     case, eager, tl, _ = patched
     m = case.model
     torch._dynamo.reset()
@@ -240,13 +242,13 @@ def compiled_stack(patched):
     calls = []
     compiled = runner.compiled
     runner.compiled = lambda *a: (calls.append(1), compiled(*a))[1]
-    fastcache.reset(m)  # a fresh state computes its first step: this call compiles the stack
     sch = case.scheduler()
     sch.set_timesteps(STEPS)
     kw = case.inputs(case.latents(torch.Generator().manual_seed(1)), sch.timesteps[0])
+    counters.clear()
     with torch.no_grad():
-        _, codes = run_and_get_code(lambda: m(**kw))
-    assert calls == [1]
+        _, codes = run_and_get_code(lambda: warm_compiled_stack(m, lambda: m(**kw)))  # resets dynamo first
+    assert calls == [1] and counters["stats"]["unique_graphs"] == 1  # one graph compiled: the stack
     yield case, eager, tl, codes, calls, runner
     uncompile_stack(m)
     torch._dynamo.reset()
@@ -260,18 +262,6 @@ def test_compiled_stack_is_fused_without_cond_or_host_read(compiled_stack):
     assert "cpp_fused" in code  # inductor fused the blocks' pointwise work into its own kernels
 
 
-def test_eager_step_with_compiled_stack(compiled_stack):
-    case, eager, tl, _, calls, _ = compiled_stack
-    m = case.model
-    fastcache.reset(m)
-    calls.clear()
-    out, modes = loop(case, m)
-    assert one_read_per_step(modes, FLAG_READ), [m_.reads for m_ in modes]
-    assert len(calls) == sum(tl)  # the compiled stack ran on every computed step
-    assert timeline(m) == tl
-    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
-
-
 def test_capture_path_with_compiled_stack_reads_nothing(compiled_stack):
     """What ``CUDAGraphStep(compile_stack=True)`` captures: the cond operator whose compute
     branch runs the inductor-compiled stack; no host read, eager numerics."""
@@ -279,7 +269,10 @@ def test_capture_path_with_compiled_stack_reads_nothing(compiled_stack):
     m = case.model
     fastcache.reset(m)
     calls.clear()
+    graphs = counters["stats"]["unique_graphs"]
     out, modes = loop(case, m, CaptureStandIn, force_cond)
+    # no compile under the (stand-in) capture: the stack compiled before it is reused as is
+    assert counters["stats"]["unique_graphs"] == graphs == 1
     tl_compiled = timeline(m)
     assert [m_.reads for m_ in modes] == [[]] * STEPS
     assert cond_kinds(modes) == [["python"]] * STEPS
@@ -295,6 +288,19 @@ def test_capture_path_with_compiled_stack_reads_nothing(compiled_stack):
     eager_lns = [sum("layer_norm" in op for op in m_.ops) for m_ in eager_modes]
     assert all(a < b for a, b in zip(lns, eager_lns)), (lns, eager_lns)
     assert tl_compiled == tl
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_eager_step_with_compiled_stack(compiled_stack):
+    case, eager, tl, _, calls, _ = compiled_stack
+    m = case.model
+    fastcache.reset(m)
+    calls.clear()
+    out, modes = loop(case, m)  # dispatch keys differ outside the cond operator: one more compile
+    assert one_read_per_step(modes, FLAG_READ), [m_.reads for m_ in modes]
+    assert len(calls) == sum(tl)  # the compiled stack ran on every computed step
+    assert counters["stats"]["unique_graphs"] == 2
+    assert timeline(m) == tl
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
 
 
