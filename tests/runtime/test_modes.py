@@ -231,6 +231,25 @@ def test_capture_path_reads_nothing(patched):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(set(CASES) - set(NAMES)))
+def test_capture_path_reads_nothing_on_every_other_model(name):
+    """The same on the other supported models (several streams, two segments: Flux)."""
+    case = CASES[name]()
+    m = case.model
+    with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.2, num_steps=STEPS)):
+        case.sample(steps=1)
+        fastcache.reset(m)
+        eager, _ = loop(case, m)
+        tl = timeline(m)
+        fastcache.reset(m)
+        out, modes = loop(case, m, CaptureStandIn, force_cond)
+        assert timeline(m) == tl
+    assert 0 < sum(tl) < STEPS
+    assert [m_.reads for m_ in modes] == [[]] * STEPS
+    assert cond_kinds(modes) == [["python"]] * STEPS
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def compiled_stack(patched):
     """The patched case with its block stack compiled by inductor the way ``CUDAGraphStep``
