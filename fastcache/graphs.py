@@ -98,7 +98,8 @@ def _runner(model: nn.Module) -> StackRunner:
             f"compile_stack needs a stack-granularity policy (the whole stack is one graph); "
             f"{p.config.kind} runs at {p.policy.granularity!r} granularity"
         )
-    runner = _RUNNERS.get(p.head)
+    ref = _RUNNERS.get(p.head)
+    runner = ref() if ref is not None else None
     if runner is None:
         raise RuntimeError(
             f"fastcache: cannot find the block stack of {type(model).__name__}: its first block's forward "
@@ -115,8 +116,11 @@ def compile_stack(model: nn.Module, *, dynamic: bool | None = False, options: di
     the blocks fused, with no cond and no host read inside (checked on CPU by
     ``tests/runtime/test_modes.py``). Inductor's own CUDA graphs are off
     (``triton.cudagraphs=False``) so an outer capture (``CUDAGraphStep``) records its
-    kernels. The first computed step compiles (tens of seconds on CPU); a change of
-    shape recompiles (``dynamic=False``). Undo with :func:`uncompile_stack`.
+    kernels. The first computed step compiles (10-15 s for the small test models on
+    2 CPU cores); a change of shape recompiles (``dynamic=False``), and so does the first
+    call from inside the cond operator (different dispatch keys): before a CUDA-graph
+    capture use :func:`warm_compiled_stack`, which ``CUDAGraphStep`` does. Undo with
+    :func:`uncompile_stack`.
 
     Returns the model's :class:`~fastcache.policies.base.StackRunner`.
     """

@@ -30,9 +30,10 @@ from torch import nn
 from ..specs import ModelSpec
 
 _FORCE_COND = [False]
-# head block -> the StackRunner that runs its stack (weak: a removed patch's blocks may be freed);
-# lets fastcache.graphs.compile_stack find a patched model's runner.
-_RUNNERS: weakref.WeakKeyDictionary[nn.Module, StackRunner] = weakref.WeakKeyDictionary()
+# head block -> weak reference to the StackRunner of its stack, for fastcache.graphs.compile_stack.
+# Weak both ways: the runner holds the head (its bound forward), so a strong value would keep
+# the key, and the whole model, alive forever; the patched head's forward keeps the runner alive.
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[StackRunner]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ class StackRunner:
         self.compiled: Callable | None = None
         head = getattr(segments[0][0], "__self__", None) if segments and segments[0] else None
         if isinstance(head, nn.Module):
-            _RUNNERS[head] = self
+            _RUNNERS[head] = weakref.ref(self)
 
     def run(self, call: dict, streams: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
         if self.compiled is not None and not torch.compiler.is_compiling():

@@ -349,3 +349,24 @@ def test_cudagraphs_backend_replays_without_host_reads(monkeypatch):
     assert skips == []
     assert [m_.reads for m_ in modes[2:]] == [[]] * (STEPS - 2)  # call 1 warms up, call 2 records
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_stack_finds_the_runner_and_keeps_nothing_alive():
+    import gc
+    import weakref
+
+    case = CASES["fastcache-dit"]()
+    m = case.model
+    with pytest.raises(ValueError, match="not patched"):
+        compile_stack(m)
+    with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.3)):
+        runner = compile_stack(m)
+        assert runner.compiled is not None
+        uncompile_stack(m)
+        assert runner.compiled is None
+        head = weakref.ref(fastcache.get_patch(m).head)
+    del runner
+    model = weakref.ref(m)
+    del case, m
+    gc.collect()
+    assert model() is None and head() is None, "the runner registry kept a removed patch's blocks alive"
