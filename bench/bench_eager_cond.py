@@ -18,7 +18,11 @@ Why eager fastcache reads its one decision flag and branches in Python instead o
   direct operator call). New branch closures every step: dynamo guards on them.
 
 The three run round-robin (``common.measure_interleaved``; a ``branch`` sample is 100
-calls); each row is also reported as the median of per-round ratios to ``python_branch``.
+calls); each row is also reported as the median of per-round ratios to ``python_branch``
+and as the ratio of the minima (the least disturbed samples). One torch thread by default
+(``--threads``): what differs between the three is single-threaded Python and dispatch
+work, and on the project's shared 2-core machine two OpenMP threads stall for ~100 ms
+whenever another process holds the second core, which buries a 0.3 ms step.
 
 Run::
 
@@ -116,8 +120,9 @@ def repeat(fn, n: int):
 
 def main() -> None:
     parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see the module docstring)")
     args = parser.parse_args()
-    common.setup_torch()
+    common.setup_torch(args.threads)
     env = common.environment()
     reps = args.reps or (5 if args.quick else 15)
     results = []
@@ -137,12 +142,18 @@ def main() -> None:
             timings, samples = common.measure_interleaved(
                 {p: repeat(fns[p], inner) for p in PROVIDERS}, warmup=3, reps=reps, max_seconds=20.0
             )
+        base = timings["python_branch"]
         for provider in PROVIDERS:
             t = timings[provider]
             ratio = common.paired_ratio(samples[provider], samples["python_branch"])
+            min_ratio = t.min_us / base.min_us
             cfg = Config(NAME, op, provider, shape_name, shape, "fp32")
             us = t.median_us / inner
-            results.append(common.make_result(cfg, t, per_call_us=us, ratio_to_python_branch=ratio, inner=inner))
+            results.append(
+                common.make_result(
+                    cfg, t, per_call_us=us, ratio_to_python_branch=ratio, min_ratio=min_ratio, inner=inner
+                )
+            )
             rows.append(
                 {
                     "op": op,
@@ -150,10 +161,13 @@ def main() -> None:
                     "provider": provider,
                     "us/call": f"{us:.1f}",
                     "p20-p80 us/call": f"{t.p20_us / inner:.1f}-{t.p80_us / inner:.1f}",
+                    "min us/call": f"{t.min_us / inner:.1f}",
                     "x python_branch": f"{ratio:.1f}",
+                    "x of mins": f"{min_ratio:.1f}",
                 }
             )
-    cols = [(k, k) for k in ("op", "model/shape", "provider", "us/call", "p20-p80 us/call", "x python_branch")]
+    keys = ("op", "model/shape", "provider", "us/call", "p20-p80 us/call", "min us/call")
+    cols = [(k, k) for k in (*keys, "x python_branch", "x of mins")]
     text = common.format_table(rows, cols) + "\n" + common.describe_env(env)
     common.report(NAME, results, env, text, {}, write=not args.no_write)
 
