@@ -8,8 +8,10 @@ evidence is ``docs/modes.md``):
 * eager — a Python ``if flag.item():``: 1 read.
 * ``torch.compile`` (inductor, the default backend) — 0 graph breaks, the skip is a
   ``torch.cond``, but inductor lowers it to ``if buf.item():`` in its generated wrapper
-  (``torch/_inductor/codegen/wrapper.py``, ``codegen_conditional``) and disables its own
-  CUDA graphs for a graph holding a cond (``torch/_inductor/lowering.py``, ``cond``): 1 read.
+  (``torch/_inductor/codegen/wrapper.py``, ``codegen_conditional``): 1 read. On a GPU,
+  from the sources only: ``mode="reduce-overhead"`` does not put the cond (nor the stack
+  inside it) in a CUDA graph (``torch/_inductor/lowering.py``, ``cond``;
+  ``torch/_inductor/scheduler.py``, ``should_partition``).
 * ``torch.compile(backend="aot_eager")`` — the cond stays the higher-order operator; its
   dense kernel runs ``if pred:``: 1 read.
 * ``torch.compile(backend="cudagraphs")`` — the same graph, run by torch's CUDA-graph trees,

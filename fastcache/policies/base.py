@@ -32,7 +32,7 @@ from ..specs import ModelSpec
 _FORCE_COND = [False]
 # head block -> weak reference to the StackRunner of its stack, for fastcache.graphs.compile_stack.
 # Weak both ways: the runner holds the head (its bound forward), so a strong value would keep
-# the key, and the whole model, alive forever; the patched head's forward keeps the runner alive.
+# the key, and with it the blocks, alive forever; the patched head's forward keeps the runner alive.
 _RUNNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[StackRunner]] = weakref.WeakKeyDictionary()
 
 
