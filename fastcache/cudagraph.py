@@ -1,9 +1,18 @@
 """One denoising step — cache decision included — as one CUDA graph.
 
 fastcache's decision lives on the device, so a patched transformer call can be captured
-whole: the skip becomes a ``torch.cond``, which torch records as CUDA-graph
-*conditional nodes* (``torch/_higher_order_ops/cudagraph_conditional_nodes.py``). Each
-replay then decides on the GPU whether the block stack runs — zero host reads per step.
+whole: under capture the skip is dispatched straight to torch's cond operator
+(:func:`fastcache.graphs.skip_cond`), which torch's capture mode records as CUDA-graph
+*conditional nodes* (``torch/_higher_order_ops/cudagraph_conditional_nodes.py``). A
+replay runs no Python and reads nothing to the host; the GPU decides whether the block
+stack runs. ``compile_stack=True`` makes the compute branch the block stack compiled by
+inductor as its own graph (:func:`fastcache.graphs.compile_stack`): fused kernels, still
+no host read.
+
+Verified here (CPU, ``tests/runtime/test_modes.py``): the cond reaches a stand-in of the
+capture mode as the operator with plain Python branches, nothing in the step reads the
+host, both branches and the compiled stack give the eager numerics. Never run here (no
+GPU): the capture and replay themselves (``tests/runtime/test_cudagraph.py``, GPU tests).
 
 Requirements: torch >= 2.9 with ``torch._higher_order_ops.cudagraph_conditional_nodes``
 (shipped in 2.13, which fastcache pins), a CUDA 12.4+ driver (conditional nodes), and
@@ -13,7 +22,8 @@ Example::
 
     handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25, num_steps=28))
     step = fastcache.cudagraph.CUDAGraphStep(
-        lambda x, t: transformer(hidden_states=x, timestep=t, ...).sample, latents, t0, model=transformer)
+        lambda x, t: transformer(hidden_states=x, timestep=t, ...).sample, latents, t0,
+        model=transformer, compile_stack=True)
     for t in timesteps:
         noise_pred = step(latents, t.expand(B))      # replay; the decision runs on the GPU
         latents = scheduler.step(noise_pred, t, latents).prev_sample
@@ -26,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import graphs
 from .policies.base import force_cond
 
 
@@ -51,13 +62,26 @@ class CUDAGraphStep:
             every call).
         model: the patched transformer; its cache state is reset after warm-up (in
             place, so the graph keeps pointing at the same buffers).
-        warmup_iters: eager warm-up calls through ``torch.cond`` (both branches).
+        warmup_iters: eager warm-up calls through the cond operator (both branches).
+        compile_stack: compile the block stack with inductor as its own graph
+            (:func:`fastcache.graphs.compile_stack`; needs ``model``) and capture its kernels
+            in the compute branch. It compiles before any capture, in one call that runs the
+            cond as the capture does (:func:`fastcache.graphs.warm_compiled_stack`).
     """
 
-    def __init__(self, fn: Callable, *inputs, model: torch.nn.Module | None = None, warmup_iters: int = 1):
+    def __init__(
+        self,
+        fn: Callable,
+        *inputs,
+        model: torch.nn.Module | None = None,
+        warmup_iters: int = 1,
+        compile_stack: bool = False,
+    ):
         ok, why = conditional_nodes_available()
         if not ok:
             raise RuntimeError(f"CUDAGraphStep cannot capture here: {why}")
+        if compile_stack and model is None:
+            raise ValueError("compile_stack=True needs model= (the patched transformer whose stack is compiled)")
         from torch._higher_order_ops.cudagraph_conditional_nodes import (
             ControlFlowOpWarmupDispatchMode,
             CUDAGraphCaptureControlFlowOpDispatchMode,
@@ -68,16 +92,20 @@ class CUDAGraphStep:
                 raise ValueError(f"input {i} is on {x.device}; CUDA graphs need every tensor input on CUDA")
         self.fn = fn
         self.static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+        from .runtime import reset
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), force_cond():
-            for _ in range(warmup_iters):
-                with ControlFlowOpWarmupDispatchMode():
-                    fn(*self.static_inputs)
+        with torch.cuda.stream(side):
+            if compile_stack:
+                graphs.compile_stack(model)
+                graphs.warm_compiled_stack(model, fn, *self.static_inputs)  # inductor compiles here, not in capture
+            with force_cond():
+                for _ in range(warmup_iters):
+                    with ControlFlowOpWarmupDispatchMode():
+                        fn(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         if model is not None:
-            from .runtime import reset
-
             reset(model)
         self.graph = torch.cuda.CUDAGraph()
         with force_cond(), torch.cuda.graph(self.graph), CUDAGraphCaptureControlFlowOpDispatchMode():

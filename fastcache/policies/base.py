@@ -31,11 +31,12 @@ from ..specs import ModelSpec
 
 _FORCE_COND = [False]
 
-
 @contextlib.contextmanager
 def force_cond() -> Iterator[None]:
-    """Take the ``torch.cond`` path in eager mode too (CUDA-graph warm-up must run both
-    branches through cond; see :mod:`fastcache.cudagraph`)."""
+    """Take the cond path in eager mode too: the skip is dispatched as the
+    ``torch.ops.higher_order.cond`` operator (see :meth:`StackRunner.cond`). CUDA-graph
+    warm-up and capture need it (:mod:`fastcache.cudagraph`); outside them it is the same
+    computation as the Python branch, with the flag read by torch's cond kernel instead."""
     old = _FORCE_COND[0]
     _FORCE_COND[0] = True
     try:
@@ -45,9 +46,9 @@ def force_cond() -> Iterator[None]:
 
 
 def is_tracing() -> bool:
-    """True under torch.compile tracing or CUDA-graph stream capture: the skip must be
-    a ``torch.cond`` there (a Python branch on a device value cannot be traced or
-    captured)."""
+    """True under torch.compile tracing, inside :func:`force_cond`, or during CUDA-graph
+    stream capture: the skip must then be a cond operator (a Python branch on a device
+    value cannot be traced, and cannot be captured)."""
     if torch.compiler.is_compiling():
         return True
     if _FORCE_COND[0]:
@@ -74,19 +75,38 @@ class StepInfo:
 
 
 class StackRunner:
-    """Runs the unpatched blocks of every segment, threading the hidden-state streams."""
+    """Runs the unpatched blocks of every segment, threading the hidden-state streams.
+
+    ``compiled``: when set (by :func:`fastcache.graphs.compile_stack`), eager calls of
+    :meth:`run` go through it — the same blocks compiled as one graph of their own — while
+    torch.compile tracing of the whole model still inlines the plain blocks.
+    """
 
     def __init__(self, spec: ModelSpec, segments: list[list[Callable]]):
         self.spec = spec
         self.segments = segments  # original bound forwards, segment by segment
+        self.compiled: Callable | None = None
 
     def run(self, call: dict, streams: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        if self.compiled is not None and not torch.compiler.is_compiling():
+            return self.compiled(call, streams)
+        return self.run_blocks(call, streams)
+
+    def run_blocks(self, call: dict, streams: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """The blocks in order, uncompiled (what :attr:`compiled` compiles)."""
         kwargs = dict(call)
         for seg in self.segments:
             for fwd in seg:
                 kwargs.update(streams)
                 streams = self.spec.unpack(fwd(**kwargs))
         return streams
+
+    def cond(self, flag: torch.Tensor, compute: Callable, skip: Callable, operands: tuple) -> tuple:
+        """``compute(*operands) if flag else skip(*operands)`` as a cond operator (the
+        skip on the tracing/capture path; see :func:`fastcache.graphs.skip_cond`)."""
+        from ..graphs import skip_cond
+
+        return skip_cond(flag, compute, skip, operands)
 
 
 class Policy:

@@ -19,8 +19,9 @@ untouched: it neither reuses nor overwrites the other call's residual, indicator
 accumulator, and it is counted in ``stats`` (``repeated_timestep_calls``).
 
 Eager mode reads the decision flag once per step and branches in Python. Under
-``torch.compile`` or CUDA-graph capture the branch is ``torch.cond`` with functional
-branches; the residual store sits outside and is gated by the device flag.
+``torch.compile`` or CUDA-graph capture the branch is a cond operator with functional
+branches (``StackRunner.cond``; host reads per mode in docs/modes.md); the residual
+store sits outside and is gated by the device flag.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class TeaCachePolicy(Policy):
             # patch embedding's flatten().transpose()) differently from its fake tensor,
             # and cond subgraphs assert their input strides.
             operands = (*[streams[n].contiguous() for n in names], *residuals)
-            outs = torch.cond(flag, compute, skip, operands)
+            outs = runner.cond(flag, compute, skip, operands)
             result = dict(streams)
             result.update(zip(returned, outs))
             for n, r in zip(cached, residuals):

@@ -4,72 +4,36 @@ A TorchDispatchMode sees every op that turns a device value into a Python value
 (``_local_scalar_dense`` behind ``.item()`` / ``float(t)``, ``is_nonzero`` behind
 ``bool(t)``, ``equal``); ``tolist`` and ``numpy`` bypass the dispatcher, so they are
 wrapped at the Python level. Each read is attributed to the innermost fastcache frame
-on the Python stack.
+on the Python stack (the detector lives in ``hostreads.py``, shared with
+``test_modes.py``).
 """
-
-import os
-import traceback
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from hostreads import HostReadMode, python_level_reads
 from zoo import CASES
 
 import fastcache
 
-PKG = os.path.dirname(fastcache.__file__)
-READ_OPS = {
-    torch.ops.aten._local_scalar_dense.default,
-    torch.ops.aten.is_nonzero.default,
-    torch.ops.aten.equal.default,
-}
-
-
-def _fastcache_frame():
-    for fr in reversed(traceback.extract_stack()[:-2]):
-        if fr.filename.startswith(PKG):
-            return f"{os.path.relpath(fr.filename, PKG)}:{fr.name}:{fr.line.strip()}"
-    return None
-
-
-class HostReadMode(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.supports_higher_order_operators = True
-        self.reads: list[str | None] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in READ_OPS:
-            self.reads.append(_fastcache_frame())
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.fixture
-def python_level_reads(monkeypatch):
-    seen = []
-    for name in ("tolist", "numpy"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapped(self, *a, _orig=orig, **k):
-            seen.append(_fastcache_frame())
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapped)
-    return seen
+def py_reads():
+    with python_level_reads() as seen:
+        yield seen
 
 
 @pytest.mark.parametrize("name", ["fastcache-dit", "diffusers-flux"])
-def test_one_flag_read_per_step_and_none_in_the_math(name, python_level_reads):
+def test_one_flag_read_per_step_and_none_in_the_math(name, py_reads):
     case = CASES[name]()
     steps = 12
     mode = HostReadMode()
     with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=0.3, num_steps=steps)):
         case.sample(steps=1)  # allocate the cache buffers outside the measured run
         fastcache.reset(case.model)
-        before = len(python_level_reads)
+        before = len(py_reads)
         with mode:
             case.sample(steps=steps)
-        py_reads = python_level_reads[before:]
+        py_reads = py_reads[before:]
         st = fastcache.stats(case.model)["contexts"]["default"]
     assert 0 < st["skipped"] < steps  # both branches ran
     ours = [r for r in mode.reads + py_reads if r is not None]
