@@ -1,4 +1,4 @@
-"""fastcache: kernel-fused, sync-free caching for diffusion transformers.
+"""fastcache: kernel-fused caching for diffusion transformers (host reads per execution mode: docs/modes.md).
 
 import fastcache
 handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))

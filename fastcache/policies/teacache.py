@@ -178,8 +178,9 @@ class TeaCachePolicy(Policy):
 
         if flag.item():  # host-read-ok: the single eager decision read per step
             # The first block gets the modulation computed for the indicator (no second
-            # embedding MLP / AdaLN linear on a computed step).
-            with reuse_outputs(memo[0] if memo else ()):
+            # embedding MLP / AdaLN linear on a computed step). Not into a compiled stack
+            # (graphs.compile_stack): dynamo would guard on, and capture, the handed output.
+            with reuse_outputs(memo[0] if memo and runner.compiled is None else ()):
                 result = runner.run(call, streams)
             for n, r in zip(cached, residuals):
                 ops.store_residual(result[n], streams[n], store, r)
