@@ -139,23 +139,18 @@ class _CacheContextMethod:
 class _Clock:
     """Host-side step bookkeeping of one context (no device value is read for it).
 
-    ``calls`` counts model calls since the last reset; the step index within the run is
-    the pipeline's ``step_index`` when it gives one (diffusers ``cache_context``), else
-    ``calls % num_steps`` when the number of steps is known, else unknown (None)."""
+    ``calls`` counts model calls since the last reset. The step index within the run is
+    known on the host only when the caller says it (diffusers ``cache_context(name,
+    step_index=i)`` or ``fastcache.context(model, name, step_index=i)``): counting calls
+    modulo ``num_steps`` would drift silently on repeated evaluations (Heun, CFG as two
+    calls without a context) or an interrupted run, so it is never used for placement."""
 
     calls: int = 0
     step_index: int | None = None  # from the pipeline, for the current call only
     num_steps: int | None = None  # from the pipeline's context
 
     def info(self, configured: int | None) -> StepInfo:
-        n = self.num_steps or configured
-        if self.step_index is not None:
-            idx = self.step_index
-        elif n:
-            idx = self.calls % n
-        else:
-            idx = None
-        return StepInfo(index=idx, num_steps=n, call=self.calls)
+        return StepInfo(index=self.step_index, num_steps=self.num_steps or configured, call=self.calls)
 
 
 class Patch:

@@ -60,8 +60,9 @@ def is_tracing() -> bool:
 class StepInfo:
     """Where the sampling loop is, as known on the host without reading the device.
 
-    ``index``: step index within the current run (the pipeline's ``step_index`` from
-    ``cache_context``, else ``call % num_steps`` when ``num_steps`` is known, else None);
+    ``index``: step index within the current run when the caller gives it (the pipeline's
+    ``step_index`` in ``cache_context``, or ``fastcache.context(..., step_index=i)``), else
+    None (never guessed from a call count: repeated evaluations would shift it);
     ``num_steps``: steps per run if known; ``call``: model calls in this context since
     the last reset. Static schedules (FORA, Δ-DiT, ...) place themselves by ``index``.
 
