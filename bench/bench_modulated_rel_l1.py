@@ -3,7 +3,7 @@
 The op (``fastcache.ops.modulated_rel_l1_sums``) computes the first block's modulated
 input ``m = LN(x) * (1 + scale) + shift`` (LayerNorm without affine, eps 1e-6), the
 per-sample sums ``[sum|m - prev|, sum|prev|]`` and writes ``prev <- m`` in one pass
-(TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; METHODS.md "TeaCache").
+(TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; docs/methods.md "TeaCache").
 
 Providers, side by side on x, prev ``(B, N, D)`` and shift, scale ``(B, D)``:
 

@@ -265,12 +265,12 @@ void rel_l1_chunk(const void* x_, void* prev_, int64_t n, bool write_prev, void*
 // same bits.
 template <typename T, typename C, typename R>
 void gated_rows(const void* x_, const void* gate_, const void* cached_, const void* trend_, int64_t trend_row_stride,
-                double w, void* out_, int64_t row_begin, int64_t row_end, int64_t N, int64_t D) {
+                double w, void* out_, int64_t rows, int64_t D) {
   using A = acc_t<T>;
   using G = Geom<A>;
   using Vec = Vectorized<A>;
   const T* x = static_cast<const T*>(x_);
-  const A* gate = static_cast<const A*>(gate_);
+  const A* gr = static_cast<const A*>(gate_);
   const C* cached = static_cast<const C*>(cached_);
   const R* trend = static_cast<const R*>(trend_);
   T* out = static_cast<T*>(out_);
@@ -278,11 +278,10 @@ void gated_rows(const void* x_, const void* gate_, const void* cached_, const vo
   const A w_a = static_cast<A>(w);  // the reference multiplies an fp32 tensor by w
   const Vec vw(w_a), one(A(1));
   Vec v[G::kUnit], c[G::kUnit], g[G::kUnit], t[G::kUnit];
-  for (int64_t r = row_begin; r < row_end; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * D;
     const C* cr = cached + r * D;
-    const A* gr = gate + (r / N) * D;
-    const R* tr = trend ? trend + (r % N) * trend_row_stride : nullptr;
+    const R* tr = trend ? trend + r * trend_row_stride : nullptr;
     T* orow = out + r * D;
     for (int64_t i = 0; i < Dv; i += G::U) {
       load_unit<A>(xr + i, v);

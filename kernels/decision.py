@@ -1,6 +1,6 @@
 """``cache_decision``: the whole TeaCache decision as one single-program kernel (Triton).
 
-TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; METHODS.md): ``d_s = sum num /
+TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; docs/methods.md): ``d_s = sum num /
 sum den``, ``A <- A + poly(d_s)``, compute iff a step is forced or ``A >= threshold``.
 Everything happens on the device on a flat fp32 ``state`` (layout: the table in
 :mod:`fastcache.ops.reference`, hard-coded below and checked against it by the tests);

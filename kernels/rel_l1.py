@@ -1,7 +1,7 @@
 """``rel_l1_sums``: relative-L1 sums of an already-computed indicator (Triton).
 
 For indicators that are not the modulated hidden state: a timestep embedding
-(CogVideoX, Wan2.1; METHODS.md, TeaCache) or a first-block residual (First-Block
+(CogVideoX, Wan2.1; docs/methods.md, TeaCache) or a first-block residual (First-Block
 Cache). ``x`` of any shape ``(B, ...)`` is viewed as ``(B, M)``::
 
     sums[b] = (sum_m |x[b, m] - prev[b, m]|, sum_m |prev[b, m]|)     prev <- x  (WRITE_PREV)

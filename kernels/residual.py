@@ -1,6 +1,6 @@
 """``apply_residual`` / ``store_residual``: the stack-level residual cache (Triton).
 
-TeaCache, Δ-DiT and First-Block Cache (METHODS.md) cache ``R = out - in`` of a block
+TeaCache, Δ-DiT and First-Block Cache (docs/methods.md) cache ``R = out - in`` of a block
 stack on computed steps and replay ``out = in + R`` on skipped ones. Both are flat
 elementwise kernels over any shape, int64 offsets (video latents pass 2^31 elements),
 fp32 math (fp64 for fp64 inputs).

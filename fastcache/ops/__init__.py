@@ -89,11 +89,17 @@ def modulated_rel_l1_sums(
     scale = _per_sample_vec("scale", scale, B, D)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.modulated_rel_l1_sums(x.contiguous(), shift, scale, float(eps), prev)
+    # x goes in with its strides (a transposed patch-embedding view is read in place,
+    # not copied whole every step)
+    return _ops.modulated_rel_l1_sums(x, shift, scale, float(eps), prev)
 
 
 def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) -> torch.Tensor:
-    """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``."""
+    """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``.
+
+    ``x`` may have any strides (read in its logical order, no copy for 1-3-D views);
+    ``prev`` must be contiguous. Returns ``(B, 2)`` fp32 (fp64 for fp64 x).
+    """
     if x.dim() < 1:
         raise ValueError("x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)")
     _check_float("x", x)
@@ -102,7 +108,7 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) ->
     _check_device("prev", prev, x)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.rel_l1_sums(x.contiguous(), prev, bool(write_prev))
+    return _ops.rel_l1_sums(x, prev, bool(write_prev))
 
 
 def rel_l1_ratio(sums: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -158,8 +164,23 @@ def gated_residual(
     cached: torch.Tensor,
     trend: torch.Tensor | None = None,
     w: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + gate[:, None] * cached * (1 + w * trend)`` (EOC Eq. 7; FORA when w = 0)."""
+    """``x + gate[:, None] * (cached * (1 + w * trend))`` (EOC, Qiu et al. 2025, Eq. 7;
+    FORA when ``w = 0`` or no trend; docs/methods.md).
+
+    x, cached: ``(B, N, D)``, any strides (read in place, not copied); gate: ``(B, D)``,
+    ``(B, 1, D)``, ``(1, D)`` or ``(D,)``; trend: ``None``, ``(N, D)``, ``(1, N, D)`` or
+    ``(D,)``. fp32 math, result in ``x.dtype``.
+
+    ``out=None`` returns a new tensor (``torch.empty_like(x)``): the functional form, the
+    one to use inside ``torch.cond`` branches. ``out=buf`` writes the result into ``buf``
+    (x's shape and dtype, any dense layout) and returns it: no allocation, so no fresh
+    pages to fault in every step. ``buf`` may be ``x`` itself (``x`` updated in place);
+    it must not partially overlap ``x`` or ``cached``. Under ``torch.compile`` pass a
+    buffer distinct from the inputs.
+    """
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
     B, N, D = x.shape
@@ -173,23 +194,50 @@ def gated_residual(
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
     for name, t in (("gate", gate), ("cached", cached)):
         _check_device(name, t, x)
-    return _ops.gated_residual(x.contiguous(), gate, cached.contiguous(), trend, float(w))
+    if out is None:
+        return _ops.gated_residual(x, gate, cached, trend, float(w))
+    _check_out(out, x)
+    _ops.gated_residual_out(x, gate, cached, trend, float(w), out)
+    return out
 
 
-def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """A skipped stack: ``x + r``."""
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}; "
+            "allocate it once with torch.empty_like(x)"
+        )
+    _check_device("out", out, x)
+
+
+def apply_residual(x: torch.Tensor, r: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A skipped stack: ``x + r`` (fp32 math, result in ``x.dtype``).
+
+    x, r: one shape, any strides (read in place). ``out=None`` returns a new tensor
+    (functional: use it inside ``torch.cond`` branches). ``out=buf`` writes into ``buf``
+    (x's shape and dtype) and returns it, with no allocation; ``buf`` may be ``x`` (the
+    in-place ``x += r``) or ``r``, but must not partially overlap either.
+    """
     if r.shape != x.shape:
         raise ValueError(f"cached residual has shape {tuple(r.shape)} but x has {tuple(x.shape)}")
-    return _ops.apply_residual(x.contiguous(), r.contiguous())
+    if out is None:
+        return _ops.apply_residual(x, r)
+    _check_out(out, x)
+    _ops.apply_residual_out(x, r, out)
+    return out
 
 
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
-    """``r <- out - x_in`` iff the device flag is set (no host read)."""
+    """``r <- out - x_in`` iff the device flag is set (no host read).
+
+    out, x_in: the block stack's output and input, any strides; r: the contiguous cache
+    buffer, written in place.
+    """
     if not (out.shape == x_in.shape == r.shape):
         raise ValueError(f"out {tuple(out.shape)}, x_in {tuple(x_in.shape)} and r {tuple(r.shape)} must have one shape")
     if not r.is_contiguous():
         raise ValueError("r must be contiguous: it is written in place")
-    _ops.store_residual(out.contiguous(), x_in.contiguous(), flag, r)
+    _ops.store_residual(out, x_in, flag, r)
 
 
 # keep the module object reachable for introspection (fastcache.info)

@@ -34,7 +34,8 @@ import torch
 
 # ---------------------------------------------------------------------------
 # Decision-state layout (shared by every backend; the kernels hard-code the same
-# numbers, and tests/ops/test_decision.py checks that they agree).
+# numbers, and tests/ops/test_cpp.py::test_cache_decision_state_layout_matches_reference
+# and tests/ops/test_triton.py::test_decision_layout_matches_reference check that they agree).
 # ---------------------------------------------------------------------------
 ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(10)
 STATE_HEADER = 16
@@ -116,7 +117,7 @@ def cache_decision(
     max_skips: int,
     num_steps: int,
 ) -> torch.Tensor:
-    """One TeaCache decision on device state (METHODS.md, TeaCache; paper Sec. 3.3).
+    """One TeaCache decision on device state (docs/methods.md, TeaCache; paper Sec. 3.3).
 
     Mirrors the kernels exactly (fp32 scalar math). Reads ``state`` and writes it in
     place; returns a 0-dim bool tensor, True = compute the block stack.
@@ -218,10 +219,29 @@ def gated_residual(
     return (x.to(acc) + gate.to(acc)[:, None, :] * f).to(x.dtype)
 
 
+def gated_residual_out(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    cached: torch.Tensor,
+    trend: torch.Tensor | None,
+    w: float,
+    out: torch.Tensor,
+) -> None:
+    """:func:`gated_residual` written into ``out`` (x's shape and dtype). ``out`` may be
+    ``x`` itself: the whole result is computed before ``out`` is written."""
+    out.copy_(gated_residual(x, gate, cached, trend, w))
+
+
 def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """A skipped stack: ``out = x + r`` (fp32 math, ``x.dtype`` out)."""
     acc = _acc_dtype(x)
     return (x.to(acc) + r.to(acc)).to(x.dtype)
+
+
+def apply_residual_out(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`apply_residual` written into ``out`` (x's shape and dtype; may be ``x`` or
+    ``r``: an in-place ``x += r``)."""
+    out.copy_(apply_residual(x, r))
 
 
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:

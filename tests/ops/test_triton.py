@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import cases
@@ -803,7 +802,6 @@ def test_dispatcher_path_with_triton_backend():
     check parity through the public wrappers, in a fresh process (backend selection
     happens at import)."""
     env = dict(os.environ, TRITON_INTERPRET="1", FASTCACHE_BACKEND="triton")
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", _DISPATCHER_SCRIPT],
         env=env,
@@ -814,6 +812,3 @@ def test_dispatcher_path_with_triton_backend():
     )
     assert proc.returncode == 0, f"dispatcher subprocess failed:\n{proc.stderr[-6000:]}"
     assert "dispatcher-ok" in proc.stdout
-    assert time.perf_counter() - t0 < 120, (
-        "the dispatcher check should stay well under a minute"
-    )
