@@ -217,6 +217,23 @@ std::array<int64_t, 3> dims3(const at::Tensor& x) {
   return {1, D == 0 ? 0 : x.numel() / D, D};
 }
 
+// Do the byte ranges [first, last element] of a and b intersect? (conservative: strided
+// views that interleave without touching the same element still count)
+bool extents_intersect(const at::Tensor& a, const at::Tensor& b) {
+  auto extent = [](const at::Tensor& t) {
+    const char* p = static_cast<const char*>(t.const_data_ptr());
+    int64_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < t.dim(); ++i) {
+      const int64_t span = (t.size(i) - 1) * t.stride(i);
+      (span < 0 ? lo : hi) += span;
+    }
+    return std::make_pair(p + lo * t.element_size(), p + (hi + 1) * t.element_size());
+  };
+  const auto [a0, a1] = extent(a);
+  const auto [b0, b1] = extent(b);
+  return a0 < b1 && b0 < a1;
+}
+
 // out must be x's shape and dtype; it may BE x or r (an in-place update reads element i
 // before writing it), but must not partially overlap them.
 void check_out(const char* op, const at::Tensor& out, const at::Tensor& x,
@@ -229,11 +246,14 @@ void check_out(const char* op, const at::Tensor& out, const at::Tensor& x,
   TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
               ": out has overlapping elements (an expanded or self-overlapping view); pass a dense buffer.");
   for (const auto& [name, t] : inputs) {
-    const auto st = at::get_overlap_status(out, *t);
-    TORCH_CHECK(st != at::MemOverlapStatus::Partial, op, ": out partially overlaps ", name,
-                "; it may be the same tensor (in place) or a separate buffer, not a shifted view of it.");
-    TORCH_CHECK(st != at::MemOverlapStatus::Full || out.strides() == t->strides(), op, ": out and ", name,
-                " share memory with different strides; pass out=", name, " itself or a separate buffer.");
+    if (t->numel() == 0 || out.numel() == 0) continue;
+    // out IS the input (same start, same strides): an in-place update, element i read
+    // before it is written
+    if (t->const_data_ptr() == out.const_data_ptr() && t->strides() == out.strides()) continue;
+    // anything else must not share bytes (byte extents, so non-dense views count too)
+    TORCH_CHECK(!extents_intersect(out, *t), op, ": out shares memory with ", name, " but is not ", name,
+                " itself (a shifted or re-strided view of it); pass out=", name,
+                " for an in-place update, or a separate buffer.");
   }
 }
 
