@@ -78,7 +78,7 @@ def _store_residual_kernel(
 def _check_same_shape(op: str, names: tuple[str, ...], *tensors: torch.Tensor) -> None:
     if any(t.shape != tensors[0].shape for t in tensors):
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
-        raise ValueError(f"{op}: {shapes} must have one shape")
+        raise ValueError(f"{op}: {shapes} must have one shape (the cached residual has x's shape)")
 
 
 def _tiles(B: int, N: int, D: int) -> tuple[tuple[int, int], dict]:

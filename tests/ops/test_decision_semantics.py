@@ -152,11 +152,14 @@ def test_per_sample_and_pooled_ratio():
             lambda: ops.gated_residual(torch.zeros(2, 3, 4), torch.zeros(2, 4), torch.zeros(2, 3, 4), torch.zeros(7)),
             "trend must be",
         ),
-        (lambda: ops.apply_residual(torch.zeros(2, 3), torch.zeros(2, 4)), "cached residual has shape"),
+        # checked inside the op (C++: RuntimeError; reference and Triton: ValueError)
+        (lambda: ops.apply_residual(torch.zeros(2, 3), torch.zeros(2, 4)), "cached residual"),
+        (lambda: ops.apply_residual(torch.zeros(2, 3), torch.zeros(2, 3), out=torch.zeros(2, 3, 1)), "out must"),
+        (lambda: ops.store_residual(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor(True), torch.zeros(3)), "one shape"),
     ],
 )
 def test_wrapper_errors_name_the_argument(call, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call()
 
 
