@@ -155,7 +155,10 @@ def test_per_sample_and_pooled_ratio():
         # checked inside the op (C++: RuntimeError; reference and Triton: ValueError)
         (lambda: ops.apply_residual(torch.zeros(2, 3), torch.zeros(2, 4)), "cached residual"),
         (lambda: ops.apply_residual(torch.zeros(2, 3), torch.zeros(2, 3), out=torch.zeros(2, 3, 1)), "out must"),
-        (lambda: ops.store_residual(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor(True), torch.zeros(3)), "one shape"),
+        (
+            lambda: ops.store_residual(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor(True), torch.zeros(3)),
+            "one shape",
+        ),
     ],
 )
 def test_wrapper_errors_name_the_argument(call, match):

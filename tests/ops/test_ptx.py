@@ -33,7 +33,6 @@ pytest.importorskip(
 def _variants():
     """(label, Launch) for every variant, each built by the launcher's own plan function."""
     import torch
-
     from fastcache.kernels import _partials, decision, gated_residual, modulated_rel_l1, rel_l1, residual
 
     lowp = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,15 +67,21 @@ def _variants():
         for lay, x in layouts(dt).items():
             gate, cached = torch.randn(B, D).to(dt), torch.randn(B, N, D).to(dt)
             o = torch.empty(B, N, D, dtype=dt)
-            modes = (("none", None, 0.0), ("channel", torch.randn(D).to(dt), 0.1), ("token", torch.randn(N, D).to(dt), 0.1))
+            modes = (
+                ("none", None, 0.0),
+                ("channel", torch.randn(D).to(dt), 0.1),
+                ("token", torch.randn(N, D).to(dt), 0.1),
+            )
             for mode, trend, w in modes if lay == "contig" else modes[:1]:
                 launch = gated_residual.plan_gated_residual(x, gate, cached, trend, w, o)
                 out.append((f"gated_residual[{name(dt)},{lay},trend={mode}]", launch))
-            out.append((f"apply_residual[{name(dt)},{lay}]", residual.plan_apply_residual(x, cached, torch.empty_like(x))))
+            launch = residual.plan_apply_residual(x, cached, torch.empty_like(x))
+            out.append((f"apply_residual[{name(dt)},{lay}]", launch))
             if lay == "contig":
                 out.append((f"apply_residual_out[{name(dt)},inplace]", residual.plan_apply_residual(x, cached, x)))
             r = torch.zeros(B, N, D, dtype=dt)
-            out.append((f"store_residual[{name(dt)},{lay}]", residual.plan_store_residual(x, cached, torch.tensor(True), r)))
+            launch = residual.plan_store_residual(x, cached, torch.tensor(True), r)
+            out.append((f"store_residual[{name(dt)},{lay}]", launch))
     return out
 
 
