@@ -12,7 +12,8 @@ sequence-parallel run can all-reduce them::
 Layout: x ``(B, N, D)`` with any strides (read in place); prev ``(B, N, D)`` contiguous;
 shift, scale ``(B, D)`` contiguous. Each program normalises a ``(BLOCK_N, BLOCK_D)``
 tile of whole rows (``BLOCK_D >= D``: the LayerNorm needs the full row), grid
-``(B, cdiv(N, BLOCK_N))``; per-program partials are reduced in a fixed order by :func:`fastcache.kernels._partials.finish_sums`.
+``(B, cdiv(N, BLOCK_N))``; per-program partials are reduced in a fixed order by
+:func:`fastcache.kernels._partials.finish_sums`.
 fp32 accumulation whatever the input dtype (fp64 for fp64 inputs).
 
 Example::
