@@ -4,6 +4,9 @@ Each function checks its arguments from metadata only (shapes, dtypes, devices: 
 value is read from the device), normalises broadcastable shapes, and calls the
 dispatcher op ``torch.ops.fastcache.<name>``, which runs the C++ kernel on CPU, the
 Triton kernel on CUDA, or the eager reference (:mod:`fastcache.ops.reference`).
+Inputs may have any strides (read in place, not copied); buffers written in place
+(``prev``, ``r``) must be contiguous. ``apply_residual`` and ``gated_residual`` take
+``out=`` to write a buffer the caller keeps (``out=x`` updates x in place).
 
 Example::
 
@@ -11,6 +14,7 @@ Example::
     state = fastcache.ops.new_state(device=x.device)
     sums = fastcache.ops.modulated_rel_l1_sums(x, shift, scale, prev)     # (B, 2)
     flag = fastcache.ops.cache_decision(sums, t, coeffs, state, threshold=0.25)
+    h = fastcache.ops.apply_residual(h, residual, out=h)                 # skipped step, in place
 """
 
 from __future__ import annotations
