@@ -44,15 +44,24 @@ __all__ = [
 
 _ops = torch.ops.fastcache
 # The residual ops are called once per block (or stack) per step: their wrappers are
-# kept minimal and call the OpOverloads directly. Shape, dtype and overlap checks live
-# in the ops themselves (C++, Triton and the reference all raise on them), so the
-# common path runs no extra Python; measured cold-cache, the wrapper's own checks cost
-# more than the whole kernel saves on a DiT-XL/2 256px tensor (bench/README.md).
+# kept minimal. Shape, dtype and overlap checks live in the ops themselves (C++, Triton
+# and the reference all raise on them), and in eager mode the wrappers call the
+# OpOverload's dispatcher entry (``OpOverload._op``, what ``OpOverload.__call__`` itself
+# calls: the same dispatcher path, minus one Python frame). Measured with cold caches on
+# a DiT-XL/2 256px tensor, that frame and the wrapper's former checks cost 5-10 us of a
+# ~80 us op (bench/README.md). Under torch.compile the wrappers call the OpOverload,
+# which is what dynamo traces (is_dynamo_compiling() is constant-folded there).
 _apply_residual = _ops.apply_residual.default
 _apply_residual_out = _ops.apply_residual_out.default
 _gated_residual = _ops.gated_residual.default
 _gated_residual_out = _ops.gated_residual_out.default
 _store_residual = _ops.store_residual.default
+_raw_apply_residual = _apply_residual._op
+_raw_apply_residual_out = _apply_residual_out._op
+_raw_gated_residual = _gated_residual._op
+_raw_gated_residual_out = _gated_residual_out._op
+_raw_store_residual = _store_residual._op
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -208,9 +217,14 @@ def gated_residual(
         if tuple(trend.shape) not in ((N, D), (D,), (1, N, D)):
             raise ValueError(f"trend must be (N, D)={N, D} or (D,)={(D,)}, got {tuple(trend.shape)}")
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
+    if _dynamo_compiling():
+        if out is None:
+            return _gated_residual(x, gate, cached, trend, float(w))
+        _gated_residual_out(x, gate, cached, trend, float(w), out)
+        return out
     if out is None:
-        return _gated_residual(x, gate, cached, trend, float(w))
-    _gated_residual_out(x, gate, cached, trend, float(w), out)
+        return _raw_gated_residual(x, gate, cached, trend, float(w))
+    _raw_gated_residual_out(x, gate, cached, trend, float(w), out)
     return out
 
 
@@ -226,9 +240,14 @@ def apply_residual(x: torch.Tensor, r: torch.Tensor, *, out: torch.Tensor | None
 
         h = apply_residual(h, cache.residual, out=h)            # TeaCache skipped step, in place
     """
+    if _dynamo_compiling():
+        if out is None:
+            return _apply_residual(x, r)
+        _apply_residual_out(x, r, out)
+        return out
     if out is None:
-        return _apply_residual(x, r)
-    _apply_residual_out(x, r, out)
+        return _raw_apply_residual(x, r)
+    _raw_apply_residual_out(x, r, out)
     return out
 
 
@@ -238,7 +257,10 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     out, x_in: the block stack's output and input, any strides; r: the cache buffer
     (contiguous, or any layout the backend can write in place), one shape for all three.
     """
-    _store_residual(out, x_in, flag, r)
+    if _dynamo_compiling():
+        _store_residual(out, x_in, flag, r)
+    else:
+        _raw_store_residual(out, x_in, flag, r)
 
 
 # keep the module object reachable for introspection (fastcache.info)

@@ -146,3 +146,27 @@ def test_opcheck_out_ops():
         xt = torch.randn(B, 33, 5, generator=g).to(dt).transpose(1, 2)
         torch.library.opcheck(f.apply_residual.default, (xt, r))
         torch.library.opcheck(f.modulated_rel_l1_sums.default, (xt, gate, gate, 1e-6, torch.zeros(B, 5, 33).to(dt)))
+
+
+def test_eager_wrappers_go_through_the_dispatcher():
+    """The eager wrappers call the OpOverloads' dispatcher entries directly (one Python
+    frame less): every call must still reach the dispatcher, so modes, profilers and
+    tracers see the fastcache op itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, r, buf = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.empty(2, 3, 8)
+    with Log():
+        ops.apply_residual(x, r)
+        ops.apply_residual(x, r, out=buf)
+        ops.gated_residual(x, torch.randn(2, 8), r)
+        ops.gated_residual(x, torch.randn(2, 8), r, out=buf)
+        ops.store_residual(x, r, torch.tensor(True), buf)
+    for name in ("apply_residual", "apply_residual_out", "gated_residual", "gated_residual_out", "store_residual"):
+        assert f"fastcache.{name}.default" in seen, (name, seen)
