@@ -305,34 +305,13 @@ void run_modulated(const at::Tensor& x, const at::Tensor& shift, const at::Tenso
   const A* sc = scale.const_data_ptr<A>();
   std::vector<A> partial(B * chunks * 2);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (rows_per_chunk * D));
-  // A strided x is gathered a window of up to kWindowChunks chunks at a time: in a
-  // transposed view each of the D channel rows is visited once per window, so a wider
-  // window reads longer runs per page (fewer TLB and cache-line misses). The kernel still
-  // runs chunk by chunk, so the sums do not change.
-  constexpr int64_t kWindowChunks = 8;
-  const bool rows_direct = rows_contiguous(sx, N, D);
   at::parallel_for(0, B * chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
-    int64_t win_b = -1, win_row0 = 0, win_rows = 0;
     for (int64_t c = begin; c < end; ++c) {
       const int64_t b = c / chunks, row0 = (c % chunks) * rows_per_chunk;
       const int64_t rows = std::min(rows_per_chunk, N - row0);
       const int64_t off = (b * N + row0) * D;
-      const char* xp = nullptr;
-      if (rows_direct) {
-        xp = sx.base + (b * sx.sb + row0 * sx.sn) * sx.es;
-      } else {
-        if (b != win_b || row0 + rows > win_row0 + win_rows) {
-          // new window: this chunk and the next ones of the same batch element in [c, end)
-          const int64_t last_chunk = std::min({c + kWindowChunks, end, (b + 1) * chunks});
-          win_b = b;
-          win_row0 = row0;
-          win_rows = std::min(N, ((last_chunk - 1) % chunks + 1) * rows_per_chunk) - row0;
-          scratch.resize(static_cast<size_t>(win_rows * D * sx.es));
-          transfer_rows(sx, b, win_row0, win_rows, D, scratch.data(), true);
-        }
-        xp = scratch.data() + (row0 - win_row0) * D * sx.es;
-      }
+      const char* xp = tile_ptr(sx, b, row0, rows, D, scratch, true);
       fn(xp, sh + b * D, sc + b * D, pp + off * p_size, rows, D, eps, &partial[c * 2]);
     }
   });
