@@ -62,6 +62,19 @@ _raw_gated_residual = _gated_residual._op
 _raw_gated_residual_out = _gated_residual_out._op
 _raw_store_residual = _store_residual._op
 _dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
+def _compiled_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in eager mode; ``t.contiguous()`` while dynamo traces.
+
+    The kernels read strided inputs in place, which is what saves the per-step copy in
+    eager mode. In a compiled graph, strided inputs reaching the ops made inductor's
+    torch.cond subgraphs disagree about the hidden states' layout (a stride assertion
+    in tests/runtime/test_compile.py on PixArt and the reference DiT, whose patch
+    embeddings are transposed views), so under torch.compile the ops get contiguous
+    inputs as before; inductor can fuse that copy into the producer.
+    """
+    return t.contiguous() if _dynamo_compiling() else t
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -113,8 +126,8 @@ def modulated_rel_l1_sums(
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
     # x goes in with its strides (a transposed patch-embedding view is read in place,
-    # not copied whole every step)
-    return _ops.modulated_rel_l1_sums(x, shift, scale, float(eps), prev)
+    # not copied whole every step); see _compiled_layout for torch.compile
+    return _ops.modulated_rel_l1_sums(_compiled_layout(x), shift, scale, float(eps), prev)
 
 
 def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) -> torch.Tensor:
@@ -131,7 +144,7 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) ->
     _check_device("prev", prev, x)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.rel_l1_sums(x, prev, bool(write_prev))
+    return _ops.rel_l1_sums(_compiled_layout(x), prev, bool(write_prev))
 
 
 def rel_l1_ratio(sums: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -218,6 +231,7 @@ def gated_residual(
             raise ValueError(f"trend must be (N, D)={N, D} or (D,)={(D,)}, got {tuple(trend.shape)}")
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
     if _dynamo_compiling():
+        x, cached = x.contiguous(), cached.contiguous()  # see _compiled_layout
         if out is None:
             return _gated_residual(x, gate, cached, trend, float(w))
         _gated_residual_out(x, gate, cached, trend, float(w), out)
@@ -241,6 +255,7 @@ def apply_residual(x: torch.Tensor, r: torch.Tensor, *, out: torch.Tensor | None
         h = apply_residual(h, cache.residual, out=h)            # TeaCache skipped step, in place
     """
     if _dynamo_compiling():
+        x, r = x.contiguous(), r.contiguous()  # see _compiled_layout
         if out is None:
             return _apply_residual(x, r)
         _apply_residual_out(x, r, out)
@@ -258,7 +273,7 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     (contiguous, or any layout the backend can write in place), one shape for all three.
     """
     if _dynamo_compiling():
-        _store_residual(out, x_in, flag, r)
+        _store_residual(out.contiguous(), x_in.contiguous(), flag, r)  # see _compiled_layout
     else:
         _raw_store_residual(out, x_in, flag, r)
 

@@ -51,13 +51,8 @@ SCHEMAS = {
 BACKENDS = ("auto", "cpp", "triton", "eager")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
-# needs_exact_strides: the kernels read inputs through their strides (a transposed
-# patch-embedding view is not copied), so inductor must hand them the tensors with the
-# strides they had while tracing. Without the tag it may re-layout an input for the op
-# while a torch.cond branch compiled for the original layout receives the other one
-# (measured: an inductor stride assertion in the PixArt fullgraph test).
 for _schema in SCHEMAS.values():
-    _lib.define(_schema, tags=(torch.Tag.needs_exact_strides,))
+    _lib.define(_schema)
 
 for _name in SCHEMAS:
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
