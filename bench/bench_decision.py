@@ -1,6 +1,6 @@
 """Per-call cost of TeaCache's caching decision: fastcache's device op vs the peers' host math.
 
-The decision (TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; METHODS.md "TeaCache"):
+The decision (TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; docs/methods.md "TeaCache"):
 ``ratio = sum num / sum den``; ``acc += poly(ratio)`` (numpy.poly1d order, degree 4);
 compute iff forced (first / last step) or ``acc >= threshold``; on compute ``acc = 0``.
 
@@ -35,7 +35,7 @@ from common import Config
 
 NAME = "decision"
 OP = "cache_decision"
-# FLUX's published coefficients (METHODS.md) and threshold 0.25
+# FLUX's published coefficients (docs/methods.md) and threshold 0.25
 COEFFS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 THRESHOLD = 0.25
 NUM_STEPS = 28

@@ -3,7 +3,7 @@
 The op (``fastcache.ops.modulated_rel_l1_sums``) computes the first block's modulated
 input ``m = LN(x) * (1 + scale) + shift`` (LayerNorm without affine, eps 1e-6), the
 per-sample sums ``[sum|m - prev|, sum|prev|]`` and writes ``prev <- m`` in one pass
-(TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; METHODS.md "TeaCache").
+(TeaCache, Liu et al. arXiv 2411.19108, Sec. 3.3; docs/methods.md "TeaCache").
 
 Providers, side by side on x, prev ``(B, N, D)`` and shift, scale ``(B, D)``:
 
@@ -14,7 +14,11 @@ Providers, side by side on x, prev ``(B, N, D)`` and shift, scale ``(B, D)``:
   warmed up before timing; compile time reported separately);
 * ``fastcache_reference`` the eager reference op (:mod:`fastcache.ops.reference`);
 * ``fastcache_cpp``       the C++ kernel through the dispatcher (skipped unless the CPU
-  backend is ``cpp``).
+  backend is ``cpp``);
+* ``cpp_tview`` / ``cpp_tview_copy``  x as diffusers' patch embedding hands it over,
+  ``proj(x).flatten(2).transpose(1, 2)`` (strides ``(N*D, 1, N)``): read in place by the
+  kernel, vs ``x.contiguous()`` first (what the wrapper did before the kernels took
+  strides; one whole copy per step).
 
 Bytes moved per call (the ideal traffic): read x, read prev, write prev (``3*B*N*D``
 elements) plus shift, scale and the ``(B, 2)`` fp32 sums. Targets (reported, not
@@ -39,7 +43,8 @@ from common import DTYPES, SHAPES, Config
 
 NAME = "modulated_rel_l1"
 OP = "modulated_rel_l1_sums"
-PROVIDERS = ("teacache_eager", "teacache_compile", "fastcache_reference", "fastcache_cpp")
+PROVIDERS = ("teacache_eager", "teacache_compile", "fastcache_reference", "fastcache_cpp", "cpp_tview",
+             "cpp_tview_copy")
 EPS = 1e-6
 TARGETS = {"speedup_vs_eager": 20.0, "speedup_vs_compile": 1.0, "pct_copy": 60.0}
 
@@ -105,6 +110,16 @@ def make_fn(provider: str, inp: dict[str, torch.Tensor]):
 
         prev = inp["prev"].clone()
         return (lambda: ops.modulated_rel_l1_sums(x, shift, scale, prev, EPS)), "", {}
+    if provider in ("cpp_tview", "cpp_tview_copy"):
+        if not common.cpp_active():
+            return None, common.cpp_skip_note(), {}
+        from fastcache import ops
+
+        xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (N*D, 1, N)
+        prev = inp["prev"].clone()
+        if provider == "cpp_tview":
+            return (lambda: ops.modulated_rel_l1_sums(xt, shift, scale, prev, EPS)), "", {}
+        return (lambda: ops.modulated_rel_l1_sums(xt.contiguous(), shift, scale, prev, EPS)), "", {}
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
 
@@ -182,6 +197,9 @@ def summarize(results: list[common.Result]) -> list[dict]:
             for p, key in (("teacache_eager", "speedup_vs_eager"), ("teacache_compile", "speedup_vs_compile")):
                 other = rs.get(p)
                 row[key] = other.us / cpp.us if other is not None and not other.skipped else None
+        tv, tc = rs.get("cpp_tview"), rs.get("cpp_tview_copy")
+        if tv is not None and tc is not None and not tv.skipped and not tc.skipped:
+            row["tview_vs_copy"] = tc.us / tv.us
             row["meets"] = " ".join(
                 f"{k}:{'yes' if row.get(k) is not None and row[k] >= v else 'NO'}" for k, v in TARGETS.items()
             )
@@ -202,6 +220,9 @@ def format_summary(rows: list[dict]) -> str:
         ("pct_copy_same_size", "% copy@size"),
         ("speedup_vs_eager", "x eager"),
         ("speedup_vs_compile", "x compile"),
+        ("cpp_tview", "tview us"),
+        ("cpp_tview_copy", "tview+copy us"),
+        ("tview_vs_copy", "x copy"),
     ]
     return common.format_table(rows, cols)
 

@@ -34,6 +34,7 @@ Run::
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import common
@@ -48,7 +49,10 @@ CASES = (  # (op, variant)
     ("apply_residual", ""),
     ("store_residual", ""),
 )
-PROVIDERS = ("eager", "eager_out", "compile", "fastcache_reference", "fastcache_cpp")
+PROVIDERS = ("eager", "eager_out", "compile", "fastcache_reference", "fastcache_cpp", "fastcache_cpp_out")
+# The fused op vs the eager expression it replaces (summary ratio columns, paired per round).
+PAIRS = (("x_eager", "eager", "fastcache_cpp"), ("x_eager_out", "eager_out", "fastcache_cpp_out"),
+         ("x_compile", "compile", "fastcache_cpp"))
 
 
 # The eager expressions, as the peers write them.
@@ -146,6 +150,22 @@ def make_fn(op: str, variant: str, provider: str, inp: dict[str, torch.Tensor]):
             ("store_residual", ""): lambda: ops.store_residual(out, x, flag, r),
         }
         return fns[(op, variant)], "", {}
+    if provider == "fastcache_cpp_out":
+        if not common.cpp_active():
+            return None, common.cpp_skip_note(), {}
+        from fastcache import ops
+
+        if "out" not in inspect.signature(ops.apply_residual).parameters:
+            return None, "skipped: this fastcache has no out= form of the residual ops", {}
+        o = torch.empty_like(x)
+        fns = {
+            ("gated_residual", "plain"): lambda: ops.gated_residual(x, gate, cached, out=o),
+            ("gated_residual", "trend"): lambda: ops.gated_residual(x, gate, cached, trend, W_TREND, out=o),
+            ("apply_residual", ""): lambda: ops.apply_residual(x, cached, out=o),
+        }
+        if (op, variant) not in fns:
+            return None, "n/a: store_residual always writes its buffer in place", {}
+        return fns[(op, variant)], "", {}
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
 
@@ -169,6 +189,7 @@ def run(args) -> list[common.Result]:
             inp = make_inputs(shape, dtype)
             for op, variant in CASES:
                 nbytes = bytes_moved(op, variant, shape, dtype)
+                cfgs, fns, extras = {}, {}, {}
                 for provider in providers:
                     cfg = Config(NAME, op, provider, shape_name, shape, dname, variant)
                     fn, note, extra = make_fn(op, variant, provider, inp)
@@ -176,8 +197,19 @@ def run(args) -> list[common.Result]:
                         if not note.startswith("n/a"):
                             results.append(common.make_result(cfg, None, nbytes, copy_gbps, note))
                         continue
-                    t = common.measure(fn, warmup=2, reps=reps, flush=flusher, max_seconds=1.5)
-                    res = common.make_result(cfg, t, nbytes, copy_gbps, note, **extra)
+                    cfgs[provider], fns[provider], extras[provider] = cfg, fn, extra
+                # all providers of a case round-robin, so machine drift hits them alike
+                timings, samples = common.measure_interleaved(
+                    fns, warmup=2, reps=reps, min_reps=min(reps, 5), max_seconds=8.0, flush=flusher,
+                    min_sample_us=1000.0,
+                )
+                for provider, cfg in cfgs.items():
+                    t = timings[provider]
+                    extra = dict(extras[provider])
+                    for key, num, den in PAIRS:
+                        if den == provider and num in samples:
+                            extra[key] = common.paired_ratio(samples[num], samples[den])
+                    res = common.make_result(cfg, t, nbytes, copy_gbps, "", **extra)
                     results.append(res)
                     print(f"  {cfg.id():62s} {t.median_us:11.1f} us  {res.gbps:7.2f} GB/s", flush=True)
     summary = summarize(results)
@@ -200,9 +232,9 @@ def summarize(results: list[common.Result]) -> list[dict]:
         if cpp is not None and not cpp.skipped:
             row["cpp_gbps"] = cpp.gbps
             row["pct_copy"] = cpp.pct_copy
-            for p in ("eager", "compile"):
-                other = rs.get(p)
-                row[f"x_{p}"] = other.us / cpp.us if other is not None and not other.skipped else None
+        for key, _, den in PAIRS:  # paired per-round ratios (see common.measure_interleaved)
+            r = rs.get(den)
+            row[key] = dict(r.extra).get(key) if r is not None and not r.skipped else None
         rows.append(row)
     return rows
 
@@ -217,9 +249,11 @@ def format_summary(rows: list[dict]) -> str:
         ("compile", "compile us"),
         ("fastcache_reference", "ref us"),
         ("fastcache_cpp", "cpp us"),
+        ("fastcache_cpp_out", "cpp out= us"),
         ("cpp_gbps", "cpp GB/s"),
         ("pct_copy", "% copy"),
         ("x_eager", "x eager"),
+        ("x_eager_out", "out= x eager out="),
         ("x_compile", "x compile"),
     ]
     return common.format_table(rows, cols)

@@ -287,28 +287,44 @@ def measure_interleaved(
     reps: int = 21,
     min_reps: int = 5,
     max_seconds: float = 10.0,
+    flush: Callable[[], None] | None = None,
+    min_sample_us: float = 0.0,
 ) -> tuple[dict[str, Timing], dict[str, list[float]]]:
-    """Time several callables round-robin (one call each per round, the order rotated
+    """Time several callables round-robin (one sample each per round, the order rotated
     every round), so that drift of the machine (frequency, other load) hits all of them
     alike. Returns per-name :class:`Timing` and the raw per-round samples in us, for
-    paired comparisons (``median(a[i] / b[i])``)."""
+    paired comparisons (``median(a[i] / b[i])``).
+
+    ``flush``: called (untimed) before every sample, which is then one call (cold cache,
+    as in :func:`measure`). Without it a sample of a tiny op loops the call until it lasts
+    ``min_sample_us`` (the loop count is chosen per callable after the warm-up)."""
     names = list(fns)
+    inner = dict.fromkeys(names, 1)
     for name in names:
         for _ in range(warmup):
             fns[name]()
+        if flush is None and min_sample_us > 0:
+            t0 = time.perf_counter()
+            fns[name]()
+            once = max(time.perf_counter() - t0, 1e-7)
+            inner[name] = max(1, math.ceil(min_sample_us * 1e-6 / once))
     samples: dict[str, list[float]] = {n: [] for n in names}
     spent = 0.0
     rnd = 0
     while rnd < reps and (rnd < min_reps or spent < max_seconds):
         k = rnd % len(names)
         for name in names[k:] + names[:k]:
+            if flush is not None:
+                flush()
+            fn, n = fns[name], inner[name]
             t0 = time.perf_counter()
-            fns[name]()
+            for _ in range(n):
+                fn()
             dt = time.perf_counter() - t0
             spent += dt
-            samples[name].append(dt * 1e6)
+            samples[name].append(dt / n * 1e6)
         rnd += 1
-    return {n: _timing(v) for n, v in samples.items()}, samples
+    return {n: _timing(v, inner[n]) for n, v in samples.items()}, samples
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:

@@ -69,6 +69,9 @@ def modulated(doc: dict) -> str:
             c.get("pct_copy_same_size"),
             c.get("speedup_vs_eager"),
             c.get("speedup_vs_compile"),
+            c.get("cpp_tview"),
+            c.get("cpp_tview_copy"),
+            c.get("tview_vs_copy"),
         ]
         for c in doc["summary"]["cases"]
     ]
@@ -84,6 +87,9 @@ def modulated(doc: dict) -> str:
         "% copy@size",
         "cpp vs eager",
         "cpp vs compile",
+        "cpp transposed x us",
+        "cpp x.contiguous() us",
+        "in place vs copy",
     ]
     return _table(header, rows)
 
@@ -99,9 +105,11 @@ def residual(doc: dict) -> str:
             c.get("compile"),
             c.get("fastcache_reference"),
             c.get("fastcache_cpp"),
+            c.get("fastcache_cpp_out"),
             c.get("cpp_gbps"),
             c.get("pct_copy"),
             c.get("x_eager"),
+            c.get("x_eager_out"),
             c.get("x_compile"),
         ]
         for c in doc["summary"]["cases"]
@@ -115,9 +123,11 @@ def residual(doc: dict) -> str:
         "compile us",
         "reference us",
         "cpp us",
+        "cpp out= us",
         "cpp GB/s",
         "% copy",
         "cpp vs eager",
+        "cpp out= vs eager out=",
         "cpp vs compile",
     ]
     return _table(header, rows)

@@ -32,7 +32,9 @@ void register_cpu_kernels() {
   m->impl("rel_l1_sums", TORCH_FN(fastcache::rel_l1_sums));
   m->impl("cache_decision", TORCH_FN(fastcache::cache_decision));
   m->impl("gated_residual", TORCH_FN(fastcache::gated_residual));
+  m->impl("gated_residual_out", TORCH_FN(fastcache::gated_residual_out));
   m->impl("apply_residual", TORCH_FN(fastcache::apply_residual));
+  m->impl("apply_residual_out", TORCH_FN(fastcache::apply_residual_out));
   m->impl("store_residual", TORCH_FN(fastcache::store_residual));
   // Kept for the life of the process (the dispatcher holds the kernels).
   static torch::Library* registered = m.release();
@@ -73,7 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One TeaCache decision on the state tensor (updated in place); returns a 0-dim bool, True = compute.");
   m.def("gated_residual", &fastcache::gated_residual, py::arg("x"), py::arg("gate"), py::arg("cached"),
         py::arg("trend"), py::arg("w"), "x + gate[:, None] * (cached * (1 + w * trend)) in fp32, x.dtype out.");
+  m.def("gated_residual_out", &fastcache::gated_residual_out, py::arg("x"), py::arg("gate"), py::arg("cached"),
+        py::arg("trend"), py::arg("w"), py::arg("out"), "gated_residual written into out (which may be x).");
   m.def("apply_residual", &fastcache::apply_residual, py::arg("x"), py::arg("r"), "x + r in fp32, x.dtype out.");
+  m.def("apply_residual_out", &fastcache::apply_residual_out, py::arg("x"), py::arg("r"), py::arg("out"),
+        "out <- x + r (out may be x or r: in place).");
   m.def("store_residual", &fastcache::store_residual, py::arg("out"), py::arg("x_in"), py::arg("flag"), py::arg("r"),
         "r <- out - x_in if flag.");
 

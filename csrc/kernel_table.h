@@ -39,12 +39,13 @@ using ModulatedRowsFn = void (*)(const void* x, const void* shift, const void* s
 // last chunk of a row): sums = [sum|x - prev|, sum|prev|]; prev <- x if write_prev.
 using RelL1ChunkFn = void (*)(const void* x, void* prev, int64_t n, bool write_prev, void* sums);
 
-// out[r] = x[r] + gate[r / N] * (cached[r] * (1 + w * trend[r % N])) for rows
-// r in [row_begin, row_end) of D elements; gate (B, D) in the acc dtype; trend rows are
-// trend_row_stride apart (0 for a (D,) trend); trend == nullptr means no trend term.
+// out[i] = x[i] + gate * (cached[i] * (1 + w * trend[i])) for `rows` consecutive rows of D
+// elements of ONE batch element: x, cached, out point at the first row (contiguous rows);
+// gate at that batch element's (D,) row in the acc dtype; trend at the first row's trend
+// row, successive rows trend_row_stride apart (0 for a (D,) trend); nullptr = no trend.
+// out may be x itself (in place): element i is read before it is written.
 using GatedRowsFn = void (*)(const void* x, const void* gate, const void* cached, const void* trend,
-                             int64_t trend_row_stride, double w, void* out, int64_t row_begin, int64_t row_end,
-                             int64_t N, int64_t D);
+                             int64_t trend_row_stride, double w, void* out, int64_t rows, int64_t D);
 
 // out = a + b (out in a's dtype) / out = a - b (out in its own dtype), n elements.
 using AddFn = void (*)(const void* a, const void* b, void* out, int64_t n);

@@ -24,7 +24,10 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
                           int64_t num_steps);
 at::Tensor gated_residual(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cached,
                           const std::optional<at::Tensor>& trend, double w);
+void gated_residual_out(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cached,
+                        const std::optional<at::Tensor>& trend, double w, const at::Tensor& out);
 at::Tensor apply_residual(const at::Tensor& x, const at::Tensor& r);
+void apply_residual_out(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);
 void store_residual(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& flag, const at::Tensor& r);
 
 }  // namespace fastcache

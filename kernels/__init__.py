@@ -13,8 +13,8 @@ op                         file
 modulated_rel_l1_sums      modulated_rel_l1.py
 rel_l1_sums                rel_l1.py
 cache_decision             decision.py
-gated_residual             gated_residual.py
-apply_residual             residual.py
+gated_residual(_out)       gated_residual.py
+apply_residual(_out)       residual.py
 store_residual             residual.py
 =========================  ===========================
 
@@ -35,7 +35,9 @@ LAUNCHERS = {
     "rel_l1_sums": rel_l1.rel_l1_sums,
     "cache_decision": decision.cache_decision,
     "gated_residual": gated_residual.gated_residual,
+    "gated_residual_out": gated_residual.gated_residual_out,
     "apply_residual": residual.apply_residual,
+    "apply_residual_out": residual.apply_residual_out,
     "store_residual": residual.store_residual,
 }
 

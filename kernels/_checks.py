@@ -69,3 +69,62 @@ def to_fp32(value: float) -> float:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+class Launch:
+    """One kernel launch as a launcher would make it: the jit function, the grid, the
+    runtime arguments (in the kernel's parameter order) and the constexpr / compile
+    options. Launchers build it with their ``plan_*`` function and :meth:`run` it;
+    tests/ops/test_ptx.py builds the same objects and compiles exactly these
+    specialisations for sm_90 / sm_80, so the tested PTX is the PTX a GPU call compiles.
+    """
+
+    __slots__ = ("kernel", "grid", "args", "constexprs", "options")
+
+    def __init__(self, kernel, grid: tuple, args: tuple, constexprs: dict, options: dict):
+        self.kernel, self.grid, self.args = kernel, tuple(grid), tuple(args)
+        self.constexprs, self.options = dict(constexprs), dict(options)
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options)
+
+
+def view3(t: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``t`` as ``(B, N, D)`` in its logical order: a view when its strides allow one
+    (any contiguous tensor, transposed 2-D/3-D views), else a copy (metadata decides;
+    no device value is read)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape)
+
+
+def dims3(t: torch.Tensor) -> tuple[int, int, int]:
+    """The ``(B, N, D)`` an element-wise op sees for a tensor of any shape."""
+    if t.dim() == 3:
+        return tuple(t.shape)
+    if t.dim() == 0:
+        return (1, 1, 1)
+    D = t.shape[-1]
+    return (1, t.numel() // D if D else 0, D)
+
+
+def check_out(op: str, out: torch.Tensor, like: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """``out`` has the shape and dtype of ``like`` (x) and is either one of ``inputs`` exactly (in
+    place: same storage offset and strides) or disjoint from them (metadata only)."""
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(
+            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, "
+            f"got {tuple(out.shape)} {out.dtype}"
+        )
+    for name, t in inputs.items():
+        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            continue
+        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
+            continue
+        raise ValueError(
+            f"{op}: out shares memory with {name} but is not {name} itself (different offset or strides); "
+            f"pass out={name} for an in-place update, or a separate buffer"
+        )

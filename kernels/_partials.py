@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import next_pow2
+from ._checks import Launch, next_pow2
 
 _BLOCK_P_MAX = 1024
 
@@ -34,12 +34,18 @@ def _sum_partials_kernel(partials_ptr, out_ptr, P, BLOCK_P: tl.constexpr):
     tl.store(out_ptr + pid_b * 2 + 1, tl.sum(acc_den, axis=0))
 
 
-def finish_sums(partials: torch.Tensor) -> torch.Tensor:
-    """``(B, P, 2)`` partials -> ``(B, 2)`` sums, deterministic. ``P >= 1``."""
+def plan_finish_sums(partials: torch.Tensor) -> tuple[Launch, torch.Tensor]:
+    """The launch reducing ``(B, P, 2)`` partials (B >= 1) and its ``(B, 2)`` output."""
     B, P, _ = partials.shape
     out = torch.empty((B, 2), dtype=partials.dtype, device=partials.device)
-    if B == 0:
-        return out
     BLOCK_P = min(next_pow2(P), _BLOCK_P_MAX)
-    _sum_partials_kernel[(B,)](partials, out, P, BLOCK_P=BLOCK_P, num_warps=4)
+    return Launch(_sum_partials_kernel, (B,), (partials, out, P), {"BLOCK_P": BLOCK_P}, {"num_warps": 4}), out
+
+
+def finish_sums(partials: torch.Tensor) -> torch.Tensor:
+    """``(B, P, 2)`` partials -> ``(B, 2)`` sums, deterministic. ``P >= 1``."""
+    if partials.shape[0] == 0:
+        return torch.empty((0, 2), dtype=partials.dtype, device=partials.device)
+    launch, out = plan_finish_sums(partials)
+    launch.run()
     return out

@@ -1,6 +1,6 @@
 """``cache_decision``: the whole TeaCache decision as one single-program kernel (Triton).
 
-TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; METHODS.md): ``d_s = sum num /
+TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; docs/methods.md): ``d_s = sum num /
 sum den``, ``A <- A + poly(d_s)``, compute iff a step is forced or ``A >= threshold``.
 Everything happens on the device on a flat fp32 ``state`` (layout: the table in
 :mod:`fastcache.ops.reference`, hard-coded below and checked against it by the tests);
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_contiguous, check_devices, to_fp32
+from ._checks import Launch, check_contiguous, check_devices, to_fp32
 
 # Layout of the state (fastcache.ops.reference; kept in sync by tests/ops/test_triton.py).
 ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG = range(7)
@@ -164,6 +164,13 @@ def cache_decision(
     for name, t in (("sums", sums), ("coeffs", coeffs), ("state", state)):
         check_contiguous(op, name, t)
     check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs)
+    launch, flag = plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps)
+    launch.run()
+    return flag
+
+
+def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps):
+    """The single-program launch of the decision and its 0-dim bool output (checked args)."""
     if not timestep.is_floating_point():
         # Device-side cast (an int tensor cannot be loaded as fp32); no host read.
         timestep = timestep.reshape(-1)[:1].to(torch.float32)
@@ -171,23 +178,8 @@ def cache_decision(
     flag = torch.empty((), dtype=torch.bool, device=state.device)
     B = sums.numel() // 2
     H = (state.numel() - STATE_HEADER) // 3
-    _cache_decision_kernel[(1,)](
-        sums,
-        timestep,
-        coeffs,
-        state,
-        flag,
-        B,
-        coeffs.numel(),
-        H,
-        to_fp32(threshold),
-        max(int(warmup), 1),
-        int(num_steps) - 1,
-        int(max_skips),
-        int(int(num_steps) > 0),
-        int(int(max_skips) > 0),
-        int(threshold <= 0),
-        num_warps=1,
-        **COMPILE_OPTIONS,
-    )
-    return flag
+    args = (
+        sums, timestep, coeffs, state, flag, B, coeffs.numel(), H, to_fp32(threshold), max(int(warmup), 1),
+        int(num_steps) - 1, int(max_skips), int(int(num_steps) > 0), int(int(max_skips) > 0), int(threshold <= 0),
+    )  # fmt: skip
+    return Launch(_cache_decision_kernel, (1,), args, {}, {"num_warps": 1, **COMPILE_OPTIONS}), flag

@@ -9,8 +9,9 @@ special case without trend::
 x, cached ``(B, N, D)``; gate ``(B, D)``; trend ``(N, D)`` (per token), ``(D,)`` (per
 channel) or ``None``. The mode compiles out: ``HAS_TREND`` is False for no trend or
 ``w == 0`` (FORA), ``TREND_PER_TOKEN`` picks the trend's indexing. fp32 math (fp64 for
-fp64 x), output in ``x.dtype``. Grid over ``(B*N)``-row by ``D``-column tiles; row
-offsets are int64 since ``B*N*D`` passes 2^31 for long videos.
+fp64 x), output in ``x.dtype``. Grid over ``(B*N)``-row by ``D``-column tiles; x,
+cached and out are addressed through their own strides (int64 offsets: ``B*N*D``
+passes 2^31 for long videos); ``gated_residual_out`` writes a caller-owned buffer.
 
 Example::
 
@@ -23,13 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    acc_is_fp64,
-    check_contiguous,
-    check_devices,
-    check_float,
-    next_pow2,
-)
+from ._checks import Launch, acc_is_fp64, check_devices, check_float, check_out, next_pow2
+from .residual import _tile_offsets
 
 _TILE = 4096
 _BLOCK_D_MAX = 1024
@@ -37,33 +33,22 @@ _BLOCK_D_MAX = 1024
 
 @triton.jit
 def _gated_residual_kernel(
-    x_ptr,
-    gate_ptr,
-    cached_ptr,
-    trend_ptr,
-    out_ptr,
-    R,
-    N,
-    D,
-    w,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_TREND: tl.constexpr,
-    TREND_PER_TOKEN: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-):
+    x_ptr, gate_ptr, cached_ptr, trend_ptr, out_ptr, R, N, D, w,
+    sxb, sxn, sxd, scb, scn, scd, sob, son, sod,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_TREND: tl.constexpr,
+    TREND_PER_TOKEN: tl.constexpr, ACC_FP64: tl.constexpr,
+):  # fmt: skip
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flattened (b, n)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < R
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
-    offs = (rows.to(tl.int64) * D)[:, None] + cols[None, :]
 
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    f = tl.load(cached_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + _tile_offsets(rows, cols, N, sxb, sxn, sxd), mask=mask, other=0.0).to(acc_ty)
+    f = tl.load(cached_ptr + _tile_offsets(rows, cols, N, scb, scn, scd), mask=mask, other=0.0).to(acc_ty)
     gate = tl.load(
-        gate_ptr + ((rows // N) * D)[:, None] + cols[None, :], mask=mask, other=0.0
+        gate_ptr + ((rows // N).to(tl.int64) * D)[:, None] + cols[None, :], mask=mask, other=0.0
     ).to(acc_ty)
     if HAS_TREND:
         if TREND_PER_TOKEN:
@@ -74,7 +59,47 @@ def _gated_residual_kernel(
             trend = trend[None, :]
         f = f * (1.0 + w * trend)
     out = x + gate * f
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    o_offs = _tile_offsets(rows, cols, N, sob, son, sod)
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(op, x, gate, cached, trend):
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    named = [("x", x), ("gate", gate), ("cached", cached)] + ([("trend", trend)] if trend is not None else [])
+    for name, t in named:
+        check_float(op, name, t)
+    if cached.shape != x.shape:
+        raise ValueError(f"{op}: cached must match x's shape {tuple(x.shape)}, got {tuple(cached.shape)}")
+    if tuple(gate.shape) != (B, D):
+        raise ValueError(
+            f"{op}: gate must be (B, D) = {(B, D)}, got {tuple(gate.shape)}; "
+            f"fastcache.ops.gated_residual broadcasts (1, D), (D,) and (B, 1, D) for you"
+        )
+    if trend is not None and tuple(trend.shape) not in ((N, D), (1, N, D), (D,)):
+        raise ValueError(f"{op}: trend must be (N, D) = {(N, D)} or (D,) = {(D,)}, got {tuple(trend.shape)}")
+    for name, t in (("gate", gate), ("trend", trend)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is small); pass {name}.contiguous()")
+    check_devices(op, "x", x, gate=gate, cached=cached, trend=trend)
+
+
+def plan_gated_residual(x, gate, cached, trend, w, out) -> Launch:
+    """The launch of ``out <- x + gate * (cached * (1 + w * trend))`` (checked, numel > 0)."""
+    B, N, D = x.shape
+    has_trend = trend is not None and w != 0.0
+    per_token = trend is not None and trend.dim() != 1
+    BLOCK_D = min(next_pow2(D), _BLOCK_D_MAX)
+    BLOCK_R = max(1, min(next_pow2(B * N), _TILE // BLOCK_D))
+    grid = (triton.cdiv(B * N, BLOCK_R), triton.cdiv(D, BLOCK_D))
+    args = (
+        x, gate, cached, trend if has_trend else x,  # trend is never read when HAS_TREND is False
+        out, B * N, N, D, float(w), *x.stride(), *cached.stride(), *out.stride(),
+    )  # fmt: skip
+    constexprs = {"BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D, "HAS_TREND": has_trend, "TREND_PER_TOKEN": per_token,
+                  "ACC_FP64": acc_is_fp64(x)}  # fmt: skip
+    return Launch(_gated_residual_kernel, grid, args, constexprs, {"num_warps": 4 if BLOCK_R * BLOCK_D <= 2048 else 8})
 
 
 def gated_residual(
@@ -86,61 +111,31 @@ def gated_residual(
 ) -> torch.Tensor:
     """Schema ``gated_residual(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w) -> Tensor``.
 
-    x, cached ``(B, N, D)``; gate ``(B, D)``; trend ``None``, ``(N, D)`` or ``(D,)``;
-    all contiguous. Returns a new tensor like ``x``.
+    x, cached ``(B, N, D)``, any strides; gate ``(B, D)``; trend ``None``, ``(N, D)`` or
+    ``(D,)`` (contiguous). Returns ``torch.empty_like(x)`` filled.
     See :func:`fastcache.ops.reference.gated_residual`.
     """
-    op = "gated_residual"
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
-    B, N, D = x.shape
-    named = [("x", x), ("gate", gate), ("cached", cached)] + (
-        [("trend", trend)] if trend is not None else []
-    )
-    for name, t in named:
-        check_float(op, name, t)
-    if cached.shape != x.shape:
-        raise ValueError(
-            f"{op}: cached must match x's shape {tuple(x.shape)}, got {tuple(cached.shape)}"
-        )
-    if tuple(gate.shape) != (B, D):
-        raise ValueError(
-            f"{op}: gate must be (B, D) = {(B, D)}, got {tuple(gate.shape)}; "
-            f"fastcache.ops.{op} broadcasts (1, D), (D,) and (B, 1, D) for you"
-        )
-    per_token = False
-    if trend is not None:
-        if tuple(trend.shape) in ((N, D), (1, N, D)):
-            per_token = True
-        elif tuple(trend.shape) != (D,):
-            raise ValueError(
-                f"{op}: trend must be (N, D) = {(N, D)} or (D,) = {(D,)}, got {tuple(trend.shape)}"
-            )
-    for name, t in named:
-        check_contiguous(op, name, t)
-    check_devices(op, "x", x, gate=gate, cached=cached, trend=trend)
+    _check("gated_residual", x, gate, cached, trend)
     out = torch.empty_like(x)
-    if x.numel() == 0:
-        return out
-    has_trend = trend is not None and w != 0.0
-    BLOCK_D = min(next_pow2(D), _BLOCK_D_MAX)
-    BLOCK_R = max(1, min(next_pow2(B * N), _TILE // BLOCK_D))
-    grid = (triton.cdiv(B * N, BLOCK_R), triton.cdiv(D, BLOCK_D))
-    _gated_residual_kernel[grid](
-        x,
-        gate,
-        cached,
-        trend if has_trend else x,  # never read when HAS_TREND is False
-        out,
-        B * N,
-        N,
-        D,
-        float(w),
-        BLOCK_R=BLOCK_R,
-        BLOCK_D=BLOCK_D,
-        HAS_TREND=has_trend,
-        TREND_PER_TOKEN=per_token,
-        ACC_FP64=acc_is_fp64(x),
-        num_warps=4 if BLOCK_R * BLOCK_D <= 2048 else 8,
-    )
+    if x.numel():
+        plan_gated_residual(x, gate, cached, trend, w, out).run()
     return out
+
+
+def gated_residual_out(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    cached: torch.Tensor,
+    trend: torch.Tensor | None,
+    w: float,
+    out: torch.Tensor,
+) -> None:
+    """Schema ``gated_residual_out(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w,
+    Tensor(a!) out) -> ()``: :func:`gated_residual` into ``out`` (may be ``x``: in place)."""
+    op = "gated_residual_out"
+    _check(op, x, gate, cached, trend)
+    check_float(op, "out", out)
+    check_out(op, out, x, x=x, cached=cached)
+    check_devices(op, "x", x, out=out)
+    if x.numel():
+        plan_gated_residual(x, gate, cached, trend, w, out).run()

@@ -9,10 +9,11 @@ sequence-parallel run can all-reduce them::
 
     sums[b] = (sum_{n,d} |m[b,n,d] - prev[b,n,d]|, sum_{n,d} |prev[b,n,d]|)
 
-Layout: x, prev ``(B, N, D)`` contiguous; shift, scale ``(B, D)`` contiguous. Each
-program normalises a ``(BLOCK_N, BLOCK_D)`` tile of whole rows (``BLOCK_D >= D``: the
-LayerNorm needs the full row), grid ``(B, cdiv(N, BLOCK_N))``; per-program partials are
-reduced in a fixed order by :func:`fastcache.kernels._partials.finish_sums`.
+Layout: x ``(B, N, D)`` with any strides (read in place); prev ``(B, N, D)`` contiguous;
+shift, scale ``(B, D)`` contiguous. Each program normalises a ``(BLOCK_N, BLOCK_D)``
+tile of whole rows (``BLOCK_D >= D``: the LayerNorm needs the full row), grid
+``(B, cdiv(N, BLOCK_N))``; per-program partials are reduced in a fixed order by
+:func:`fastcache.kernels._partials.finish_sums`.
 fp32 accumulation whatever the input dtype (fp64 for fp64 inputs).
 
 Example::
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._checks import (
+    Launch,
     acc_is_fp64,
     check_contiguous,
     check_devices,
@@ -53,6 +55,9 @@ def _modulated_rel_l1_kernel(
     D,
     P,
     eps,
+    sxb,
+    sxn,
+    sxd,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -67,8 +72,10 @@ def _modulated_rel_l1_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     # int64: (b * N + n) * D passes 2^31 for long video token sequences
     offs = ((pid_b * N + rows) * D)[:, None] + cols[None, :]
+    # x through its own strides: a transposed patch-embedding view is read in place
+    x_offs = (pid_b * sxb + rows.to(tl.int64) * sxn)[:, None] + cols.to(tl.int64)[None, :] * sxd
 
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(acc_ty)
     # IEEE div/sqrt (per row, so free): for fp32 a plain `/` and tl.sqrt compile to
     # the approximate div.full / sqrt.approx; these match the reference's 1/sqrt.
     # (fp64 `/` and sqrt are IEEE already, and div_rn/sqrt_rn take fp32 only.)
@@ -108,7 +115,8 @@ def modulated_rel_l1_sums(
 ) -> torch.Tensor:
     """Schema ``modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev) -> Tensor``.
 
-    x, prev ``(B, N, D)``; shift, scale ``(B, D)``; all contiguous, any float dtypes.
+    x, prev ``(B, N, D)``; shift, scale ``(B, D)``; x any strides, the others contiguous;
+    any float dtypes.
     Returns ``(B, 2)`` fp32 (fp64 for fp64 x) and writes ``prev`` in place.
     See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
     """
@@ -130,7 +138,7 @@ def modulated_rel_l1_sums(
                 f"{op}: {name} must be (B, D) = {(B, D)}, got {tuple(t.shape)}; "
                 f"fastcache.ops.{op} broadcasts (1, D), (D,) and (B, 1, D) for you"
             )
-    for name, t in (("x", x), ("shift", shift), ("scale", scale), ("prev", prev)):
+    for name, t in (("shift", shift), ("scale", scale), ("prev", prev)):
         check_contiguous(op, name, t)
     check_devices(op, "x", x, shift=shift, scale=scale, prev=prev)
     if D > MAX_D:
@@ -142,24 +150,20 @@ def modulated_rel_l1_sums(
     if x.numel() == 0:
         # No rows: nothing to normalise, both sums are empty sums.
         return torch.zeros((B, 2), dtype=out_dtype, device=x.device)
+    launch, partials = plan_modulated_rel_l1(x, shift, scale, eps, prev)
+    launch.run()
+    return finish_sums(partials)
+
+
+def plan_modulated_rel_l1(x, shift, scale, eps, prev) -> tuple[Launch, torch.Tensor]:
+    """The launch of the partial-sums kernel and its ``(B, P, 2)`` output (checked, numel > 0)."""
+    B, N, D = x.shape
     BLOCK_D = next_pow2(D)
     BLOCK_N = max(1, min(next_pow2(N), _TILE // BLOCK_D))
     P = triton.cdiv(N, BLOCK_N)
-    partials = torch.empty((B, P, 2), dtype=out_dtype, device=x.device)
+    partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
     tile = BLOCK_N * BLOCK_D
-    _modulated_rel_l1_kernel[(B, P)](
-        x,
-        shift,
-        scale,
-        prev,
-        partials,
-        N,
-        D,
-        P,
-        float(eps),
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D,
-        ACC_FP64=acc_is_fp64(x),
-        num_warps=4 if tile <= 2048 else (8 if tile <= 8192 else 16),
-    )
-    return finish_sums(partials)
+    args = (x, shift, scale, prev, partials, N, D, P, float(eps), *x.stride())
+    constexprs = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "ACC_FP64": acc_is_fp64(x)}
+    options = {"num_warps": 4 if tile <= 2048 else (8 if tile <= 8192 else 16)}
+    return Launch(_modulated_rel_l1_kernel, (B, P), args, constexprs, options), partials

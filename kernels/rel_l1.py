@@ -1,7 +1,7 @@
 """``rel_l1_sums``: relative-L1 sums of an already-computed indicator (Triton).
 
 For indicators that are not the modulated hidden state: a timestep embedding
-(CogVideoX, Wan2.1; METHODS.md, TeaCache) or a first-block residual (First-Block
+(CogVideoX, Wan2.1; docs/methods.md, TeaCache) or a first-block residual (First-Block
 Cache). ``x`` of any shape ``(B, ...)`` is viewed as ``(B, M)``::
 
     sums[b] = (sum_m |x[b, m] - prev[b, m]|, sum_m |prev[b, m]|)     prev <- x  (WRITE_PREV)
@@ -22,12 +22,14 @@ import triton
 import triton.language as tl
 
 from ._checks import (
+    Launch,
     acc_is_fp64,
     check_contiguous,
     check_devices,
     check_float,
     next_pow2,
     sums_dtype,
+    view3,
 )
 from ._partials import finish_sums
 
@@ -41,8 +43,13 @@ def _rel_l1_partials_kernel(
     partials_ptr,
     M,
     P,
+    DL,
+    sxb,
+    sxn,
+    sxd,
     BLOCK: tl.constexpr,
     WRITE_PREV: tl.constexpr,
+    X_FLAT: tl.constexpr,
     ACC_FP64: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
@@ -52,7 +59,11 @@ def _rel_l1_partials_kernel(
     offs = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     base = pid_b * M
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
+    if X_FLAT:  # contiguous x
+        x_offs = base + offs
+    else:  # x seen as (B, M // DL, DL) with its own strides, read in logical order
+        x_offs = pid_b * sxb + (offs // DL) * sxn + (offs % DL) * sxd
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(acc_ty)
     p = tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(acc_ty)
     num = tl.sum(tl.abs(x - p), axis=0)
     den = tl.sum(tl.abs(p), axis=0)
@@ -66,7 +77,8 @@ def _rel_l1_partials_kernel(
 def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.Tensor:
     """Schema ``rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev) -> Tensor``.
 
-    x, prev: same shape ``(B, ...)``, contiguous, any float dtype each. Returns ``(B, 2)``
+    x, prev: same shape ``(B, ...)``; x any strides (viewable as (B, M // D, D), D its
+    last dim; otherwise copied), prev contiguous; any float dtype each. Returns ``(B, 2)``
     fp32 (fp64 for fp64 x). See :func:`fastcache.ops.reference.rel_l1_sums`.
     """
     op = "rel_l1_sums"
@@ -80,27 +92,27 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.
         raise ValueError(
             f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
         )
-    check_contiguous(op, "x", x)
     check_contiguous(op, "prev", prev)
     check_devices(op, "x", x, prev=prev)
     B = x.shape[0]
-    M = x.numel() // B if B else 0
-    BLOCK = min(next_pow2(M), _BLOCK_MAX)
-    P = max(
-        triton.cdiv(M, BLOCK), 1
-    )  # M == 0: one all-masked program per sample -> zeros
-    partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
     if B == 0:
-        return torch.empty((0, 2), dtype=partials.dtype, device=x.device)
-    _rel_l1_partials_kernel[(B, P)](
-        x,
-        prev,
-        partials,
-        M,
-        P,
-        BLOCK=BLOCK,
-        WRITE_PREV=bool(write_prev),
-        ACC_FP64=acc_is_fp64(x),
-        num_warps=8 if BLOCK >= 4096 else 4,
-    )
+        return torch.empty((0, 2), dtype=sums_dtype(x), device=x.device)
+    launch, partials = plan_rel_l1(x, prev, write_prev)
+    launch.run()
     return finish_sums(partials)
+
+
+def plan_rel_l1(x, prev, write_prev) -> tuple[Launch, torch.Tensor]:
+    """The launch of the partial-sums kernel and its ``(B, P, 2)`` output (checked, B > 0)."""
+    B = x.shape[0]
+    M = x.numel() // B
+    flat = x.is_contiguous()
+    DL = x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 1
+    x3 = x if flat else view3(x, (B, M // DL, DL))
+    strides = (0, 0, 0) if flat else x3.stride()
+    BLOCK = min(next_pow2(M), _BLOCK_MAX)
+    P = max(triton.cdiv(M, BLOCK), 1)  # M == 0: one all-masked program per sample -> zeros
+    partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
+    args = (x3, prev, partials, M, P, DL, *strides)
+    constexprs = {"BLOCK": BLOCK, "WRITE_PREV": bool(write_prev), "X_FLAT": flat, "ACC_FP64": acc_is_fp64(x)}
+    return Launch(_rel_l1_partials_kernel, (B, P), args, constexprs, {"num_warps": 8 if BLOCK >= 4096 else 4}), partials

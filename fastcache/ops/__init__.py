@@ -4,6 +4,9 @@ Each function checks its arguments from metadata only (shapes, dtypes, devices: 
 value is read from the device), normalises broadcastable shapes, and calls the
 dispatcher op ``torch.ops.fastcache.<name>``, which runs the C++ kernel on CPU, the
 Triton kernel on CUDA, or the eager reference (:mod:`fastcache.ops.reference`).
+Inputs may have any strides (read in place, not copied); buffers written in place
+(``prev``, ``r``) must be contiguous. ``apply_residual`` and ``gated_residual`` take
+``out=`` to write a buffer the caller keeps (``out=x`` updates x in place).
 
 Example::
 
@@ -11,6 +14,7 @@ Example::
     state = fastcache.ops.new_state(device=x.device)
     sums = fastcache.ops.modulated_rel_l1_sums(x, shift, scale, prev)     # (B, 2)
     flag = fastcache.ops.cache_decision(sums, t, coeffs, state, threshold=0.25)
+    h = fastcache.ops.apply_residual(h, residual, out=h)                 # skipped step, in place
 """
 
 from __future__ import annotations
@@ -39,6 +43,38 @@ __all__ = [
 ]
 
 _ops = torch.ops.fastcache
+# The residual ops are called once per block (or stack) per step: their wrappers are
+# kept minimal. Shape, dtype and overlap checks live in the ops themselves (C++, Triton
+# and the reference all raise on them), and in eager mode the wrappers call the
+# OpOverload's dispatcher entry (``OpOverload._op``, what ``OpOverload.__call__`` itself
+# calls: the same dispatcher path, minus one Python frame). Measured with cold caches on
+# a DiT-XL/2 256px tensor, that frame and the wrapper's former checks cost 5-10 us of a
+# ~80 us op (bench/README.md). Under torch.compile the wrappers call the OpOverload,
+# which is what dynamo traces (is_dynamo_compiling() is constant-folded there).
+_apply_residual = _ops.apply_residual.default
+_apply_residual_out = _ops.apply_residual_out.default
+_gated_residual = _ops.gated_residual.default
+_gated_residual_out = _ops.gated_residual_out.default
+_store_residual = _ops.store_residual.default
+_raw_apply_residual = _apply_residual._op
+_raw_apply_residual_out = _apply_residual_out._op
+_raw_gated_residual = _gated_residual._op
+_raw_gated_residual_out = _gated_residual_out._op
+_raw_store_residual = _store_residual._op
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+
+
+def _compiled_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in eager mode; ``t.contiguous()`` while dynamo traces.
+
+    The kernels read strided inputs in place, which is what saves the per-step copy in
+    eager mode. In a compiled graph, strided inputs reaching the ops made inductor's
+    torch.cond subgraphs disagree about the hidden states' layout (a stride assertion
+    in tests/runtime/test_compile.py on PixArt and the reference DiT, whose patch
+    embeddings are transposed views), so under torch.compile the ops get contiguous
+    inputs as before; inductor can fuse that copy into the producer.
+    """
+    return t.contiguous() if _dynamo_compiling() else t
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -89,11 +125,17 @@ def modulated_rel_l1_sums(
     scale = _per_sample_vec("scale", scale, B, D)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.modulated_rel_l1_sums(x.contiguous(), shift, scale, float(eps), prev)
+    # x goes in with its strides (a transposed patch-embedding view is read in place,
+    # not copied whole every step); see _compiled_layout for torch.compile
+    return _ops.modulated_rel_l1_sums(_compiled_layout(x), shift, scale, float(eps), prev)
 
 
 def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) -> torch.Tensor:
-    """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``."""
+    """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``.
+
+    ``x`` may have any strides (read in its logical order, no copy for 1-3-D views);
+    ``prev`` must be contiguous. Returns ``(B, 2)`` fp32 (fp64 for fp64 x).
+    """
     if x.dim() < 1:
         raise ValueError("x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)")
     _check_float("x", x)
@@ -102,7 +144,7 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) ->
     _check_device("prev", prev, x)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.rel_l1_sums(x.contiguous(), prev, bool(write_prev))
+    return _ops.rel_l1_sums(_compiled_layout(x), prev, bool(write_prev))
 
 
 def rel_l1_ratio(sums: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -158,38 +200,82 @@ def gated_residual(
     cached: torch.Tensor,
     trend: torch.Tensor | None = None,
     w: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + gate[:, None] * cached * (1 + w * trend)`` (EOC Eq. 7; FORA when w = 0)."""
+    """``x + gate[:, None] * (cached * (1 + w * trend))`` (EOC, Qiu et al. 2025, Eq. 7;
+    FORA when ``w = 0`` or no trend; docs/methods.md).
+
+    x, cached: ``(B, N, D)``, any strides (read in place, not copied); gate: ``(B, D)``,
+    ``(B, 1, D)``, ``(1, D)`` or ``(D,)``; trend: ``None``, ``(N, D)``, ``(1, N, D)`` or
+    ``(D,)``. fp32 math, result in ``x.dtype``.
+
+    ``out=None`` returns a new tensor (``torch.empty_like(x)``): the functional form, the
+    one to use inside ``torch.cond`` branches. ``out=buf`` writes the result into ``buf``
+    (x's shape and dtype, any layout viewable as (B, N, D)) and returns it: no
+    allocation, so no fresh pages to fault in every step. ``buf`` may be ``x`` itself
+    (``x`` updated in place); any other overlap with ``x`` or ``cached`` is an error.
+    Under ``torch.compile`` pass a buffer distinct from the inputs.
+
+    Example::
+
+        h = gated_residual(h, gate_msa, attn_cache, out=h)     # FORA skipped branch, in place
+    """
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
     B, N, D = x.shape
-    if cached.shape != x.shape:
-        raise ValueError(f"cached must match x's shape {tuple(x.shape)}, got {tuple(cached.shape)}")
-    gate = _per_sample_vec("gate", gate, B, D)
+    if gate.dim() != 2 or gate.shape[0] != B or not gate.is_contiguous():
+        gate = _per_sample_vec("gate", gate, B, D)
     if trend is not None:
         if tuple(trend.shape) not in ((N, D), (D,), (1, N, D)):
             raise ValueError(f"trend must be (N, D)={N, D} or (D,)={(D,)}, got {tuple(trend.shape)}")
-        _check_device("trend", trend, x)
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
-    for name, t in (("gate", gate), ("cached", cached)):
-        _check_device(name, t, x)
-    return _ops.gated_residual(x.contiguous(), gate, cached.contiguous(), trend, float(w))
+    if _dynamo_compiling():
+        x, cached = x.contiguous(), cached.contiguous()  # see _compiled_layout
+        if out is None:
+            return _gated_residual(x, gate, cached, trend, float(w))
+        _gated_residual_out(x, gate, cached, trend, float(w), out)
+        return out
+    if out is None:
+        return _raw_gated_residual(x, gate, cached, trend, float(w))
+    _raw_gated_residual_out(x, gate, cached, trend, float(w), out)
+    return out
 
 
-def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """A skipped stack: ``x + r``."""
-    if r.shape != x.shape:
-        raise ValueError(f"cached residual has shape {tuple(r.shape)} but x has {tuple(x.shape)}")
-    return _ops.apply_residual(x.contiguous(), r.contiguous())
+def apply_residual(x: torch.Tensor, r: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A skipped stack: ``x + r`` (fp32 math, result in ``x.dtype``).
+
+    x, r: one shape, any strides (read in place). ``out=None`` returns a new tensor
+    (functional: use it inside ``torch.cond`` branches). ``out=buf`` writes into ``buf``
+    (x's shape and dtype) and returns it, with no allocation; ``buf`` may be ``x`` (the
+    in-place ``x += r``) or ``r``; any other overlap with them is an error.
+
+    Example::
+
+        h = apply_residual(h, cache.residual, out=h)            # TeaCache skipped step, in place
+    """
+    if _dynamo_compiling():
+        x, r = x.contiguous(), r.contiguous()  # see _compiled_layout
+        if out is None:
+            return _apply_residual(x, r)
+        _apply_residual_out(x, r, out)
+        return out
+    if out is None:
+        return _raw_apply_residual(x, r)
+    _raw_apply_residual_out(x, r, out)
+    return out
 
 
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
-    """``r <- out - x_in`` iff the device flag is set (no host read)."""
-    if not (out.shape == x_in.shape == r.shape):
-        raise ValueError(f"out {tuple(out.shape)}, x_in {tuple(x_in.shape)} and r {tuple(r.shape)} must have one shape")
-    if not r.is_contiguous():
-        raise ValueError("r must be contiguous: it is written in place")
-    _ops.store_residual(out.contiguous(), x_in.contiguous(), flag, r)
+    """``r <- out - x_in`` iff the device flag is set (no host read).
+
+    out, x_in: the block stack's output and input, any strides; r: the cache buffer
+    (contiguous, or any layout the backend can write in place), one shape for all three.
+    """
+    if _dynamo_compiling():
+        _store_residual(out.contiguous(), x_in.contiguous(), flag, r)  # see _compiled_layout
+    else:
+        _raw_store_residual(out, x_in, flag, r)
 
 
 # keep the module object reachable for introspection (fastcache.info)

@@ -40,7 +40,11 @@ SCHEMAS = {
         "float threshold, int warmup, int max_skips, int num_steps) -> Tensor"
     ),
     "gated_residual": "gated_residual(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w) -> Tensor",
+    "gated_residual_out": (
+        "gated_residual_out(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w, Tensor(a!) out) -> ()"
+    ),
     "apply_residual": "apply_residual(Tensor x, Tensor r) -> Tensor",
+    "apply_residual_out": "apply_residual_out(Tensor x, Tensor r, Tensor(a!) out) -> ()",
     "store_residual": "store_residual(Tensor out, Tensor x_in, Tensor flag, Tensor(a!) r) -> ()",
 }
 
@@ -75,9 +79,19 @@ def _(x, gate, cached, trend, w):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("fastcache::gated_residual_out")
+def _(x, gate, cached, trend, w, out):
+    return None
+
+
 @torch.library.register_fake("fastcache::apply_residual")
 def _(x, r):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastcache::apply_residual_out")
+def _(x, r, out):
+    return None
 
 
 @torch.library.register_fake("fastcache::store_residual")

@@ -34,7 +34,8 @@ import torch
 
 # ---------------------------------------------------------------------------
 # Decision-state layout (shared by every backend; the kernels hard-code the same
-# numbers, and tests/ops/test_decision.py checks that they agree).
+# numbers, and tests/ops/test_cpp.py::test_cache_decision_state_layout_matches_reference
+# and tests/ops/test_triton.py::test_decision_layout_matches_reference check that they agree).
 # ---------------------------------------------------------------------------
 ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(10)
 STATE_HEADER = 16
@@ -116,7 +117,7 @@ def cache_decision(
     max_skips: int,
     num_steps: int,
 ) -> torch.Tensor:
-    """One TeaCache decision on device state (METHODS.md, TeaCache; paper Sec. 3.3).
+    """One TeaCache decision on device state (docs/methods.md, TeaCache; paper Sec. 3.3).
 
     Mirrors the kernels exactly (fp32 scalar math). Reads ``state`` and writes it in
     place; returns a 0-dim bool tensor, True = compute the block stack.
@@ -198,6 +199,25 @@ def cache_decision(
     return compute.clone()
 
 
+def _check_residual_shapes(op: str, **tensors: torch.Tensor) -> None:
+    """The kernels' shape rule, so the fallback never broadcasts silently."""
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        raise ValueError(f"{op}: {listed} must have one shape (the cached residual has x's shape)")
+
+
+def _check_out(op: str, out: torch.Tensor, x: torch.Tensor, **inputs: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(
+            f"{op}: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}"
+        )
+    for name, t in inputs.items():
+        same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
+        if not same and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise ValueError(f"{op}: out shares memory with {name} but is not {name} itself; pass a separate buffer")
+
+
 def gated_residual(
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -218,10 +238,33 @@ def gated_residual(
     return (x.to(acc) + gate.to(acc)[:, None, :] * f).to(x.dtype)
 
 
+def gated_residual_out(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    cached: torch.Tensor,
+    trend: torch.Tensor | None,
+    w: float,
+    out: torch.Tensor,
+) -> None:
+    """:func:`gated_residual` written into ``out`` (x's shape and dtype). ``out`` may be
+    ``x`` itself: the whole result is computed before ``out`` is written."""
+    _check_residual_shapes("gated_residual_out", x=x, cached=cached)
+    _check_out("gated_residual_out", out, x, x=x, cached=cached)
+    out.copy_(gated_residual(x, gate, cached, trend, w))
+
+
 def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """A skipped stack: ``out = x + r`` (fp32 math, ``x.dtype`` out)."""
+    _check_residual_shapes("apply_residual", x=x, r=r)
     acc = _acc_dtype(x)
     return (x.to(acc) + r.to(acc)).to(x.dtype)
+
+
+def apply_residual_out(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`apply_residual` written into ``out`` (x's shape and dtype; may be ``x`` or
+    ``r``: an in-place ``x += r``)."""
+    _check_out("apply_residual_out", out, x, x=x, r=r)
+    out.copy_(apply_residual(x, r))
 
 
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
@@ -230,6 +273,7 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     The flag is read on the device: under ``torch.cond`` the store sits outside the
     branches and must not overwrite the cache on a skipped step.
     """
+    _check_residual_shapes("store_residual", out=out, x_in=x_in, r=r)
     acc = _acc_dtype(out)
     new = (out.to(acc) - x_in.to(acc)).to(r.dtype)
     r.copy_(torch.where(flag.to(torch.bool), new, r))

@@ -54,3 +54,26 @@ def test_ops_fullgraph_compile_matches_eager():
     for k in ("prev", "state", "r"):
         torch.testing.assert_close(comp_kw[k], eager_kw[k], rtol=1e-5, atol=1e-5, equal_nan=True)
     assert eager_kw["state"][7] + eager_kw["state"][8] == 6  # six decisions recorded
+
+
+def test_out_forms_compile_fullgraph():
+    """The out= ops (mutable out) trace with fullgraph=True and write the buffer like eager."""
+
+    def fn(x, r, gate, buf, buf2):
+        ops.apply_residual(x, r, out=buf)
+        ops.gated_residual(buf, gate, r, out=buf2)
+        return buf2 * 2
+
+    g = torch.Generator().manual_seed(1)
+    B, N, D = 2, 9, 40
+    x = torch.randn(B, D, N, generator=g).transpose(1, 2)  # a strided input too
+    r, gate = torch.randn(B, N, D, generator=g), torch.randn(B, D, generator=g)
+    want_buf, want_buf2 = torch.empty(B, N, D), torch.empty(B, N, D)
+    want = fn(x, r, gate, want_buf, want_buf2)
+    explain = torch._dynamo.explain(fn)(x, r, gate, torch.empty(B, N, D), torch.empty(B, N, D))
+    assert explain.graph_break_count == 0
+    buf, buf2 = torch.empty(B, N, D), torch.empty(B, N, D)
+    got = torch.compile(fn, fullgraph=True)(x, r, gate, buf, buf2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(buf, want_buf, rtol=0, atol=0)
+    torch.testing.assert_close(buf2, want_buf2, rtol=0, atol=0)

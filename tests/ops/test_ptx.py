@@ -6,9 +6,13 @@ It must run in a process WITHOUT ``TRITON_INTERPRET=1`` (the interpreter replace
 jit functions), so the test re-runs this file as a script in a subprocess with the
 variable removed and a fresh Triton cache (a cache hit would skip the compile).
 
-The variants are the ones the launchers can produce: input dtypes fp32/bf16/fp16
-(fp64 where the kernel has an fp64 accumulation mode), trend modes, WRITE_PREV, and the
-decision kernel with the launcher's own compile options. The script prints one JSON
+The variants are not written by hand: each comes from a launcher's own ``plan_*``
+function (the one the launcher runs) on real tensors (fp32/bf16/fp16/fp64, contiguous and
+transposed views, trend modes, WRITE_PREV, in-place out=), and its signature,
+constexprs, alignment attributes and compile options are derived by Triton's own binder
+(``create_function_from_signature`` + ``JITFunction._pack_args``, what
+``JITFunction.run`` does on a GPU) for the target's backend. So the PTX compiled here is
+the PTX a GPU call with those arguments would compile. The script prints one JSON
 object; the test asserts on it.
 """
 
@@ -26,156 +30,112 @@ pytest.importorskip(
     "triton", reason="compiling the Triton kernels needs the triton package"
 )
 
-PTR_TYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
-LOWP = ("fp32", "bf16", "fp16")
-
-
 def _variants():
-    """(label, jit function, signature, constexprs, compile options) for every variant."""
-    from fastcache.kernels import (
-        _partials,
-        decision,
-        gated_residual,
-        modulated_rel_l1,
-        rel_l1,
-        residual,
-    )
+    """(label, Launch) for every variant, each built by the launcher's own plan function."""
+    import torch
+    from fastcache.kernels import _partials, decision, gated_residual, modulated_rel_l1, rel_l1, residual
+
+    lowp = (torch.float32, torch.bfloat16, torch.float16)
+    B, N, D = 2, 256, 1152  # DiT-XL/2 256px tokens
+
+    def name(dt):
+        return str(dt).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+
+    def layouts(dt):
+        x = torch.randn(B, N, D).to(dt)
+        return {"contig": x, "tview": torch.randn(B, D, N).to(dt).transpose(1, 2)}
 
     out = []
-    for dt in (*LOWP, "fp64"):
-        p = PTR_TYPES[dt]
-        acc = "*fp64" if dt == "fp64" else "*fp32"
-        sig = {
-            "x_ptr": p, "shift_ptr": p, "scale_ptr": p, "prev_ptr": p, "partials_ptr": acc,
-            "N": "i32", "D": "i32", "P": "i32", "eps": "fp32",
-            "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "ACC_FP64": "constexpr",
-        }  # fmt: skip
-        for bn, bd in ((1, 4096), (4, 1024)):
-            out.append(
-                (f"modulated_rel_l1[{dt},{bn}x{bd}]", modulated_rel_l1._modulated_rel_l1_kernel, sig,
-                 {"BLOCK_N": bn, "BLOCK_D": bd, "ACC_FP64": dt == "fp64"}, {})
-            )  # fmt: skip
-        for write in (True, False):
-            sig = {
-                "x_ptr": p, "prev_ptr": p, "partials_ptr": acc, "M": "i32", "P": "i32",
-                "BLOCK": "constexpr", "WRITE_PREV": "constexpr", "ACC_FP64": "constexpr",
-            }  # fmt: skip
-            out.append(
-                (f"rel_l1[{dt},write_prev={write}]", rel_l1._rel_l1_partials_kernel, sig,
-                 {"BLOCK": 4096, "WRITE_PREV": write, "ACC_FP64": dt == "fp64"}, {})
-            )  # fmt: skip
-    for acc in ("*fp32", "*fp64"):
-        sig = {"partials_ptr": acc, "out_ptr": acc, "P": "i32", "BLOCK_P": "constexpr"}
-        out.append(
-            (
-                f"sum_partials[{acc}]",
-                _partials._sum_partials_kernel,
-                sig,
-                {"BLOCK_P": 1024},
-                {},
-            )
+    for dt in (*lowp, torch.float64):
+        for lay, x in layouts(dt).items():
+            shift, scale = torch.randn(B, D).to(dt), torch.randn(B, D).to(dt)
+            prev = torch.zeros(B, N, D, dtype=dt)
+            launch, partials = modulated_rel_l1.plan_modulated_rel_l1(x, shift, scale, 1e-6, prev)
+            out.append((f"modulated_rel_l1[{name(dt)},{lay}]", launch))
+            for write in (True, False) if lay == "contig" else (True,):
+                launch, _ = rel_l1.plan_rel_l1(x, prev, write)
+                out.append((f"rel_l1[{name(dt)},{lay},write_prev={write}]", launch))
+        if not any(lab == f"sum_partials[{name(partials.dtype)}]" for lab, _ in out):
+            out.append((f"sum_partials[{name(partials.dtype)}]", _partials.plan_finish_sums(partials)[0]))
+    for tdt in (torch.float32, torch.bfloat16, torch.float64):
+        state = torch.zeros(16 + 3 * 64)
+        launch, _ = decision.plan_cache_decision(
+            torch.rand(B, 2), torch.tensor([999.0]).to(tdt), torch.tensor([1.0, 0.5]), state, 0.25, 1, 0, 28
         )
-    for tdt in ("fp32", "bf16", "fp64"):
-        sig = {
-            "sums_ptr": "*fp32", "t_ptr": PTR_TYPES[tdt], "coeffs_ptr": "*fp32", "state_ptr": "*fp32",
-            "flag_ptr": "*i1", "B": "i32", "n_coeffs": "i32", "H": "i32", "threshold": "fp32",
-            "min_steps": "i32", "last_step": "i32", "max_skips": "i32", "has_last": "i32",
-            "has_max_skips": "i32", "caching_off": "i32",
-        }  # fmt: skip
-        out.append(
-            (
-                f"decision[t={tdt}]",
-                decision._cache_decision_kernel,
-                sig,
-                {},
-                dict(decision.COMPILE_OPTIONS),
+        out.append((f"decision[t={name(tdt)}]", launch))
+    for dt in lowp:
+        for lay, x in layouts(dt).items():
+            gate, cached = torch.randn(B, D).to(dt), torch.randn(B, N, D).to(dt)
+            o = torch.empty(B, N, D, dtype=dt)
+            modes = (
+                ("none", None, 0.0),
+                ("channel", torch.randn(D).to(dt), 0.1),
+                ("token", torch.randn(N, D).to(dt), 0.1),
             )
-        )
-    for dt in LOWP:
-        p = PTR_TYPES[dt]
-        for has_trend, per_token in ((False, False), (True, False), (True, True)):
-            sig = {
-                "x_ptr": p, "gate_ptr": p, "cached_ptr": p, "trend_ptr": p, "out_ptr": p,
-                "R": "i32", "N": "i32", "D": "i32", "w": "fp32",
-                "BLOCK_R": "constexpr", "BLOCK_D": "constexpr", "HAS_TREND": "constexpr",
-                "TREND_PER_TOKEN": "constexpr", "ACC_FP64": "constexpr",
-            }  # fmt: skip
-            cx = {"BLOCK_R": 4, "BLOCK_D": 1024, "HAS_TREND": has_trend, "TREND_PER_TOKEN": per_token,
-                  "ACC_FP64": False}  # fmt: skip
-            out.append((f"gated_residual[{dt},trend={has_trend},per_token={per_token}]",
-                        gated_residual._gated_residual_kernel, sig, cx, {}))  # fmt: skip
-        sig = {
-            "x_ptr": p,
-            "r_ptr": p,
-            "out_ptr": p,
-            "numel": "i32",
-            "BLOCK": "constexpr",
-            "ACC_FP64": "constexpr",
-        }
-        out.append(
-            (
-                f"apply_residual[{dt}]",
-                residual._apply_residual_kernel,
-                sig,
-                {"BLOCK": 4096, "ACC_FP64": False},
-                {},
-            )
-        )
-        sig = {"out_ptr": p, "x_in_ptr": p, "flag_ptr": "*i1", "r_ptr": p, "numel": "i32",
-               "BLOCK": "constexpr", "ACC_FP64": "constexpr"}  # fmt: skip
-        out.append(
-            (
-                f"store_residual[{dt}]",
-                residual._store_residual_kernel,
-                sig,
-                {"BLOCK": 4096, "ACC_FP64": False},
-                {},
-            )
-        )
+            for mode, trend, w in modes if lay == "contig" else modes[:1]:
+                launch = gated_residual.plan_gated_residual(x, gate, cached, trend, w, o)
+                out.append((f"gated_residual[{name(dt)},{lay},trend={mode}]", launch))
+            launch = residual.plan_apply_residual(x, cached, torch.empty_like(x))
+            out.append((f"apply_residual[{name(dt)},{lay}]", launch))
+            if lay == "contig":
+                out.append((f"apply_residual_out[{name(dt)},inplace]", residual.plan_apply_residual(x, cached, x)))
+            r = torch.zeros(B, N, D, dtype=dt)
+            launch = residual.plan_store_residual(x, cached, torch.tensor(True), r)
+            out.append((f"store_residual[{name(dt)},{lay}]", launch))
     return out
+
+
+def _specialise(launch, target):
+    """signature, constexprs, attrs and options exactly as JITFunction.run derives them."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**launch.constexprs, **launch.options}
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
 
 
 def _compile_all(caps: tuple[int, ...]) -> dict:
     """Compile every variant for every capability; also the decision kernel WITH fusion
     (a control showing what the launcher's options prevent)."""
+    import dataclasses
     import time
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(fn, sig, cx, opts, cap):
-        # 16-byte alignment hints on pointers, as the launcher's specialisation gives them
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, (k, v) in enumerate(sig.items())
-            if v.startswith("*")
-        }
-        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
+    def build(launch, cap, override=None):
+        target = GPUTarget("cuda", cap, 32)
+        sig, cx, attrs, opts = _specialise(launch, target)
+        opts = dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else dict(opts.__dict__)
+        opts.update(override or {})
+        src = ASTSource(fn=launch.kernel, signature=sig, constexprs=cx, attrs=attrs)
+        return triton.compile(src, target=target, options=opts), sig
 
     results = []
     t0 = time.perf_counter()
     variants = _variants()
     for cap in caps:
-        for label, fn, sig, cx, opts in variants:
-            k = build(fn, sig, cx, opts, cap)
+        for label, launch in variants:
+            k, sig = build(launch, cap)
             results.append(
                 {
                     "label": label,
                     "cap": cap,
-                    "entry": fn.__name__,
+                    "entry": launch.kernel.__name__,
+                    "signature": {k_: str(v) for k_, v in sig.items()},
                     "ptx": k.asm["ptx"],
                     "ttir": k.asm["ttir"],
                     "has_cubin": bool(k.asm.get("cubin")),
                 }
             )
-    from fastcache.kernels import decision
-
-    sig = next(v[2] for v in variants if v[0] == "decision[t=fp32]")
-    fused = build(
-        decision._cache_decision_kernel, sig, {}, {"enable_fp_fusion": True}, 90
-    )
+    decision_launch = next(v[1] for v in variants if v[0] == "decision[t=fp32]")
+    fused, _ = build(decision_launch, 90, {"enable_fp_fusion": True})
     return {
         "results": results,
         "decision_fused_ptx": fused.asm["ptx"],
@@ -222,7 +182,19 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
         assert r["has_cubin"], f"{r['label']} sm_{r['cap']}: ptxas produced no cubin"
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
-                     "apply_residual", "store_residual"}  # fmt: skip
+                     "apply_residual", "apply_residual_out", "store_residual"}  # fmt: skip
+
+
+def test_signatures_come_from_the_launchers_arguments(compiled):
+    """The specialisation is the launcher's: a contiguous x has its unit column stride
+    specialised to the constant 1 (vector loads), a transposed view passes a runtime
+    stride; the decision kernel keeps its int arguments as runtime i32."""
+    by_label = {r["label"]: r["signature"] for r in compiled["results"] if r["cap"] == 90}
+    contig, tview = by_label["apply_residual[fp32,contig]"], by_label["apply_residual[fp32,tview]"]
+    assert contig["sxd"] == "constexpr" and tview["sxd"] != "constexpr", (contig, tview)
+    assert tview["sxn"] == "constexpr", "a (N*D, 1, N) view has token stride 1"
+    assert by_label["gated_residual[bf16,contig,trend=none]"]["x_ptr"] == "*bf16"
+    assert by_label["modulated_rel_l1[fp64,contig]"]["partials_ptr"] == "*fp64"
 
 
 def test_decision_ptx_is_ieee_and_uncontracted(compiled):
@@ -271,7 +243,7 @@ def test_bf16_outputs_round_to_nearest_on_gpu(compiled):
             assert not re.search(r"cvt\.rz\S*bf16", r["ptx"]), (
                 f"{r['label']} sm_{r['cap']}: truncating cvt"
             )
-    assert checked == 2 * 7
+    assert checked == 2 * 11  # per cap: modulated 2, gated 4, apply 2, apply_out 1, store 2 (see _variants)
 
 
 def test_int64_offsets_where_numel_can_pass_2_31(compiled):

@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import cases
@@ -639,6 +638,12 @@ def test_launchers_never_read_device_values(forbid_host_reads):
     y = LAUNCHERS["gated_residual"](x, torch.randn(B, D), p, torch.randn(N, D), 0.1)
     y = LAUNCHERS["apply_residual"](y, p)
     LAUNCHERS["store_residual"](y, x, flag, p)
+    xt = torch.randn(B, D, N).transpose(1, 2)  # strided inputs and the out= forms too
+    LAUNCHERS["modulated_rel_l1_sums"](xt, torch.randn(B, D), torch.randn(B, D), 1e-6, p)
+    LAUNCHERS["rel_l1_sums"](xt, p, False)
+    LAUNCHERS["apply_residual_out"](xt, p, y)
+    LAUNCHERS["gated_residual_out"](xt, torch.randn(B, D), p, None, 0.0, y)
+    LAUNCHERS["store_residual"](xt, x, flag, p)
     # and the guard works: a host read from kernels/ would have raised
     code = compile("t.item()", os.path.join(KERNELS_DIR, "probe.py"), "eval")
     with pytest.raises(_HostRead):
@@ -648,11 +653,11 @@ def test_launchers_never_read_device_values(forbid_host_reads):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (
-            lambda: LAUNCHERS["apply_residual"](
-                torch.randn(4, 6).t(), torch.randn(6, 4)
+        (  # strided x is read in place now; an out that is a shifted view of x is refused
+            lambda: (lambda b: LAUNCHERS["apply_residual_out"](b[:, :3], torch.randn(2, 3, 4), b[:, 1:]))(
+                torch.randn(2, 4, 4)
             ),
-            "x must be contiguous",
+            "shares memory with x",
         ),
         (
             lambda: LAUNCHERS["apply_residual"](torch.randn(4), torch.randn(5)),
@@ -773,7 +778,10 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "gated_residual": (x, g, p, torch.randn(N, D).to(dt), 0.1),
             "apply_residual": (x, p),
             "store_residual": (x, p, torch.tensor(True), torch.zeros(B, N, D).to(dt)),
+            "apply_residual_out": (x, p, torch.empty_like(x)),
+            "gated_residual_out": (x, g, p, None, 0.0, torch.empty_like(x)),
         }
+        assert set(samples) == set(ops.SCHEMAS), "opcheck every registered op"
         for name, args in samples.items():
             torch.library.opcheck(getattr(f, name).default, args)
     # quick parity through the public wrappers (dispatcher -> Triton launchers)
@@ -803,7 +811,6 @@ def test_dispatcher_path_with_triton_backend():
     check parity through the public wrappers, in a fresh process (backend selection
     happens at import)."""
     env = dict(os.environ, TRITON_INTERPRET="1", FASTCACHE_BACKEND="triton")
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", _DISPATCHER_SCRIPT],
         env=env,
@@ -814,6 +821,3 @@ def test_dispatcher_path_with_triton_backend():
     )
     assert proc.returncode == 0, f"dispatcher subprocess failed:\n{proc.stderr[-6000:]}"
     assert "dispatcher-ok" in proc.stdout
-    assert time.perf_counter() - t0 < 120, (
-        "the dispatcher check should stay well under a minute"
-    )
