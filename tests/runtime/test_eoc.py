@@ -1,0 +1,231 @@
+"""EOC on the block interior (docs/methods.md "EOC"; fastcache/policies/eoc.py).
+
+* weight 0 equals the base bitwise (FORA, interior TeaCache, static mask; every family
+  for FORA);
+* parity with a host reference written here from the paper's Eq. 5-7 and the
+  documented Eq. 6 rule (reference DiT, FORA base, a threshold that corrects some
+  blocks and not others);
+* the determination rule: lambda large -> nothing corrected after step 0; tau 0 and
+  lambda 0 -> every reused block corrected; only reused positions count;
+* static masks: a mask equal to a FORA schedule gives FORA's result; refused clearly
+  where it cannot run (no step index, torch.compile);
+* torch.compile(fullgraph=True) with the trend on a dynamic (TeaCache) base.
+"""
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from zoo import CASES, reference_dit_case
+
+import fastcache
+from fastcache.models.dit import modulate
+
+STEPS = 8
+
+
+def _profile(case, steps=STEPS):
+    return fastcache.calibrate(case.model, lambda: (case.sample(steps=steps), case.sample(steps=steps, seed=3)),
+                               progress=False)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case_and_profile(request):
+    case = CASES[request.param]()
+    return case, _profile(case)
+
+
+def test_weight_zero_is_fora_bitwise_and_weight_changes_output(case_and_profile):
+    case, prof = case_and_profile
+    m = case.model
+    base = fastcache.FORAConfig(interval=2)
+    with fastcache.patched(m, base):
+        fora = case.sample(steps=STEPS)
+    with fastcache.patched(m, fastcache.EOCConfig(base=base, profile=prof, weight=0.0)):
+        e0 = case.sample(steps=STEPS)
+    with fastcache.patched(m, fastcache.EOCConfig(base=base, profile=prof, weight=0.5, threshold=0.0)):
+        e1 = case.sample(steps=STEPS)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert torch.equal(e0, fora)
+    assert st["corrected"] > 0 and not torch.equal(e1, fora)
+
+
+def test_weight_zero_on_teacache_and_mask_bases():
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    tc = fastcache.TeaCacheConfig(threshold=0.3)
+    with fastcache.patched(m, fastcache.EOCConfig(base=tc, profile=prof, weight=0.0)):
+        a = case.sample(steps=STEPS)
+        sa = fastcache.stats(m)["contexts"]["default"]
+    with fastcache.patched(m, fastcache.EOCConfig(base=tc, profile=prof, weight=0.01, threshold=0.0)):
+        b = case.sample(steps=STEPS)
+        sb = fastcache.stats(m)["contexts"]["default"]
+    assert sa["timeline"] == sb["timeline"] and 0 < sa["skipped"] < STEPS
+    assert sb["corrected"] == sb["skipped"] * len(m.blocks)  # tau 0: every reused block
+    assert not torch.equal(a, b)
+    # a static mask equal to FORA's every-2 schedule is FORA (host placement from num_steps)
+    mask = [[s % 2 == 0] * len(m.blocks) for s in range(STEPS)]
+    fora = fastcache.FORAConfig(interval=2)
+    for w in (0.0, 0.3):
+        with fastcache.patched(m, fastcache.EOCConfig(base=fora, profile=prof, weight=w, threshold=0.0)):
+            f = case.sample(steps=STEPS)
+        with fastcache.patched(m, fastcache.EOCConfig(base=mask, profile=prof, weight=w, threshold=0.0)):
+            g = case.sample(steps=STEPS)
+            sg = fastcache.stats(m)["contexts"]["default"]
+        assert torch.equal(f, g)
+        assert sg["computed_fraction"] == 0.5
+
+
+def test_mixed_mask_computes_the_masked_blocks_only():
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    L = len(m.blocks)
+    mask = [[True] * L] + [[l % 2 == 0 for l in range(L)] for _ in range(STEPS - 1)]
+    calls = []
+    hooks = [blk.attn.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, blk in enumerate(m.blocks)]
+    try:
+        with fastcache.patched(m, fastcache.EOCConfig(base=mask, profile=prof, weight=0.0)):
+            case.sample(steps=STEPS)
+            st = fastcache.stats(m)["contexts"]["default"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == list(range(L)) + [l for _ in range(STEPS - 1) for l in range(L) if l % 2 == 0]
+    assert st["computed_fraction"] == pytest.approx((L + (STEPS - 1) * sum(l % 2 == 0 for l in range(L))) / (STEPS * L))
+
+
+def _eoc_reference(model, prior, xs, ts, y, interval, w, lam, tau):
+    """EOC by hand (Eq. 5-7 + the documented Eq. 6 rule) on a FORA schedule."""
+    S, L = prior.shape[0], len(model.blocks)
+    slot = {(l, b): 2 * l + i for l in range(L) for i, b in enumerate(("a", "m"))}
+
+    def e_block(s, sp, l):
+        return sum((prior[s, slot[l, b]] - prior[sp, slot[l, b]]).abs().mean() for b in "am") / 2
+
+    e_bar = sum(e_block(s, s - 1, l) for s in range(1, S) for l in range(L)) / ((S - 1) * L)
+    cache, outs, corrected, last = {}, [], 0, 0
+    for s, t in enumerate(ts):
+        compute = s % interval == 0
+        h = model.patch_embed(xs[s]) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y)
+        for l, blk in enumerate(model.blocks):
+            sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, dim=1)
+            corr = not compute and e_block(s, last, l) / e_bar * math.exp(-lam * s / (S - 1)) > tau
+            corrected += corr
+
+            def fhat(b):
+                if not corr:
+                    return cache[l, b]
+                return cache[l, b] * (1 + w * (prior[s, slot[l, b]] - prior[last, slot[l, b]]))
+
+            if compute:
+                cache[l, "a"] = blk.attn(modulate(blk.norm1(h), sh1, sc1))
+            h = h + g1.unsqueeze(1) * fhat("a")
+            if compute:
+                cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), sh2, sc2))
+            h = h + g2.unsqueeze(1) * fhat("m")
+        if compute:
+            last = s
+        outs.append(model.unpatchify(model.final_layer(h, c)))
+    return outs, corrected
+
+
+def _direct_inputs(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)], [torch.full((2,), 999.0 - 130 * s) for s in range(n)]
+
+
+def test_matches_host_reference():
+    case = reference_dit_case()
+    m = case.model
+    y = torch.tensor([1, 2])
+    n = 7
+    cal_x, ts = _direct_inputs(11, n)
+    prof = fastcache.calibrate(m, lambda: [m(x, t, y) for x, t in zip(cal_x, ts)], progress=False)
+    xs, _ = _direct_inputs(5, n)
+    w, lam = 0.5, 2.0
+    with torch.no_grad():
+        # tau between the smallest and the largest priority: some blocks corrected, some not
+        _, n_all = _eoc_reference(m, prof.prior, xs, ts, y, 3, w, lam, -1.0)
+        taus = [0.05 * k for k in range(1, 200)]
+        counts = {tau: _eoc_reference(m, prof.prior, xs, ts, y, 3, w, lam, tau)[1] for tau in taus[::10]}
+        tau = next(t for t, c in counts.items() if 0 < c < n_all)
+        ref, n_corr = _eoc_reference(m, prof.prior, xs, ts, y, 3, w, lam, tau)
+        cfg = fastcache.EOCConfig(
+            base=fastcache.FORAConfig(interval=3), profile=prof, weight=w, regulation=lam, threshold=tau, num_steps=n
+        )
+        with fastcache.patched(m, cfg):
+            got = [m(x, t, y) for x, t in zip(xs, ts)]
+            st = fastcache.stats(m)["contexts"]["default"]
+    assert st["corrected"] == n_corr and 0 < n_corr < n_all
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_determination_rule_limits():
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    base = fastcache.FORAConfig(interval=2)
+    with fastcache.patched(m, fastcache.EOCConfig(base=base, profile=prof, weight=0.5, regulation=1e4)):
+        case.sample(steps=STEPS)
+        assert fastcache.stats(m)["contexts"]["default"]["corrected"] == 0
+    with fastcache.patched(m, fastcache.EOCConfig(base=base, profile=prof, weight=0.5, regulation=0, threshold=0)):
+        case.sample(steps=STEPS)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert st["corrected"] == st["skipped"] * len(m.blocks) > 0
+
+
+def test_refusals():
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    with pytest.raises(ValueError, match="recorded over 8-step runs"):
+        fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof, num_steps=10)
+    with pytest.raises(ValueError, match="FORAConfig, a TeaCacheConfig or a"):
+        fastcache.EOCConfig(base="fora", profile=prof)
+    with pytest.raises(ValueError, match="must be a fastcache.Profile"):
+        fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=None)
+    with pytest.raises(ValueError, match="row 0"):
+        fastcache.EOCConfig(base=[[False, True, True]] + [[True] * 3] * 7, profile=prof)
+    other = reference_dit_case()
+    with torch.no_grad():
+        other.model.blocks[0].attn.qkv.weight.mul_(1.0)  # same config: accepted
+    fastcache.patch(other.model, fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof)).remove()
+    pix = CASES["diffusers-pixart"]()
+    with pytest.raises(ValueError, match="profile was made for DiT"):
+        fastcache.patch(pix.model, fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof))
+    # a static mask needs the host step index: without num_steps in the clock it cannot place steps
+    mask = [[True] * 3] + [[False] * 3] * 7
+    with fastcache.patched(m, fastcache.EOCConfig(base=mask, profile=prof)) as h:
+        h.num_steps = None  # as if the run length were unknown
+        x, ts = _direct_inputs(1, 2)
+        with pytest.raises(RuntimeError, match="needs the step\\s+index"), torch.no_grad():
+            m(x[0], ts[0], torch.tensor([1, 2]))
+    assert fastcache.EOCConfig(base=mask, profile=prof).weight == 0.005
+    assert fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof).weight == 0.01
+
+
+@pytest.mark.compile
+def test_fullgraph_compile_teacache_base_with_trend():
+    case = CASES["diffusers-sd3"]()
+    m = case.model
+    prof = _profile(case)
+    cfg = fastcache.EOCConfig(base=fastcache.TeaCacheConfig(threshold=0.1), profile=prof, weight=0.5, threshold=0.0)
+    with fastcache.patched(m, cfg):
+        eager = case.sample(steps=STEPS)
+        se = fastcache.stats(m)["contexts"]["default"]
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(m, fullgraph=True, backend=cnt)
+        frames = []
+        out = case.sample(model=compiled, steps=STEPS, per_step=lambda i, o: frames.append(cnt.frame_count))
+        sc = fastcache.stats(m)["contexts"]["default"]
+    assert 0 < se["skipped"] and se["corrected"] > 0
+    assert frames[1] <= 2 and len(set(frames[1:])) == 1, frames
+    assert sc["timeline"] == se["timeline"] and sc["corrected"] == se["corrected"]
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
