@@ -264,6 +264,12 @@ def calibrate(
             "one step count, so calibrate each step count separately"
         )
     S = _check_int("steps per run", lengths[0], 2, " (a one-step run has nothing to cache)")
+    shapes = {tuple(t.shape) for t in sums[0]}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"calibrate: granularity={granularity!r} gives slots of different shapes {sorted(shapes)} (streams with "
+            "different token counts, e.g. Flux's text and image tokens); use granularity='channel'"
+        )
     prior = torch.stack([torch.stack(step) / c for step, c in zip(sums, counts)])
     cls, chash = model_fingerprint(model)
     meta = {

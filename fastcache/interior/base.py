@@ -162,9 +162,7 @@ class InteriorLayout:
     ``slots[k]`` is a :class:`Slot`; ``slot_ids[(l, branch)]`` the slot indices of
     block ``l``'s branch, in the branch's stream order; ``block_of_slot[k]`` = l."""
 
-    def __init__(
-        self, segments: Sequence[nn.ModuleList], program: Callable[[nn.Module], BlockProgram] | None = None
-    ):
+    def __init__(self, segments: Sequence[nn.ModuleList], program: Callable[[nn.Module], BlockProgram] | None = None):
         program = program or program_for
         self.entries: list[_Entry] = []
         self.slots: list[Slot] = []
@@ -172,14 +170,14 @@ class InteriorLayout:
         for i, seg in enumerate(segments):
             for j, blk in enumerate(seg):
                 prog = program(blk)
-                l = len(self.entries)
+                li = len(self.entries)
                 self.entries.append(_Entry((i, j), blk, prog))
                 for br in prog.branches(blk):
                     ids = []
                     for s in br.streams:
                         ids.append(len(self.slots))
-                        self.slots.append(Slot(l, br.name, s))
-                    self.slot_ids[(l, br.name)] = tuple(ids)
+                        self.slots.append(Slot(li, br.name, s))
+                    self.slot_ids[(li, br.name)] = tuple(ids)
         self.block_of_slot = [s.block for s in self.slots]
 
     @property
@@ -207,8 +205,8 @@ def run_blocks(
     """Run blocks ``start..stop-1`` of the stack through their programs with ``ex``
     (a block range: Δ-DiT / First-Block Cache run a slice)."""
     stop = layout.num_blocks if stop is None else stop
-    for l in range(start, stop):
-        e = layout.entries[l]
-        ex.begin_block(l)
+    for li in range(start, stop):
+        e = layout.entries[li]
+        ex.begin_block(li)
         streams = e.program.run(e.module, call, streams, ex)
     return streams

@@ -1,9 +1,9 @@
 """Caching policies: one file per method; each registers itself for its config type."""
 
 from .base import Policy, StackRunner, policy_for, register_policy
-from .teacache import TeaCachePolicy
-from .fora import FORAPolicy, InteriorCachePolicy
 from .eoc import EOCPolicy
+from .fora import FORAPolicy, InteriorCachePolicy
+from .teacache import TeaCachePolicy
 
 __all__ = [
     "EOCPolicy",

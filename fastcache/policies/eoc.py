@@ -19,7 +19,7 @@ docs/methods.md "EOC").
    the profile, so ``e_l / e_bar`` reads "how many adjacent-step errors this reuse
    is". ``exp(-lambda s/(S-1))`` makes early steps weigh more (the paper's finding:
    correct early steps only; correcting late steps blurs detail). Defaults lambda = 4,
-   tau = 1 (:class:`fastcache.EOCConfig`).
+   tau = 0.25 (:class:`fastcache.EOCConfig`).
 4. Correction (Eq. 7): ``x + gate * f_cached * (1 + w * T)`` in the fused
    :func:`fastcache.ops.gated_residual`, attention and MLP (every branch of the block)
    together; blocks not selected get ``T = 0`` (exactly the base's ``x + gate * f``).
@@ -113,7 +113,7 @@ class EOCPolicy(InteriorCachePolicy):
         if isinstance(self.base, FORAConfig):
             n = self.base.interval
             thr = 0.0 if n == 1 else math.inf
-            return ops.cache_decision(st.prev, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
+            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
         if isinstance(self.base, tuple):
             raise RuntimeError(
                 "fastcache: EOC on a static (steps x blocks) schedule places steps on the host; it needs the step "

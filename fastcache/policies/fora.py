@@ -50,14 +50,18 @@ class InteriorState:
         self.aux: torch.Tensor | None = None
         self.coeffs: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # TeaCache indicator (interior TeaCache base)
+        self.prev_before: torch.Tensor | None = None  # the indicator before this step's update
+        self.sums: torch.Tensor | None = None  # constant rel-L1 sums of the FORA device schedule
         self.last: torch.Tensor | None = None  # (K,) long: step whose output each slot holds
-        self.counts: torch.Tensor | None = None  # computed, skipped, corrected (block, step) pairs, host steps, blocks run
+        self.counts: torch.Tensor | None = (
+            None  # computed, skipped, corrected (block, step) pairs, host steps, blocks run
+        )
         self.host_last: list[int] | None = None  # the same as `last`, host schedules
         self.host_timeline: list[bool] = []
         self.step: StepInfo | None = None
 
     def nbytes(self) -> int:
-        ts = [self.state, self.aux, self.coeffs, self.prev, self.last, self.counts, *(self.cache or [])]
+        ts = [self.state, self.aux, self.coeffs, self.prev, self.sums, self.last, self.counts, *(self.cache or [])]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -144,7 +148,7 @@ class InteriorCachePolicy(Policy):
         if st.counts is None or st.counts.device != dev:
             st.counts = torch.zeros(5, dtype=torch.float32, device=dev)
         st.host_last = [0] * self.K
-        st.prev = None
+        st.prev = st.prev_before = None
         self.allocate(st, streams, dev)
         st.signature = sig
 
@@ -173,9 +177,8 @@ class InteriorCachePolicy(Policy):
         state_before = st.state.clone()
         flag = self.device_decision(st, call, t_op)
         torch.where(rep, state_before, st.state, out=st.state)
-        prev_before = getattr(st, "prev_before", None)
-        if prev_before is not None:  # the interior TeaCache indicator: a repeated call leaves it too
-            torch.where(rep, prev_before, st.prev, out=st.prev)
+        if st.prev_before is not None:  # the interior TeaCache indicator: a repeated call leaves it too
+            torch.where(rep, st.prev_before, st.prev, out=st.prev)
         s_idx = (st.state[STEP : STEP + 1] - 1).clamp(min=0).to(torch.long)
         store = flag & ~rep
         compute = flag | rep
@@ -187,7 +190,9 @@ class InteriorCachePolicy(Policy):
             st.counts.add_(torch.stack([cf, skip_f, corr, torch.zeros_like(cf), cf * self.layout.num_blocks]))
             return self._traced_step(st, call, streams, compute, store, s_idx, trend)
         cf = compute.to(torch.float32)
-        st.counts.add_(torch.stack([cf, skip_f, torch.zeros_like(cf), torch.zeros_like(cf), cf * self.layout.num_blocks]))
+        st.counts.add_(
+            torch.stack([cf, skip_f, torch.zeros_like(cf), torch.zeros_like(cf), cf * self.layout.num_blocks])
+        )
         code = int((compute.to(torch.int8) + 2 * store.to(torch.int8)).item())  # host-read-ok: the one eager read
         trend = None
         if not code & 1:
@@ -219,8 +224,8 @@ class InteriorCachePolicy(Policy):
         n = sum(compute)
         st.counts.add_(torch.tensor([float(n == L), float(n < L), 0.0, 1.0, float(n)], device=st.counts.device))
         st.host_timeline.append(compute[0] if n in (0, L) else compute)
-        for k, l in enumerate(self.layout.block_of_slot):
-            if compute[l]:
+        for k, li in enumerate(self.layout.block_of_slot):
+            if compute[li]:
                 st.host_last[k] = s
         if st.cache is None:
             st.cache = [None] * self.K
@@ -308,11 +313,11 @@ class FORAPolicy(InteriorCachePolicy):
 
     def allocate(self, st, streams, dev) -> None:
         st.coeffs = torch.zeros(0, dtype=torch.float32, device=dev)
-        st.prev = torch.tensor(_SUMS_ZERO_CHANGE, dtype=torch.float32, device=dev)  # constant sums
+        st.sums = torch.tensor(_SUMS_ZERO_CHANGE, dtype=torch.float32, device=dev)
 
     def device_decision(self, st, call, t_op):
         n = self.config.interval
         # interval 1: threshold 0 forces every step; else inf never fires and max_skips
         # = interval - 1 forces the compute after every run of N-1 skips.
         thr = 0.0 if n == 1 else math.inf
-        return ops.cache_decision(st.prev, t_op, st.coeffs, st.state, thr, self.config.warmup_steps, n - 1, 0)
+        return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.config.warmup_steps, n - 1, 0)

@@ -49,7 +49,12 @@ def test_program_equals_block_bitwise(name):
             h.remove()
     assert len(seen) == 3 * layout.num_blocks
     # every computed branch output was handed to the executor, one per slot
-    assert all(k == n for (_, k), n in zip(seen, [sum(1 for s in layout.slots if s.block == l) for l in range(layout.num_blocks)] * 3))
+    assert all(
+        k == n
+        for (_, k), n in zip(
+            seen, [sum(1 for s in layout.slots if s.block == li) for li in range(layout.num_blocks)] * 3
+        )
+    )
 
 
 def test_unknown_block_is_refused_clearly():

@@ -26,8 +26,9 @@ STEPS = 8
 
 
 def _profile(case, steps=STEPS):
-    return fastcache.calibrate(case.model, lambda: (case.sample(steps=steps), case.sample(steps=steps, seed=3)),
-                               progress=False)
+    return fastcache.calibrate(
+        case.model, lambda: (case.sample(steps=steps), case.sample(steps=steps, seed=3)), progress=False
+    )
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -83,7 +84,7 @@ def test_mixed_mask_computes_the_masked_blocks_only():
     prof = _profile(case)
     m = case.model
     L = len(m.blocks)
-    mask = [[True] * L] + [[l % 2 == 0 for l in range(L)] for _ in range(STEPS - 1)]
+    mask = [[True] * L] + [[li % 2 == 0 for li in range(L)] for _ in range(STEPS - 1)]
     calls = []
     hooks = [blk.attn.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, blk in enumerate(m.blocks)]
     try:
@@ -93,39 +94,41 @@ def test_mixed_mask_computes_the_masked_blocks_only():
     finally:
         for h in hooks:
             h.remove()
-    assert calls == list(range(L)) + [l for _ in range(STEPS - 1) for l in range(L) if l % 2 == 0]
-    assert st["computed_fraction"] == pytest.approx((L + (STEPS - 1) * sum(l % 2 == 0 for l in range(L))) / (STEPS * L))
+    assert calls == list(range(L)) + [li for _ in range(STEPS - 1) for li in range(L) if li % 2 == 0]
+    assert st["computed_fraction"] == pytest.approx(
+        (L + (STEPS - 1) * sum(li % 2 == 0 for li in range(L))) / (STEPS * L)
+    )
 
 
 def _eoc_reference(model, prior, xs, ts, y, interval, w, lam, tau):
     """EOC by hand (Eq. 5-7 + the documented Eq. 6 rule) on a FORA schedule."""
     S, L = prior.shape[0], len(model.blocks)
-    slot = {(l, b): 2 * l + i for l in range(L) for i, b in enumerate(("a", "m"))}
+    slot = {(li, b): 2 * li + i for li in range(L) for i, b in enumerate(("a", "m"))}
 
-    def e_block(s, sp, l):
-        return sum((prior[s, slot[l, b]] - prior[sp, slot[l, b]]).abs().mean() for b in "am") / 2
+    def e_block(s, sp, li):
+        return sum((prior[s, slot[li, b]] - prior[sp, slot[li, b]]).abs().mean() for b in "am") / 2
 
-    e_bar = sum(e_block(s, s - 1, l) for s in range(1, S) for l in range(L)) / ((S - 1) * L)
+    e_bar = sum(e_block(s, s - 1, li) for s in range(1, S) for li in range(L)) / ((S - 1) * L)
     cache, outs, corrected, last = {}, [], 0, 0
     for s, t in enumerate(ts):
         compute = s % interval == 0
         h = model.patch_embed(xs[s]) + model.pos_embed
         c = model.t_embedder(t) + model.y_embedder(y)
-        for l, blk in enumerate(model.blocks):
+        for li, blk in enumerate(model.blocks):
             sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, dim=1)
-            corr = not compute and e_block(s, last, l) / e_bar * math.exp(-lam * s / (S - 1)) > tau
+            corr = not compute and e_block(s, last, li) / e_bar * math.exp(-lam * s / (S - 1)) > tau
             corrected += corr
 
-            def fhat(b):
+            def fhat(b, li=li, s=s, last=last, corr=corr):
                 if not corr:
-                    return cache[l, b]
-                return cache[l, b] * (1 + w * (prior[s, slot[l, b]] - prior[last, slot[l, b]]))
+                    return cache[li, b]
+                return cache[li, b] * (1 + w * (prior[s, slot[li, b]] - prior[last, slot[li, b]]))
 
             if compute:
-                cache[l, "a"] = blk.attn(modulate(blk.norm1(h), sh1, sc1))
+                cache[li, "a"] = blk.attn(modulate(blk.norm1(h), sh1, sc1))
             h = h + g1.unsqueeze(1) * fhat("a")
             if compute:
-                cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), sh2, sc2))
+                cache[li, "m"] = blk.mlp(modulate(blk.norm2(h), sh2, sc2))
             h = h + g2.unsqueeze(1) * fhat("m")
         if compute:
             last = s
@@ -135,7 +138,9 @@ def _eoc_reference(model, prior, xs, ts, y, interval, w, lam, tau):
 
 def _direct_inputs(seed, n):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)], [torch.full((2,), 999.0 - 130 * s) for s in range(n)]
+    return [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)], [
+        torch.full((2,), 999.0 - 130 * s) for s in range(n)
+    ]
 
 
 def test_matches_host_reference():
@@ -229,3 +234,29 @@ def test_fullgraph_compile_teacache_base_with_trend():
     assert frames[1] <= 2 and len(set(frames[1:])) == 1, frames
     assert sc["timeline"] == se["timeline"] and sc["corrected"] == se["corrected"]
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_repeated_timestep_call_leaves_the_interior_cache_untouched():
+    case = reference_dit_case()
+    m = case.model
+    y = torch.tensor([1, 2])
+    noise, ts = _direct_inputs(2, 6)
+    xs = [noise[0] + 0.02 * n for n in noise]  # a slowly moving input: TeaCache skips some steps
+    prof = fastcache.calibrate(m, lambda: [m(x, t, y) for x, t in zip(*_direct_inputs(9, 6))], progress=False)
+    cfg = fastcache.EOCConfig(base=fastcache.TeaCacheConfig(threshold=0.3), profile=prof, weight=0.5, threshold=0.0)
+    with torch.no_grad():
+        with fastcache.patched(m, cfg):
+            plain = [m(x, t, y) for x, t in zip(xs, ts)]
+            s_plain = fastcache.stats(m)["contexts"]["default"]
+        with fastcache.patched(m, cfg):
+            got = []
+            for i, (x, t) in enumerate(zip(xs, ts)):
+                got.append(m(x, t, y))
+                if i == 2:
+                    extra = m(x * 0.5, t, y)  # the same step evaluated again (e.g. Heun)
+            s_rep = fastcache.stats(m)["contexts"]["default"]
+        full = m(xs[2] * 0.5, ts[2], y)
+    assert 0 < s_plain["skipped"] and s_rep["repeated_timestep_calls"] == 1
+    assert torch.equal(extra, full)  # computed in full
+    for a, b in zip(got, plain):
+        assert torch.equal(a, b)

@@ -58,14 +58,14 @@ def _fora_reference(model, x, ts, y, interval, warmup):
         compute = s < warmup or (s - warmup + 1) % interval == 0
         h = model.patch_embed(x[s]) + model.pos_embed
         c = model.t_embedder(t) + model.y_embedder(y)
-        for l, blk in enumerate(model.blocks):
+        for li, blk in enumerate(model.blocks):
             sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, dim=1)
             if compute:
-                cache[l, "a"] = blk.attn(modulate(blk.norm1(h), sh1, sc1))
-            h = h + g1.unsqueeze(1) * cache[l, "a"]
+                cache[li, "a"] = blk.attn(modulate(blk.norm1(h), sh1, sc1))
+            h = h + g1.unsqueeze(1) * cache[li, "a"]
             if compute:
-                cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), sh2, sc2))
-            h = h + g2.unsqueeze(1) * cache[l, "m"]
+                cache[li, "m"] = blk.mlp(modulate(blk.norm2(h), sh2, sc2))
+            h = h + g2.unsqueeze(1) * cache[li, "m"]
         outs.append(model.unpatchify(model.final_layer(h, c)))
     return outs
 
@@ -142,5 +142,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="warmup_steps"):
         fastcache.FORAConfig(warmup_steps=0)
     assert [fastcache.FORAConfig(interval=3, warmup_steps=2).computes(s) for s in range(6)] == [
-        True, True, False, False, True, False,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
     ]

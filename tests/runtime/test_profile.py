@@ -15,9 +15,9 @@ def _hooked_branch_means(model, run, steps, runs):
     """Hand computation: forward hooks on each block's attn and mlp modules."""
     outs = {}
     hooks = []
-    for l, blk in enumerate(model.blocks):
+    for li, blk in enumerate(model.blocks):
         for b, mod in (("attn", blk.attn), ("mlp", blk.mlp)):
-            hooks.append(mod.register_forward_hook(lambda m_, a, o, key=(l, b): outs.setdefault(key, []).append(o)))
+            hooks.append(mod.register_forward_hook(lambda m_, a, o, key=(li, b): outs.setdefault(key, []).append(o)))
     try:
         result = run()
     finally:
@@ -25,8 +25,8 @@ def _hooked_branch_means(model, run, steps, runs):
             h.remove()
     K = 2 * len(model.blocks)
     prior = torch.zeros(steps, K, outs[0, "attn"][0].shape[-1])
-    for (l, b), seq in outs.items():
-        k = 2 * l + (b == "mlp")
+    for (li, b), seq in outs.items():
+        k = 2 * li + (b == "mlp")
         for i, o in enumerate(seq):
             prior[i % steps, k] += o.float().mean(dim=(0, 1)) / runs
     return prior, result
@@ -91,8 +91,9 @@ def test_token_granularity_and_run_length_checks():
     case = reference_dit_case()
     prof = fastcache.calibrate(case.model, lambda: case.sample(steps=5), granularity="token", progress=False)
     assert prof.prior.shape == (5, 6, 16, 32)  # (S, K, N, D)
-    with fastcache.patched(case.model, fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=prof,
-                                                          weight=0.5, threshold=0.0)):
+    with fastcache.patched(
+        case.model, fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=prof, weight=0.5, threshold=0.0)
+    ):
         case.sample(steps=5)
         assert fastcache.stats(case.model)["contexts"]["default"]["corrected"] > 0
     with pytest.raises(ValueError, match="different numbers of steps"):
