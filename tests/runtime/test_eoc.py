@@ -260,3 +260,22 @@ def test_repeated_timestep_call_leaves_the_interior_cache_untouched():
     assert torch.equal(extra, full)  # computed in full
     for a, b in zip(got, plain):
         assert torch.equal(a, b)
+
+
+def test_host_reads_none_with_a_host_schedule_one_flag_on_a_dynamic_base():
+    from test_host_reads import HostReadMode
+
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    for base, expected in ((fastcache.FORAConfig(interval=2), 0), (fastcache.TeaCacheConfig(threshold=0.3), STEPS)):
+        cfg = fastcache.EOCConfig(base=base, profile=prof, weight=0.5, threshold=0.0)
+        with fastcache.patched(m, cfg):
+            mode = HostReadMode()
+            with mode:
+                case.sample(steps=STEPS)
+            st = fastcache.stats(m)["contexts"]["default"]
+        ours = [r for r in mode.reads if r is not None]
+        assert st["corrected"] > 0
+        assert len(ours) == expected, ours
+        assert all("policies/fora.py:run_stack" in r and ".item()" in r for r in ours), ours
