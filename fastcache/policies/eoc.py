@@ -93,8 +93,20 @@ class EOCPolicy(InteriorCachePolicy):
             self._prior[dev] = got
         return got
 
+    def set_num_steps(self, num_steps: int | None) -> None:
+        if num_steps is not None and num_steps != self.S:
+            raise ValueError(
+                f"fastcache: num_steps={num_steps} but the EOC profile was recorded over {self.S}-step runs; "
+                "calibrate a profile for this step count"
+            )
+
     # -- schedule -----------------------------------------------------------------------
     def host_compute(self, step: StepInfo):
+        if step.index >= self.S:
+            raise ValueError(
+                f"fastcache: step index {step.index} is beyond the EOC profile's {self.S} steps; sample with "
+                f"{self.S} steps or calibrate a profile for this step count"
+            )
         if isinstance(self.base, FORAConfig):
             return self.base.computes(step.index)
         if isinstance(self.base, tuple):
