@@ -273,7 +273,8 @@ class InteriorCachePolicy(Policy):
     def state_stats(self, st: InteriorState) -> dict:
         """computed / skipped steps, corrected (block, step) pairs (EOC) and the computed
         fraction of block evaluations, counted since the patch or the last reset (over
-        all runs, unlike TeaCache's per-run counts); the timeline of the current run."""
+        all runs, unlike TeaCache's per-run counts); the timeline: every host-placed step since then, or
+        the current run for device decisions."""
         out = {"steps": 0, "computed": 0, "skipped": 0, "corrected": 0, "timeline": [], "cache_bytes": st.nbytes()}
         if st.counts is None:
             return out
