@@ -112,6 +112,11 @@ class BlockProgram:
     def run(self, block: nn.Module, call: dict, streams: dict, ex: Executor) -> dict:
         raise NotImplementedError
 
+    def outputs(self, block: nn.Module, inputs: tuple[str, ...]) -> tuple[str, ...]:
+        """The streams ``run`` returns as tensors (not None), given the non-None input
+        streams; known without running the block (a ``torch.cond`` needs it up front)."""
+        return inputs
+
 
 _PROGRAMS: dict[type, Callable[[nn.Module], BlockProgram]] = {}
 

@@ -110,6 +110,9 @@ class JointProgram(BlockProgram):
         out.append(Branch("mlp", (H,) if pre else (H, E)))
         return tuple(out)
 
+    def outputs(self, block, inputs):
+        return tuple(n for n in inputs if not (block.context_pre_only and n == E))
+
     def run(self, block, call, streams, ex: Executor):
         x, c = streams[H], streams[E]
         temb = call["temb"]

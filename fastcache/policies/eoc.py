@@ -28,8 +28,14 @@ docs/methods.md "EOC").
 input, branch-level reuse instead of the stack residual: the interior TeaCache
 variant, so ``weight=0`` equals that variant bitwise, not the stack TeaCache) or a
 static (steps x blocks) mask (training-based schedules such as Learning-to-Cache).
-A mask places steps on the host: it needs the step index (``num_steps`` is set from
-the profile, or the pipeline's ``step_index``) and is refused under torch.compile.
+A mask is placed on the host in eager mode (``num_steps`` is set from the profile, or
+the pipeline's ``step_index``); under torch.compile the mask is a device tensor
+indexed by the device step counter and each block is its own ``torch.cond``. Known
+limit (torch 2.13): dynamo cannot trace diffusers' ``Attention.forward`` (it calls
+``inspect.signature``) inside these per-block conds, although it does inside the
+whole-stack cond of the other bases; so a compiled mask schedule runs on
+``fastcache.models.DiT`` and fails to compile (a dynamo error, never a wrong result)
+on the diffusers families. Use FORA / TeaCache bases there under compile.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 
 from .. import ops
 from ..config import EOCConfig, FORAConfig, TeaCacheConfig
-from .base import StepInfo, register_policy
+from .base import StepInfo, is_tracing, register_policy
 from .fora import FORAPolicy, InteriorCachePolicy, InteriorState
 
 
@@ -65,6 +71,7 @@ class EOCPolicy(InteriorCachePolicy):
             self.coefficients = tuple(coeffs)
         self._prior_cpu = prof.prior
         self._prior: dict[torch.device, tuple] = {}
+        self._mask: dict[torch.device, torch.Tensor] = {}
         S = prof.num_steps
         # e_bar: the mean adjacent-step trend magnitude per block (see the module docstring).
         T = (self._prior_cpu[1:] - self._prior_cpu[:-1]).abs().flatten(2).mean(2)  # (S-1, K)
@@ -116,10 +123,18 @@ class EOCPolicy(InteriorCachePolicy):
         return None
 
     def allocate(self, st: InteriorState, streams, dev) -> None:
-        if isinstance(self.base, FORAConfig):
+        if isinstance(self.base, (FORAConfig, tuple)):
             FORAPolicy.allocate(self, st, streams, dev)
         elif isinstance(self.base, TeaCacheConfig):
             st.coeffs = torch.tensor(self.coefficients, dtype=torch.float32, device=dev)
+
+    def device_block_flags(self, st, s_idx):
+        if not isinstance(self.base, tuple):
+            return None
+        mask = self._mask.get(s_idx.device)
+        if mask is None:
+            mask = self._mask[s_idx.device] = torch.tensor(self.base, dtype=torch.bool, device=s_idx.device)
+        return mask.index_select(0, s_idx.clamp(max=self.S - 1))[0]
 
     def device_decision(self, st, call, t_op):
         if isinstance(self.base, FORAConfig):
@@ -127,11 +142,15 @@ class EOCPolicy(InteriorCachePolicy):
             thr = 0.0 if n == 1 else math.inf
             return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
         if isinstance(self.base, tuple):
-            raise RuntimeError(
-                "fastcache: EOC on a static (steps x blocks) schedule places steps on the host; it needs the step "
-                "index (set num_steps, or pass step_index through cache_context / fastcache.context) and does not "
-                "run under torch.compile. Use a FORA base to compile."
-            )
+            if not is_tracing():
+                raise RuntimeError(
+                    "fastcache: EOC on a static (steps x blocks) schedule places steps on the host in eager mode; it "
+                    "needs the step index (set num_steps, or pass step_index through cache_context / "
+                    "fastcache.context). Under torch.compile the mask is indexed on the device."
+                )
+            # Under tracing the decision op only counts steps (threshold 0: every call
+            # "computes"); the mask gives each block its flag (device_block_flags).
+            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0)
         b = self.base
         head = self.layout.entries[0].module
         x, shift, scale, eps = self.spec.modulation(head, call)
@@ -146,7 +165,7 @@ class EOCPolicy(InteriorCachePolicy):
         return flag
 
     # -- correction ---------------------------------------------------------------------
-    def trend(self, st, s_idx, last):
+    def trend(self, st, s_idx, last, reused=None):
         if self.weight == 0.0:
             return None, None
         P, slot_block, ar = self._device_prior(s_idx.device)
@@ -159,8 +178,7 @@ class EOCPolicy(InteriorCachePolicy):
         pos = torch.exp(s_c.to(torch.float32) * (-self.config.regulation / (self.S - 1)))
         priority = (e_l / counts) / self.e_bar * pos
         corr = priority > self.config.threshold
-        if isinstance(self.base, tuple) and st.step is not None and st.step.index is not None:
-            reused = torch.tensor([not c for c in self.base[st.step.index]], device=corr.device)
+        if reused is not None:  # only cached positions count
             corr = corr & reused
         shape = (self.K,) + (1,) * (T.dim() - 1)
         T = T * corr.index_select(0, slot_block).to(T.dtype).reshape(shape)

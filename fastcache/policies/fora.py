@@ -127,9 +127,15 @@ class InteriorCachePolicy(Policy):
         """Device decision (updates ``st.state``); returns a 0-dim bool, True = compute."""
         raise NotImplementedError
 
-    def trend(self, st: InteriorState, s_idx: torch.Tensor, last: torch.Tensor):
+    def device_block_flags(self, st: InteriorState, s_idx: torch.Tensor) -> torch.Tensor | None:
+        """Per-block compute flags ``(L,)`` bool on the device for schedules that differ
+        between blocks (static masks under torch.compile); None = one flag for the stack."""
+        return None
+
+    def trend(self, st: InteriorState, s_idx: torch.Tensor, last: torch.Tensor, reused: torch.Tensor | None = None):
         """``(K, ...)`` trend rows for a reused step (or None) and the number of corrected
-        blocks (0-dim fp32); ``s_idx``: (1,) long step index; ``last``: (K,) long."""
+        blocks (0-dim fp32); ``s_idx``: (1,) long step index; ``last``: (K,) long;
+        ``reused``: (L,) bool, the blocks reused at this step (None = all)."""
         return None, None
 
     # -- state --------------------------------------------------------------------------
@@ -184,6 +190,9 @@ class InteriorCachePolicy(Policy):
         compute = flag | rep
         skip_f = (~compute).to(torch.float32)
         if is_tracing():
+            flags = self.device_block_flags(st, s_idx)
+            if flags is not None and st.cache is not None:
+                return self._traced_blocks(st, call, streams, flags, rep, s_idx)
             trend, n_corr = self.trend(st, s_idx, st.last)
             corr = skip_f * (0.0 if n_corr is None else n_corr)
             cf = compute.to(torch.float32)
@@ -218,7 +227,8 @@ class InteriorCachePolicy(Policy):
             dev = st.counts.device
             s_idx = torch.tensor([s], dtype=torch.long, device=dev)
             last = torch.tensor(st.host_last, dtype=torch.long, device=dev)
-            trend, n_corr = self.trend(st, s_idx, last)
+            reused = torch.tensor([not c for c in compute], dtype=torch.bool, device=dev)
+            trend, n_corr = self.trend(st, s_idx, last, reused)
             if n_corr is not None:
                 st.counts[2:3].add_(n_corr.reshape(1))
         n = sum(compute)
@@ -267,6 +277,57 @@ class InteriorCachePolicy(Policy):
         for c, f in zip(st.cache, outs[len(returned) :]):
             c.copy_(torch.where(store, f, c))
         torch.where(store, s_idx.expand(self.K), st.last, out=st.last)
+        return result
+
+    def _traced_blocks(self, st, call, streams, flags, rep, s_idx):
+        """Per-block schedules under tracing: one ``torch.cond`` per block on its device
+        flag (static masks), the cache of each block updated outside its cond."""
+        L = self.layout.num_blocks
+        compute_l = flags | rep
+        store_l = flags & ~rep
+        trend, n_corr = self.trend(st, s_idx, st.last, ~compute_l)
+        cf = compute_l.to(torch.float32)
+        all_c = cf.min()  # a step counts as computed when every block is (as on the host path)
+        corr = torch.zeros_like(all_c) if n_corr is None else n_corr
+        st.counts.add_(torch.stack([all_c, 1.0 - all_c, corr, torch.zeros_like(all_c), cf.sum()]))
+        streams = dict(streams)
+        for li in range(L):
+            streams = self._traced_block(st, call, streams, li, compute_l[li], store_l[li], s_idx, trend)
+        return streams
+
+    def _traced_block(self, st, call, streams, li, compute, store, s_idx, trend):
+        """Block ``li`` under its own ``torch.cond`` (see :meth:`_traced_blocks`)."""
+        entry = self.layout.entries[li]
+        ids = [k for k, b in enumerate(self.layout.block_of_slot) if b == li]
+        names = [n for n in self.spec.streams if streams.get(n) is not None]
+        nn_, ni = len(names), len(ids)
+        pattern = entry.program.outputs(entry.module, tuple(names))
+        w = self.weight
+
+        def run(compute_one, operands):
+            ins = dict(streams)
+            ins.update(zip(names, operands[:nn_]))
+            cache = dict(zip(ids, operands[nn_ : nn_ + ni]))
+            tr = dict(zip(ids, operands[nn_ + ni].unbind(0))) if len(operands) > nn_ + ni else None
+            ex = _TraceExecutor(self, compute_one, cache, tr, w)
+            ex.begin_block(li)
+            outs = entry.program.run(entry.module, call, ins, ex)
+            new = [ex.outputs[k] for k in ids] if compute_one else [cache[k] for k in ids]
+            return (
+                *(outs[n].clone(memory_format=torch.contiguous_format) for n in pattern),
+                *(f.clone(memory_format=torch.contiguous_format) for f in new),
+            )
+
+        idx = torch.tensor(ids, device=st.last.device)
+        operands = (*[streams[n].contiguous() for n in names], *[st.cache[k] for k in ids])
+        if trend is not None:  # one fresh tensor: cond operands must not alias each other
+            operands = (*operands, trend.index_select(0, idx))
+        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        result = {n: None for n in self.spec.streams}
+        result.update(zip(pattern, outs[: len(pattern)]))
+        for k, f in zip(ids, outs[len(pattern) :]):
+            st.cache[k].copy_(torch.where(store, f, st.cache[k]))
+        st.last.index_copy_(0, idx, torch.where(store, s_idx.expand(ni), st.last.index_select(0, idx)))
         return result
 
     # -- stats --------------------------------------------------------------------------

@@ -279,3 +279,27 @@ def test_host_reads_none_with_a_host_schedule_one_flag_on_a_dynamic_base():
         assert st["corrected"] > 0
         assert len(ours) == expected, ours
         assert all("policies/fora.py:run_stack" in r and ".item()" in r for r in ours), ours
+
+
+@pytest.mark.compile
+def test_fullgraph_compile_static_mask_one_cond_per_block():
+    case = reference_dit_case()
+    m = case.model
+    prof = _profile(case)
+    L = len(m.blocks)
+    mask = [[True] * L] + [[(s + li) % 2 == 0 for li in range(L)] for s in range(1, STEPS)]
+    cfg = fastcache.EOCConfig(base=mask, profile=prof, weight=0.5, threshold=0.0)
+    with fastcache.patched(m, cfg):
+        eager = case.sample(steps=STEPS)  # host-placed mask
+        se = fastcache.stats(m)["contexts"]["default"]
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(m, fullgraph=True, backend=cnt)
+        frames = []
+        out = case.sample(model=compiled, steps=STEPS, per_step=lambda i, o: frames.append(cnt.frame_count))
+        sc = fastcache.stats(m)["contexts"]["default"]
+    assert se["corrected"] > 0 and sc["corrected"] == se["corrected"]
+    assert sc["computed_fraction"] == se["computed_fraction"] < 1
+    assert frames[1] <= 2 and len(set(frames[1:])) == 1, frames
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
