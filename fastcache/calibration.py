@@ -1,6 +1,6 @@
 """Fit TeaCache coefficients for a model without published ones (DiT, PixArt, SD3, yours).
 
-The authors' recipe (METHODS.md, TeaCache): on uncached runs, pair each step's
+The authors' recipe (docs/methods.md, TeaCache): on uncached runs, pair each step's
 relative-L1 change of the indicator (the first block's modulated input) with the
 relative-L1 change of the block stack's output, over all steps of many prompts or
 classes, and fit ``numpy.polyfit(x=input_rel_l1, y=output_rel_l1, deg=4)``. The fitted
