@@ -6,8 +6,10 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import calibration, ops
-from .config import CacheConfig, TeaCacheConfig
+from . import calibration, interior, ops
+from .calibration import calibrate
+from .config import CacheConfig, EOCConfig, FORAConfig, TeaCacheConfig
+from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
 
@@ -15,7 +17,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "EOCConfig",
+    "FORAConfig",
+    "Profile",
+    "calibrate",
     "calibration",
+    "interior",
     "ModelSpec",
     "Patch",
     "TeaCacheConfig",

@@ -1,6 +1,6 @@
 """Fit TeaCache coefficients for a model without published ones (DiT, PixArt, SD3, yours).
 
-The authors' recipe (METHODS.md, TeaCache): on uncached runs, pair each step's
+The authors' recipe (docs/methods.md, TeaCache): on uncached runs, pair each step's
 relative-L1 change of the indicator (the first block's modulated input) with the
 relative-L1 change of the block stack's output, over all steps of many prompts or
 classes, and fit ``numpy.polyfit(x=input_rel_l1, y=output_rel_l1, deg=4)``. The fitted
@@ -13,6 +13,16 @@ Example::
             sample(model, labels)                   # ordinary uncached sampling runs
     coeffs = rec.fit(degree=4)
     fastcache.patch(model, fastcache.TeaCacheConfig(threshold=0.1, coefficients=coeffs))
+
+The same recorder also extracts EOC's prior (Qiu et al., arXiv 2501.19243, Eq. 4;
+docs/methods.md "EOC"): :func:`calibrate` runs every block through its interior
+program (bitwise the unpatched block) and averages each (block, branch, stream) output
+per step over the runs, returning a :class:`fastcache.Profile` that also holds the
+TeaCache pairs::
+
+    profile = fastcache.calibrate(model, lambda: [sample(model, c) for c in classes])
+    profile.save("dit.profile.safetensors")
+    cfg = fastcache.EOCConfig(base=fastcache.FORAConfig(interval=3), profile=profile)
 
 Calibration reads values to the host at every step: it is an offline tool, not a step
 path.
@@ -29,17 +39,27 @@ import numpy as np
 import torch
 
 from . import ops
-from .config import CacheConfig, config_type
+from .config import CacheConfig, _check_int, config_type
+from .interior import ComputeExecutor, layout_for, run_blocks
 from .policies.base import Policy, register_policy
+from .profile import GRANULARITIES, Profile, model_fingerprint
 from .runtime import patch
 
 
 @config_type
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig(CacheConfig):
-    """Records (input rel-L1, output rel-L1) pairs; never skips."""
+    """Records (input rel-L1, output rel-L1) pairs and, with ``priors``, the per-step
+    means of every branch output (EOC's prior); never skips."""
 
     kind: ClassVar[str] = "calibration"
+
+    priors: bool = False
+    granularity: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
 
 class _Recorder:
@@ -48,16 +68,25 @@ class _Recorder:
         self.prev_out: dict[str, torch.Tensor] | None = None
         self.prev_t = float("inf")
         self.pairs: list[tuple[float, float]] = []
+        self.step = -1  # step index within the current run
+        self.sums: list[list[torch.Tensor]] = []  # [step][slot] summed means over runs
+        self.counts: list[int] = []
+        self.run_lengths: list[int] = []
+        self.timesteps: list[list[float]] = []
 
 
 @register_policy(CalibrationConfig)
 class CalibrationPolicy(Policy):
+    def __init__(self, config, spec, model):
+        super().__init__(config, spec, model)
+        self.layout = layout_for(spec, model) if config.priors else None
+        self.progress = None  # called once per recorded step (calibrate's progress bar)
+
     def new_state(self):
         return _Recorder()
 
     def reset_state(self, st):
-        st.prev_in, st.prev_out, st.prev_t = None, None, float("inf")
-        st.pairs.clear()
+        st.__init__()
 
     def state_stats(self, st):
         return {"pairs": len(st.pairs)}
@@ -70,9 +99,22 @@ class CalibrationPolicy(Policy):
                 torch.zeros_like(x, memory_format=torch.contiguous_format),
                 None,
             )  # a new run: no pair for step 0
+            if st.step >= 0:
+                st.run_lengths.append(st.step + 1)
+            st.step = -1
+            st.timesteps.append([])
+        st.step += 1
+        st.timesteps[-1].append(t)
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev_in, eps)
         streams = {n: call[n] for n in self.spec.streams}
-        out = runner.run(call, streams)
+        if self.layout is None:
+            out = runner.run(call, streams)
+        else:
+            ex = ComputeExecutor(record=True)
+            out = run_blocks(self.layout, call, streams, ex)
+            self._accumulate(st, ex.outputs)
+        if self.progress is not None:
+            self.progress()
         cached = {n: out[n] for n in self.spec.cached_streams}
         if st.prev_out is not None:
             x_rel = float(ops.rel_l1_ratio(sums))  # host-read-ok: calibration is offline
@@ -83,6 +125,19 @@ class CalibrationPolicy(Policy):
         st.prev_out = {n: v.detach().clone() for n, v in cached.items()}
         st.prev_t = t
         return out
+
+    def _accumulate(self, st: _Recorder, outputs: list[torch.Tensor]) -> None:
+        # Eq. 4: mean over runs (and, per channel, over batch rows and tokens).
+        if self.config.granularity == "channel":
+            means = [f.detach().float().mean(dim=(0, 1)) for f in outputs]
+        else:
+            means = [f.detach().float().mean(dim=0) for f in outputs]
+        if st.step == len(st.sums):
+            st.sums.append(means)
+            st.counts.append(1)
+        else:
+            st.sums[st.step] = [a + b for a, b in zip(st.sums[st.step], means)]
+            st.counts[st.step] += 1
 
 
 class Recording:
@@ -121,3 +176,110 @@ def recording(model: torch.nn.Module, spec=None) -> Iterator[Recording]:
     finally:
         rec._frozen = rec.pairs  # the pairs outlive the patch
         h.remove()
+
+
+class _Progress:
+    """tqdm if installed, else a one-line counter on stderr."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.n = 0
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(desc=desc, unit="step")
+            except ImportError:
+                self.desc = desc
+
+    def __call__(self) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            import sys
+
+            print(f"\r{self.desc}: {self.n} steps", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.n:
+            import sys
+
+            print(file=sys.stderr)
+
+
+def calibrate(
+    model: torch.nn.Module,
+    run,
+    granularity: str = "channel",
+    scheduler: str | None = None,
+    spec=None,
+    progress: bool = True,
+) -> Profile:
+    """Extract EOC's prior (and TeaCache's calibration pairs) from uncached runs.
+
+    ``run()`` performs one or more ordinary sampling runs of ``model`` (same number of
+    steps each; a rising timestep starts a new run). Every block runs through its
+    interior program (the model's output is unchanged, bitwise), and each slot's
+    branch output is averaged per step over the runs: ``(D,)`` per slot and step with
+    ``granularity="channel"`` (default; see :mod:`fastcache.profile` for sizes),
+    ``(N, D)`` with ``"token"``. ``scheduler``: a name stored in the profile's metadata
+    (default: the scheduler is described by the recorded timesteps only).
+    """
+    if not callable(run):
+        raise TypeError(f"calibrate(model, run): run must be a callable performing sampling runs, got {run!r}")
+    h = patch(model, CalibrationConfig(priors=True, granularity=granularity), spec)
+    bar = _Progress("fastcache.calibrate", progress)
+    h.policy.progress = bar
+    try:
+        with torch.no_grad():
+            run()
+        states = list(h.contexts.values())
+        layout = h.policy.layout
+        pairs = [p for st in states for p in st.pairs]
+    finally:
+        bar.close()
+        h.remove()
+    lengths, sums, counts, timesteps = [], None, None, []
+    for st in states:
+        if st.step < 0:
+            continue
+        lengths += st.run_lengths + [st.step + 1]
+        timesteps += st.timesteps
+        if sums is None:
+            sums, counts = st.sums, st.counts
+        else:
+            if len(st.sums) != len(sums):
+                raise ValueError("calibrate: contexts recorded runs of different lengths")
+            sums = [[a + b for a, b in zip(x, y)] for x, y in zip(sums, st.sums)]
+            counts = [a + b for a, b in zip(counts, st.counts)]
+    if not lengths:
+        raise ValueError("calibrate: run() made no model call; it must perform at least one sampling run")
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"calibrate: the runs had different numbers of steps {sorted(set(lengths))}; a profile is made for "
+            "one step count, so calibrate each step count separately"
+        )
+    S = _check_int("steps per run", lengths[0], 2, " (a one-step run has nothing to cache)")
+    shapes = {tuple(t.shape) for t in sums[0]}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"calibrate: granularity={granularity!r} gives slots of different shapes {sorted(shapes)} (streams with "
+            "different token counts, e.g. Flux's text and image tokens); use granularity='channel'"
+        )
+    prior = torch.stack([torch.stack(step) / c for step, c in zip(sums, counts)])
+    cls, chash = model_fingerprint(model)
+    meta = {
+        "model_class": cls,
+        "config_hash": chash,
+        "spec": h.spec.name,
+        "num_steps": S,
+        "runs": len(lengths),
+        "scheduler": scheduler or "unspecified",
+        "timesteps": [round(t, 6) for t in timesteps[0]],
+        "granularity": granularity,
+    }
+    return Profile(prior.cpu(), layout.describe(), meta, np.asarray(pairs, dtype=np.float64))  # host-read-ok

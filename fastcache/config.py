@@ -126,3 +126,154 @@ class TeaCacheConfig(CacheConfig):
                     "computed; lower warmup_steps or raise num_steps"
                 )
         _set(self, "history", _check_int("history", self.history, 1))
+
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class FORAConfig(CacheConfig):
+    """FORA (Selvaraju et al., arXiv 2407.01425; docs/methods.md "FORA"): every block's
+    attention and MLP outputs (before gating) are computed on the first ``warmup_steps``
+    steps and then every ``interval``-th step, and reused in between; the AdaLN
+    modulation, and so every gate, is recomputed each step.
+
+    Schedule: step ``s`` (0-based) is computed iff ``s < warmup_steps`` or
+    ``(s - warmup_steps + 1) % interval == 0`` (warmup 1: steps 0, N, 2N, ... as in the
+    paper). ``interval=1`` computes every step (bitwise the unpatched model).
+
+    Args:
+        interval: N >= 1 (paper default 3).
+        warmup_steps: leading steps always computed (>= 1: step 0 has no cache).
+        num_steps: steps per run, when known: lets the eager path place each step on
+            the host (no device read at all) and flags runs of another length in stats.
+        history: steps of decision timeline kept for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "fora"
+
+    interval: int = 3
+    warmup_steps: int = 1
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def computes(self, step: int) -> bool:
+        """The host schedule: is step ``step`` computed?"""
+        w, n = self.warmup_steps, self.interval
+        return step < w or (step - w + 1) % n == 0
+
+
+def _as_mask(base) -> tuple[tuple[bool, ...], ...] | None:
+    """A (steps x blocks) boolean schedule as nested tuples, or None if ``base`` is not one."""
+    if hasattr(base, "tolist") and not isinstance(base, CacheConfig):
+        base = base.tolist()  # host-read-ok: a config argument, not the step path
+    if isinstance(base, (list, tuple)) and base and all(isinstance(r, (list, tuple)) for r in base):
+        rows = []
+        for r in base:
+            if not all(isinstance(v, bool) or (isinstance(v, numbers.Integral) and int(v) in (0, 1)) for v in r):
+                raise ValueError("EOCConfig.base: a static schedule must hold booleans (True = compute the block)")
+            rows.append(tuple(bool(v) for v in r))
+        if len({len(r) for r in rows}) != 1 or not rows[0]:
+            raise ValueError("EOCConfig.base: a static schedule must be a rectangular (steps x blocks) boolean mask")
+        if not all(rows[0]):
+            raise ValueError("EOCConfig.base: row 0 of the schedule must compute every block (step 0 has no cache)")
+        return tuple(rows)
+    return None
+
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class EOCConfig(CacheConfig):
+    """Error-Optimized Cache (Qiu et al., arXiv 2501.19243; docs/methods.md "EOC") on a
+    base caching schedule: a reused branch output becomes ``cached * (1 + w * T)``
+    inside the gated residual (Eq. 7), attention and MLP together, where the trend
+    ``T = P[s] - P[s_prev]`` comes from the calibrated prior (Eq. 4-5,
+    :func:`fastcache.calibrate`), and only (block, step) pairs whose priority passes
+    the threshold are corrected (Eq. 6, see :mod:`fastcache.policies.eoc`).
+
+    Args:
+        base: the schedule to correct: a :class:`FORAConfig`, a :class:`TeaCacheConfig`
+            (its decision, with branch-level reuse: the interior TeaCache variant) or a
+            static boolean ``(steps x blocks)`` mask, True = compute (a training-based
+            schedule such as Learning-to-Cache's).
+        weight: w; None = the paper's default, 0.01 on a rule-based base (FORA,
+            TeaCache), 0.005 on a static mask. ``0`` equals ``base`` bitwise.
+        profile: a :class:`fastcache.Profile` (or a path to one) for this model and
+            step count.
+        regulation: lambda of the priority's step-position weight ``exp(-lambda * s / (S-1))``.
+        threshold: tau; a cached (block, step) is corrected iff its priority > tau.
+            Defaults lambda = 4, tau = 0.25: on the digits DiT this corrects the reused
+            blocks of the first ~15% of the steps (bench/bench_quality.py).
+        num_steps: steps per run; default the profile's (it must match).
+    """
+
+    kind: ClassVar[str] = "eoc"
+
+    base: Any = None
+    weight: float | None = None
+    profile: Any = None
+    regulation: float = 4.0
+    threshold: float = 0.25
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        from .profile import Profile
+
+        base = self.base
+        if base is None:
+            raise ValueError(
+                "EOCConfig.base is required: a FORAConfig, a TeaCacheConfig or a (steps x blocks) bool mask"
+            )
+        if not isinstance(base, (FORAConfig, TeaCacheConfig)):
+            mask = _as_mask(base)
+            if mask is None:
+                raise ValueError(
+                    f"EOCConfig.base must be a FORAConfig, a TeaCacheConfig or a (steps x blocks) bool mask, "
+                    f"got {type(base).__name__}"
+                )
+            _set(self, "base", mask)
+        if self.weight is None:
+            _set(self, "weight", 0.005 if isinstance(self.base, tuple) else 0.01)
+        else:
+            _set(self, "weight", _check_float("weight", self.weight, 0, " (0 = the base schedule unchanged)"))
+        prof = self.profile
+        if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
+            prof = Profile.load(prof)
+        if not isinstance(prof, Profile):
+            raise ValueError(
+                "EOCConfig.profile must be a fastcache.Profile (profile = fastcache.calibrate(model, run)) or a path "
+                f"to a saved one, got {type(self.profile).__name__}"
+            )
+        _set(self, "profile", prof)
+        _set(self, "regulation", _check_float("regulation", self.regulation, 0))
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0))
+        n = self.num_steps if self.num_steps is not None else prof.num_steps
+        n = _check_int("num_steps", n, 2, " (EOC needs the run length its profile was made for)")
+        if n != prof.num_steps:
+            raise ValueError(
+                f"EOCConfig.num_steps={n} but the profile was recorded over {prof.num_steps}-step runs; calibrate "
+                f"again with {n}-step runs (fastcache.calibrate) or sample with {prof.num_steps} steps"
+            )
+        _set(self, "num_steps", n)
+        if isinstance(self.base, tuple) and len(self.base) != n:
+            raise ValueError(f"EOCConfig.base: the static mask has {len(self.base)} rows (steps) but num_steps={n}")
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.base.to_dict() if isinstance(self.base, CacheConfig) else [list(r) for r in self.base]
+        return {
+            "kind": self.kind,
+            "base": base,
+            "weight": self.weight,
+            "profile": self.profile.describe(),
+            "regulation": self.regulation,
+            "threshold": self.threshold,
+            "num_steps": self.num_steps,
+            "history": self.history,
+        }

@@ -62,6 +62,8 @@ class ModelSpec:
         refuse_args: model forward arguments that add values between blocks
             (ControlNet residuals, skipped layers); stack caching refuses them when set.
         teacache_coefficients: published TeaCache polynomial (numpy.poly1d order), if any.
+        interior: ``block -> fastcache.interior.BlockProgram`` for branch-level policies
+            (FORA, EOC); None = no interior known (those policies refuse the model).
     """
 
     name: str
@@ -75,6 +77,7 @@ class ModelSpec:
     dropped_streams: tuple[str, ...] = ()
     refuse_args: tuple[str, ...] = ()
     teacache_coefficients: tuple[float, ...] | None = None
+    interior: Any = None
 
     def __post_init__(self) -> None:
         if not self.segments:
@@ -215,6 +218,12 @@ def _mod_joint(block, call):
     return x, shift, scale, block.norm1.norm.eps, ((block.norm1.linear, out),)
 
 
+def _builtin_interior(block):
+    from .interior import program_for
+
+    return program_for(block)
+
+
 def _reference_types():
     from fastcache.models.dit import DiT
 
@@ -241,6 +250,7 @@ BUILTIN_SPECS = (
         returns=("x",),
         modulation=_mod_reference_dit,
         timestep_arg="t",
+        interior=_builtin_interior,
     ),
     ModelSpec(
         name="diffusers-dit",
@@ -249,6 +259,7 @@ BUILTIN_SPECS = (
         streams=("hidden_states",),
         returns=("hidden_states",),
         modulation=_mod_basic_ada_norm_zero,
+        interior=_builtin_interior,
     ),
     ModelSpec(
         name="diffusers-pixart",
@@ -257,6 +268,7 @@ BUILTIN_SPECS = (
         streams=("hidden_states",),
         returns=("hidden_states",),
         modulation=_mod_basic_ada_norm_single,
+        interior=_builtin_interior,
     ),
     ModelSpec(
         name="diffusers-flux",
@@ -272,6 +284,7 @@ BUILTIN_SPECS = (
         modulation=_mod_joint,
         refuse_args=("controlnet_block_samples", "controlnet_single_block_samples"),
         teacache_coefficients=FLUX_TEACACHE_COEFFICIENTS,
+        interior=_builtin_interior,
     ),
     ModelSpec(
         name="diffusers-sd3",
@@ -283,6 +296,7 @@ BUILTIN_SPECS = (
         dropped_streams=("encoder_hidden_states",),  # the last block may return None for it
         modulation=_mod_joint,
         refuse_args=("block_controlnet_hidden_states", "skip_layers"),
+        interior=_builtin_interior,
     ),
 )
 

@@ -1,0 +1,185 @@
+"""Error-Optimized Cache on the block interior (Qiu et al., arXiv 2501.19243;
+docs/methods.md "EOC").
+
+1. Prior (Eq. 4): ``P[s, k]``, the calibrated mean of slot k's pre-gate branch output
+   at step s (:func:`fastcache.calibrate`, :class:`fastcache.Profile`).
+2. Trend (Eq. 5): on a reused step s whose cache was computed at step ``s_prev``,
+   ``T[k] = P[s, k] - P[s_prev, k]`` — gathered on the device from the step counter and
+   the per-slot "last computed step" tensor, so any base schedule works, dynamic ones
+   (TeaCache) included.
+3. Cache-optimization determination (Eq. 6). The paper weighs the error magnitude
+   against the step position with a regulation coefficient and a threshold; our
+   concrete rule (choice documented here and tested): per block l,
+
+       e_l      = mean over the block's slots of mean|T[k]|
+       priority = (e_l / e_bar) * exp(-lambda * s / (S - 1))
+       correct block l at step s  iff  s is a reused step and priority > tau
+
+   ``e_bar`` = the mean of e_l over all blocks for adjacent steps (s_prev = s - 1) of
+   the profile, so ``e_l / e_bar`` reads "how many adjacent-step errors this reuse
+   is". ``exp(-lambda s/(S-1))`` makes early steps weigh more (the paper's finding:
+   correct early steps only; correcting late steps blurs detail). Defaults lambda = 4,
+   tau = 0.25 (:class:`fastcache.EOCConfig`).
+4. Correction (Eq. 7): ``x + gate * f_cached * (1 + w * T)`` in the fused
+   :func:`fastcache.ops.gated_residual`, attention and MLP (every branch of the block)
+   together; blocks not selected get ``T = 0`` (exactly the base's ``x + gate * f``).
+
+``base``: FORA (rule-based), TeaCache (its decision on the first block's modulated
+input, branch-level reuse instead of the stack residual: the interior TeaCache
+variant, so ``weight=0`` equals that variant bitwise, not the stack TeaCache) or a
+static (steps x blocks) mask (training-based schedules such as Learning-to-Cache).
+A mask is placed on the host in eager mode (``num_steps`` is set from the profile, or
+the pipeline's ``step_index``); under torch.compile the mask is a device tensor
+indexed by the device step counter and each block is its own ``torch.cond``. Known
+limit (torch 2.13): dynamo cannot trace diffusers' ``Attention.forward`` (it calls
+``inspect.signature``) inside these per-block conds, although it does inside the
+whole-stack cond of the other bases; so a compiled mask schedule runs on
+``fastcache.models.DiT`` and fails to compile (a dynamo error, never a wrong result)
+on the diffusers families. Use FORA / TeaCache bases there under compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from ..config import EOCConfig, FORAConfig, TeaCacheConfig
+from .base import StepInfo, is_tracing, register_policy
+from .fora import FORAPolicy, InteriorCachePolicy, InteriorState
+
+
+@register_policy(EOCConfig)
+class EOCPolicy(InteriorCachePolicy):
+    def __init__(self, config: EOCConfig, spec, model):
+        super().__init__(config, spec, model)
+        prof = config.profile
+        prof.check(model, self.layout.describe())
+        self.base = config.base
+        self.weight = float(config.weight)
+        self.num_steps = config.num_steps
+        if isinstance(self.base, tuple) and len(self.base[0]) != self.layout.num_blocks:
+            raise ValueError(
+                f"EOCConfig.base: the static mask has {len(self.base[0])} columns but the model has "
+                f"{self.layout.num_blocks} blocks"
+            )
+        if isinstance(self.base, TeaCacheConfig):
+            coeffs = self.base.coefficients
+            if coeffs is None:
+                coeffs = spec.teacache_coefficients or ()
+            self.coefficients = tuple(coeffs)
+        self._prior_cpu = prof.prior
+        self._prior: dict[torch.device, tuple] = {}
+        self._mask: dict[torch.device, torch.Tensor] = {}
+        S = prof.num_steps
+        # e_bar: the mean adjacent-step trend magnitude per block (see the module docstring).
+        T = (self._prior_cpu[1:] - self._prior_cpu[:-1]).abs().flatten(2).mean(2)  # (S-1, K)
+        e_blocks = self._block_mean(T)  # (S-1, L)
+        self.e_bar = float(e_blocks.mean())  # host-read-ok: policy construction, off the step path
+        if not self.e_bar > 0:
+            raise ValueError("the profile's prior does not change between steps (e_bar = 0); calibrate again")
+        self.S = S
+
+    def _block_mean(self, e_k: torch.Tensor) -> torch.Tensor:
+        """(..., K) per-slot values -> (..., L) per-block means."""
+        L = self.layout.num_blocks
+        idx = torch.tensor(self.layout.block_of_slot, device=e_k.device)
+        out = torch.zeros((*e_k.shape[:-1], L), dtype=e_k.dtype, device=e_k.device)
+        out.index_add_(-1, idx, e_k)
+        n = torch.zeros(L, dtype=e_k.dtype, device=e_k.device).index_add_(0, idx, torch.ones_like(idx, dtype=e_k.dtype))
+        return out / n
+
+    def _device_prior(self, dev):
+        got = self._prior.get(dev)
+        if got is None:
+            P = self._prior_cpu.to(dev)
+            slot_block = torch.tensor(self.layout.block_of_slot, dtype=torch.long, device=dev)
+            ar = torch.arange(self.K, device=dev)
+            got = (P, slot_block, ar)
+            self._prior[dev] = got
+        return got
+
+    def set_num_steps(self, num_steps: int | None) -> None:
+        if num_steps is not None and num_steps != self.S:
+            raise ValueError(
+                f"fastcache: num_steps={num_steps} but the EOC profile was recorded over {self.S}-step runs; "
+                "calibrate a profile for this step count"
+            )
+
+    # -- schedule -----------------------------------------------------------------------
+    def host_compute(self, step: StepInfo):
+        if step.index >= self.S:
+            raise ValueError(
+                f"fastcache: step index {step.index} is beyond the EOC profile's {self.S} steps; sample with "
+                f"{self.S} steps or calibrate a profile for this step count"
+            )
+        if isinstance(self.base, FORAConfig):
+            return self.base.computes(step.index)
+        if isinstance(self.base, tuple):
+            if step.index >= len(self.base):
+                raise ValueError(f"step {step.index} is beyond the static schedule's {len(self.base)} steps")
+            return list(self.base[step.index])
+        return None
+
+    def allocate(self, st: InteriorState, streams, dev) -> None:
+        if isinstance(self.base, (FORAConfig, tuple)):
+            FORAPolicy.allocate(self, st, streams, dev)
+        elif isinstance(self.base, TeaCacheConfig):
+            st.coeffs = torch.tensor(self.coefficients, dtype=torch.float32, device=dev)
+
+    def device_block_flags(self, st, s_idx):
+        if not isinstance(self.base, tuple):
+            return None
+        mask = self._mask.get(s_idx.device)
+        if mask is None:
+            mask = self._mask[s_idx.device] = torch.tensor(self.base, dtype=torch.bool, device=s_idx.device)
+        return mask.index_select(0, s_idx.clamp(max=self.S - 1))[0]
+
+    def device_decision(self, st, call, t_op):
+        if isinstance(self.base, FORAConfig):
+            n = self.base.interval
+            thr = 0.0 if n == 1 else math.inf
+            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
+        if isinstance(self.base, tuple):
+            if not is_tracing():
+                raise RuntimeError(
+                    "fastcache: EOC on a static (steps x blocks) schedule places steps on the host in eager mode; it "
+                    "needs the step index (set num_steps, or pass step_index through cache_context / "
+                    "fastcache.context). Under torch.compile the mask is indexed on the device."
+                )
+            # Under tracing the decision op only counts steps (threshold 0: every call
+            # "computes"); the mask gives each block its flag (device_block_flags).
+            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0)
+        b = self.base
+        head = self.layout.entries[0].module
+        x, shift, scale, eps = self.spec.modulation(head, call)
+        if st.prev is None:
+            st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        prev_before = st.prev.clone()
+        sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps)
+        flag = ops.cache_decision(
+            sums, t_op, st.coeffs, st.state, b.threshold, b.warmup_steps, b.max_consecutive_skips, self.num_steps
+        )
+        st.prev_before = prev_before
+        return flag
+
+    # -- correction ---------------------------------------------------------------------
+    def trend(self, st, s_idx, last, reused=None):
+        if self.weight == 0.0:
+            return None, None
+        P, slot_block, ar = self._device_prior(s_idx.device)
+        s_c = s_idx.clamp(max=self.S - 1)
+        T = P.index_select(0, s_c)[0] - P[last.clamp(max=self.S - 1), ar]  # (K, D) or (K, N, D)
+        e_k = T.abs().flatten(1).mean(1)
+        L = self.layout.num_blocks
+        e_l = torch.zeros(L, dtype=e_k.dtype, device=e_k.device).index_add_(0, slot_block, e_k)
+        counts = torch.zeros(L, dtype=e_k.dtype, device=e_k.device).index_add_(0, slot_block, torch.ones_like(e_k))
+        pos = torch.exp(s_c.to(torch.float32) * (-self.config.regulation / (self.S - 1)))
+        priority = (e_l / counts) / self.e_bar * pos
+        corr = priority > self.config.threshold
+        if reused is not None:  # only cached positions count
+            corr = corr & reused
+        shape = (self.K,) + (1,) * (T.dim() - 1)
+        T = T * corr.index_select(0, slot_block).to(T.dtype).reshape(shape)
+        return T, corr.sum().to(torch.float32)
