@@ -31,6 +31,7 @@ from ..specs import ModelSpec
 
 _FORCE_COND = [False]
 
+
 @contextlib.contextmanager
 def force_cond() -> Iterator[None]:
     """Take the cond path in eager mode too: the skip is dispatched as the

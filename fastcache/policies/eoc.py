@@ -28,8 +28,9 @@ docs/methods.md "EOC").
 input, branch-level reuse instead of the stack residual: the interior TeaCache
 variant, so ``weight=0`` equals that variant bitwise, not the stack TeaCache) or a
 static (steps x blocks) mask (training-based schedules such as Learning-to-Cache).
-A mask is placed on the host in eager mode (``num_steps`` is set from the profile, or
-the pipeline's ``step_index``); under torch.compile the mask is a device tensor
+In eager mode a mask is placed on the host when the caller gives the step index (the
+pipeline's ``step_index`` / ``fastcache.context(..., step_index=i)``: no read), else its
+row for the device's step is read once per step; under torch.compile the mask is a device tensor
 indexed by the device step counter and each block is its own ``torch.cond``. Known
 limit (torch 2.13): dynamo cannot trace diffusers' ``Attention.forward`` (it calls
 ``inspect.signature``) inside these per-block conds, although it does inside the
@@ -47,7 +48,8 @@ import torch
 from .. import ops
 from ..config import EOCConfig, FORAConfig, TeaCacheConfig
 from .base import StepInfo, is_tracing, register_policy
-from .fora import FORAPolicy, InteriorCachePolicy, InteriorState
+from ..interior import run_blocks
+from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 
 
 @register_policy(EOCConfig)
@@ -128,6 +130,25 @@ class EOCPolicy(InteriorCachePolicy):
         elif isinstance(self.base, TeaCacheConfig):
             st.coeffs = torch.tensor(self.coefficients, dtype=torch.float32, device=dev)
 
+    def eager_schedule_step(self, st, call, streams, s_idx, rep):
+        if not isinstance(self.base, tuple):
+            return None
+        # Eager without a host step index: the mask row of the device's step and the
+        # repeated-call flag, in one read.
+        row = self.device_block_flags(st, s_idx).to(torch.long)
+        vals = torch.cat([row, rep.reshape(1).to(torch.long), s_idx.reshape(1)])
+        *flags, repeated, s = vals.tolist()  # host-read-ok: the one eager read
+        if s >= self.S:
+            raise ValueError(
+                f"fastcache: step {s} is beyond the EOC profile's {self.S} steps; sample with {self.S} steps "
+                "or calibrate a profile for this step count"
+            )
+        if repeated:  # computed in full, cache untouched (as every policy does)
+            L = self.layout.num_blocks
+            st.counts.add_(torch.tensor([1.0, 0.0, 0.0, 0.0, float(L)], device=st.counts.device))
+            return run_blocks(self.layout, call, streams, _StepExecutor(self, st, [True] * L, False, None, 0.0))
+        return self._host_step(st, call, streams, s, [bool(f) for f in flags])
+
     def device_block_flags(self, st, s_idx):
         if not isinstance(self.base, tuple):
             return None
@@ -142,18 +163,12 @@ class EOCPolicy(InteriorCachePolicy):
             thr = 0.0 if n == 1 else math.inf
             return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
         if isinstance(self.base, tuple):
-            if not is_tracing():
-                raise RuntimeError(
-                    "fastcache: EOC on a static (steps x blocks) schedule places steps on the host in eager mode; it "
-                    "needs the step index (set num_steps, or pass step_index through cache_context / "
-                    "fastcache.context). Under torch.compile the mask is indexed on the device."
-                )
-            # Under tracing the decision op only counts steps (threshold 0: every call
+            # The decision op only counts steps on the device (threshold 0: every call
             # "computes"); the mask gives each block its flag (device_block_flags).
             return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0)
         b = self.base
         head = self.layout.entries[0].module
-        x, shift, scale, eps = self.spec.modulation(head, call)
+        x, shift, scale, eps, *_ = self.spec.modulation(head, call)
         if st.prev is None:
             st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
         prev_before = st.prev.clone()

@@ -9,8 +9,9 @@ subclass hook :meth:`InteriorCachePolicy.trend` optionally correcting ``f`` (EOC
 
 Where the step is decided:
 
-* eager, FORA, step index known on the host (``num_steps`` set, or the pipeline's
-  ``step_index``): the host schedule :meth:`FORAConfig.computes` — no device read;
+* eager, FORA, step index given by the caller (the pipeline's ``cache_context(name,
+  step_index=i)`` or ``fastcache.context(model, name, step_index=i)``): the host schedule
+  :meth:`FORAConfig.computes` — no device read;
 * otherwise on the device: :func:`~fastcache.policies.steps.timestep_guard` then
   :func:`fastcache.ops.cache_decision` with ``threshold=inf, max_skips=interval-1,
   warmup`` (exactly "compute every N-th step", with device-side new-run detection);
@@ -198,6 +199,9 @@ class InteriorCachePolicy(Policy):
             cf = compute.to(torch.float32)
             st.counts.add_(torch.stack([cf, skip_f, corr, torch.zeros_like(cf), cf * self.layout.num_blocks]))
             return self._traced_step(st, call, streams, compute, store, s_idx, trend)
+        res = self.eager_schedule_step(st, call, streams, s_idx, rep)
+        if res is not None:
+            return res
         cf = compute.to(torch.float32)
         st.counts.add_(
             torch.stack([cf, skip_f, torch.zeros_like(cf), torch.zeros_like(cf), cf * self.layout.num_blocks])
@@ -216,6 +220,11 @@ class InteriorCachePolicy(Policy):
             st.cache = [None] * self.K
         ex = _StepExecutor(self, st, [bool(code & 1)] * self.layout.num_blocks, bool(code & 2), trend, self.weight)
         return run_blocks(self.layout, call, streams, ex)
+
+    def eager_schedule_step(self, st: InteriorState, call, streams, s_idx, rep):
+        """Eager, no host step index: a per-block schedule read from the device in one
+        read (EOC on a static mask). None = the whole-stack flag path."""
+        return None
 
     def _host_step(self, st: InteriorState, call, streams, s: int, hc):
         L = self.layout.num_blocks

@@ -203,13 +203,13 @@ def test_refusals():
     pix = CASES["diffusers-pixart"]()
     with pytest.raises(ValueError, match="profile was made for DiT"):
         fastcache.patch(pix.model, fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof))
-    # a static mask needs the host step index: without num_steps in the clock it cannot place steps
+    # a step index beyond the profile's steps is refused (host index given by the caller)
     mask = [[True] * 3] + [[False] * 3] * 7
-    with fastcache.patched(m, fastcache.EOCConfig(base=mask, profile=prof)) as h:
-        h.num_steps = None  # as if the run length were unknown
+    with fastcache.patched(m, fastcache.EOCConfig(base=mask, profile=prof)):
         x, ts = _direct_inputs(1, 2)
-        with pytest.raises(RuntimeError, match="needs the step\\s+index"), torch.no_grad():
-            m(x[0], ts[0], torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match="beyond the EOC profile"), torch.no_grad():
+            with fastcache.context(m, "default", step_index=prof.num_steps):
+                m(x[0], ts[0], torch.tensor([1, 2]))
     assert fastcache.EOCConfig(base=mask, profile=prof).weight == 0.005
     assert fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=prof).weight == 0.01
 
@@ -268,12 +268,14 @@ def test_host_reads_none_with_a_host_schedule_one_flag_on_a_dynamic_base():
     case = reference_dit_case()
     prof = _profile(case)
     m = case.model
-    for base, expected in ((fastcache.FORAConfig(interval=2), 0), (fastcache.TeaCacheConfig(threshold=0.3), STEPS)):
+    fora, tea = fastcache.FORAConfig(interval=2), fastcache.TeaCacheConfig(threshold=0.3)
+    for base, host_index, expected in ((fora, True, 0), (fora, False, STEPS), (tea, False, STEPS)):
         cfg = fastcache.EOCConfig(base=base, profile=prof, weight=0.5, threshold=0.0)
         with fastcache.patched(m, cfg):
             mode = HostReadMode()
+            ctx = (lambda i: fastcache.context(m, "default", step_index=i)) if host_index else None
             with mode:
-                case.sample(steps=STEPS)
+                case.sample(steps=STEPS, context=ctx)
             st = fastcache.stats(m)["contexts"]["default"]
         ours = [r for r in mode.reads if r is not None]
         assert st["corrected"] > 0
@@ -303,3 +305,28 @@ def test_fullgraph_compile_static_mask_one_cond_per_block():
     assert sc["computed_fraction"] == se["computed_fraction"] < 1
     assert frames[1] <= 2 and len(set(frames[1:])) == 1, frames
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_base_without_host_index_reads_its_row_once_per_step():
+    """Eager with no step index from the caller: the mask row of the device's step is read
+    in one host read per step, and the run equals the host-placed one bitwise."""
+    from hostreads import HostReadMode, python_level_reads
+
+    case = reference_dit_case()
+    prof = _profile(case)
+    m = case.model
+    L = len(m.blocks)
+    mask = [[True] * L] + [[s % 2 == 0 or b == 0 for b in range(L)] for s in range(1, STEPS)]
+    cfg = fastcache.EOCConfig(base=mask, profile=prof, weight=0.5, threshold=0.0)
+    outs, reads = [], []
+    for host_index in (True, False):
+        with fastcache.patched(m, cfg):
+            mode = HostReadMode()
+            ctx = (lambda i: fastcache.context(m, "default", step_index=i)) if host_index else None
+            with mode, python_level_reads() as py:
+                outs.append(case.sample(steps=STEPS, context=ctx))
+            st = fastcache.stats(m)["contexts"]["default"]
+        reads.append([r for r in mode.reads + py if r is not None])
+        assert st["corrected"] > 0
+    assert torch.equal(outs[0], outs[1])
+    assert reads[0] == [] and len(reads[1]) == STEPS

@@ -5,7 +5,8 @@
   the same timeline and bitwise the same output;
 * parity with a host reference written here from the paper (reference DiT: cache each
   block's attention and MLP outputs before gating, recompute the gates every step);
-* eager reads nothing on the host with a host-known step index, one flag otherwise;
+* eager reads nothing on the host when the caller gives the step index
+  (``fastcache.context(..., step_index=i)`` / diffusers' ``cache_context``), one flag otherwise;
 * torch.compile(fullgraph=True): no graph break, no recompilation across steps.
 """
 
@@ -37,7 +38,7 @@ def test_interval_one_is_bitwise_unpatched(case):
 
 def test_host_and_device_schedules_agree_bitwise(case):
     with fastcache.patched(case.model, fastcache.FORAConfig(interval=3, num_steps=STEPS)):
-        host = case.sample(steps=STEPS)
+        host = case.sample(steps=STEPS, context=lambda i: fastcache.context(case.model, "default", step_index=i))
         sh = fastcache.stats(case.model)["contexts"]["default"]
     with fastcache.patched(case.model, fastcache.FORAConfig(interval=3)):
         dev = case.sample(steps=STEPS)
@@ -91,11 +92,12 @@ def test_matches_paper_reference(interval, warmup):
 def test_host_schedule_reads_nothing_device_schedule_one_flag():
     case = reference_dit_case()
     m = case.model
-    for cfg, expected in ((fastcache.FORAConfig(interval=2, num_steps=8), 0), (fastcache.FORAConfig(interval=2), 8)):
-        with fastcache.patched(m, cfg):
+    for host_index, expected in ((True, 0), (False, 8)):
+        with fastcache.patched(m, fastcache.FORAConfig(interval=2, num_steps=8)):
             mode = HostReadMode()
+            ctx = (lambda i: fastcache.context(m, "default", step_index=i)) if host_index else None
             with mode:
-                case.sample(steps=8)
+                case.sample(steps=8, context=ctx)
             st = fastcache.stats(m)["contexts"]["default"]
         ours = [r for r in mode.reads if r is not None]
         assert st["skipped"] == 4

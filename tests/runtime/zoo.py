@@ -28,8 +28,13 @@ class Case:
     output: Callable[[object], torch.Tensor] = lambda o: o.sample  # noqa: E731
     batch: int = 2
 
-    def sample(self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None) -> torch.Tensor:
-        """Run a full sampling loop; returns the final latents."""
+    def sample(
+        self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None, context=None
+    ) -> torch.Tensor:
+        """Run a full sampling loop; returns the final latents. ``context(i)``: a context
+        manager around step i's call (e.g. ``fastcache.context(m, name, step_index=i)``)."""
+        import contextlib
+
         model = self.model if model is None else model
         sch = self.scheduler()
         sch.set_timesteps(steps)
@@ -37,7 +42,8 @@ class Case:
         with torch.no_grad():
             for i, t in enumerate(sch.timesteps):
                 kw = self.inputs(x, t)
-                out = self.output(model(**kw))
+                with context(i) if context is not None else contextlib.nullcontext():
+                    out = self.output(model(**kw))
                 if per_step is not None:
                     per_step(i, out)
                 x = sch.step(out, t, x).prev_sample
