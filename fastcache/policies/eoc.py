@@ -47,8 +47,8 @@ import torch
 
 from .. import ops
 from ..config import EOCConfig, FORAConfig, TeaCacheConfig
-from .base import StepInfo, is_tracing, register_policy
 from ..interior import run_blocks
+from .base import StepInfo, register_policy
 from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 
 
