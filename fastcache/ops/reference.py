@@ -207,10 +207,10 @@ def _check_residual_shapes(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: {listed} must have one shape (the cached residual has x's shape)")
 
 
-def _check_out(op: str, out: torch.Tensor, x: torch.Tensor, **inputs: torch.Tensor) -> None:
-    if out.shape != x.shape or out.dtype != x.dtype:
+def _check_out(op: str, out: torch.Tensor, like: torch.Tensor, **inputs: torch.Tensor) -> None:
+    if out.shape != like.shape or out.dtype != like.dtype:
         raise ValueError(
-            f"{op}: out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}"
+            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, got {tuple(out.shape)} {out.dtype}"
         )
     for name, t in inputs.items():
         same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()

@@ -27,6 +27,7 @@ store sits outside and is gated by the device flag.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -57,11 +58,34 @@ class TeaCacheState:
         self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
         self.coeffs: torch.Tensor | None = None
         self.aux: torch.Tensor | None = None  # AUX_* counters
+        self.out: dict[str, torch.Tensor] = {}  # eager skipped-step output per cached stream (reused)
         self.num_steps = 0  # steps per run for this context (pipeline context, config or set_num_steps)
 
     def nbytes(self) -> int:
-        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values()]
+        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values(), *self.out.values()]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _output_buffer(st: TeaCacheState, name: str, like: torch.Tensor) -> torch.Tensor:
+    """The buffer a skipped step writes ``x + R`` into (a fresh large tensor costs page
+    faults on every step on CPU). Reused only when nothing outside holds the previous
+    step's output, neither the tensor nor a view of its memory; otherwise a new one, so a
+    caller that kept an earlier output never sees it overwritten."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    buf = st.out.get(name)
+    if (
+        buf is not None
+        and use_count is not None
+        and buf.shape == like.shape
+        # references: st.out, the local `buf`, getrefcount's argument; storage users: the
+        # tensor and the temporary storage object (a view elsewhere would add one)
+        and sys.getrefcount(buf) <= 3
+        and use_count(buf.untyped_storage()._cdata) <= 2
+    ):
+        return buf
+    buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+    st.out[name] = buf
+    return buf
 
 
 @register_policy(TeaCacheConfig)
@@ -91,6 +115,7 @@ class TeaCachePolicy(Policy):
         # (PREV_T = -inf, so the next decision is a forced compute). Never mix.
         st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
         st.residuals = {n: torch.zeros_like(streams[n], memory_format=torch.contiguous_format) for n in cached}
+        st.out = {}
         st.state = ops.new_state(st.history, device=x.device)
         st.coeffs = torch.tensor(self.coefficients, dtype=torch.float32, device=x.device)
         if st.aux is None or st.aux.device != x.device:
@@ -187,7 +212,7 @@ class TeaCachePolicy(Policy):
             return result
         result = dict(streams)
         for n, r in zip(cached, residuals):
-            result[n] = ops.apply_residual(streams[n], r)
+            result[n] = ops.apply_residual(streams[n], r, out=_output_buffer(st, n, r))
         return result
 
     def state_stats(self, st: TeaCacheState) -> dict:

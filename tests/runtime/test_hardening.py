@@ -484,3 +484,38 @@ def test_cache_context_num_inference_steps_gives_the_forced_last_step():
                 x = sch.step(out, t, x).prev_sample
         tl = fastcache.stats(m)["contexts"]["cond"]["timeline"]
     assert tl == [True] + [False] * 6 + [True]
+
+
+def test_skipped_steps_reuse_an_owned_output_buffer_unless_someone_holds_it():
+    """Eager skipped steps write x + R into a buffer the policy keeps; a kept output (or a
+    view of it) is never overwritten by a later step."""
+    case = reference_dit_case()
+    m = case.model
+    x = case.latents(torch.Generator().manual_seed(0))
+    seen = []
+    hook = m.final_layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=100.0)) as h, torch.no_grad():
+            m(**case.inputs(x, torch.tensor(900.0)))  # computed
+            for i, t in enumerate((890.0, 880.0, 870.0)):  # skipped
+                m(**case.inputs(x + 0.01 * i, torch.tensor(t)))
+            buf = h.contexts["default"].out["x"]
+            kept = [s.clone() for s in seen]
+    finally:
+        hook.remove()
+    # the hook held every stack output: no buffer could be reused, nothing was overwritten
+    assert all(torch.equal(a, b) for a, b in zip(seen, kept))
+    assert len({s.data_ptr() for s in seen[1:]}) == 3
+    assert buf is seen[-1]
+
+    seen.clear()
+    ptrs = []
+    hook = m.final_layer.register_forward_pre_hook(lambda mod, args: ptrs.append(args[0].data_ptr()))
+    try:
+        with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=100.0)), torch.no_grad():
+            m(**case.inputs(x, torch.tensor(900.0)))
+            for i, t in enumerate((890.0, 880.0, 870.0)):
+                m(**case.inputs(x + 0.01 * i, torch.tensor(t)))
+    finally:
+        hook.remove()
+    assert len(set(ptrs[1:])) == 1  # nobody kept them: one buffer for every skipped step
