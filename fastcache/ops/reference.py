@@ -210,7 +210,8 @@ def _check_residual_shapes(op: str, **tensors: torch.Tensor) -> None:
 def _check_out(op: str, out: torch.Tensor, like: torch.Tensor, **inputs: torch.Tensor) -> None:
     if out.shape != like.shape or out.dtype != like.dtype:
         raise ValueError(
-            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, got {tuple(out.shape)} {out.dtype}"
+            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, "
+            f"got {tuple(out.shape)} {out.dtype}"
         )
     for name, t in inputs.items():
         same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
