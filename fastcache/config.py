@@ -143,8 +143,11 @@ class FORAConfig(CacheConfig):
     Args:
         interval: N >= 1 (paper default 3).
         warmup_steps: leading steps always computed (>= 1: step 0 has no cache).
-        num_steps: steps per run, when known: lets the eager path place each step on
-            the host (no device read at all) and flags runs of another length in stats.
+        num_steps: steps per run, when known: flags runs of another length in stats.
+            The eager path places steps on the host (no device read at all) when the caller
+            gives the step index (``cache_context(name, step_index=i)`` or
+            ``fastcache.context(model, name, step_index=i)``); otherwise it reads one flag
+            per step.
         history: steps of decision timeline kept for ``fastcache.stats``.
     """
 
