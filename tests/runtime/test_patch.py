@@ -207,7 +207,7 @@ def test_stats_and_reset(dit):
         assert d["computed"] + d["skipped"] == d["steps"] == 12 == len(d["timeline"])
         assert d["computed"] == sum(d["timeline"])
         st = h.contexts["default"]
-        bufs = (st.prev, st.residuals["hidden_states"], st.state, st.coeffs, st.aux)
+        bufs = (st.prev, st.residuals["hidden_states"], st.state, st.coeffs, st.aux, *st.out.values())
         expected = sum(b.nbytes for b in bufs)
         assert d["cache_bytes"] == expected > 0
         fastcache.reset(m)
