@@ -775,6 +775,7 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "rel_l1_sums": (x, p.clone(), True),
             "cache_decision": (torch.rand(B, 2), torch.tensor([10.0]), torch.tensor([1.0, 0.5]),
                                ref.new_state(8), 0.3, 1, 0, 0),
+            "timestep_guard": (torch.tensor([10.0]), ref.new_state(8), ref.new_aux(), 1e-5, 1e-7, 4),
             "gated_residual": (x, g, p, torch.randn(N, D).to(dt), 0.1),
             "apply_residual": (x, p),
             "store_residual": (x, p, torch.tensor(True), torch.zeros(B, N, D).to(dt)),
