@@ -107,7 +107,7 @@ def _modulated_rel_l1_kernel(
     tl.store(out, num)
     tl.store(out + 1, den)
     if HAS_HOLD:  # timestep_guard's repeat flag, read on the device: set = prev kept
-        mask = mask & (tl.load(hold_ptr) == 0)
+        mask = tl.where(tl.load(hold_ptr) == 0, mask, False)  # (`mask & scalar` trips the interpreter)
     tl.store(prev_ptr + offs, m.to(prev_ptr.dtype.element_ty), mask=mask)
 
 

@@ -75,7 +75,7 @@ def _rel_l1_partials_kernel(
     tl.store(out + 1, den)
     if WRITE_PREV:
         if HAS_HOLD:  # timestep_guard's repeat flag, read on the device: set = prev kept
-            mask = mask & (tl.load(hold_ptr) == 0)
+            mask = tl.where(tl.load(hold_ptr) == 0, mask, False)  # (`mask & scalar` trips the interpreter)
         tl.store(prev_ptr + base + offs, x.to(prev_ptr.dtype.element_ty), mask=mask)
 
 
