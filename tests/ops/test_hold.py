@@ -177,7 +177,11 @@ def _cpp_variants(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "dtype, prev_dtype, transposed",
-    [(torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, True), (torch.float32, torch.float16, False)],
+    [
+        (torch.float32, torch.float32, False),
+        (torch.bfloat16, torch.bfloat16, True),
+        (torch.float32, torch.float16, False),
+    ],
     ids=["fp32", "bf16-strided", "fp32-prev-fp16"],
 )
 def test_modulated_hold(backend, dtype, prev_dtype, transposed):
@@ -236,7 +240,9 @@ def test_hold_must_be_one_bool(backend):
     with pytest.raises((ValueError, RuntimeError), match="hold must be a 0-dim bool"):
         fns["rel_l1_sums"](x, x.clone(), True, torch.tensor([1.0]))
     with pytest.raises((ValueError, RuntimeError), match="hold must be a 0-dim bool"):
-        fns["cache_decision"](SUMS, torch.tensor([1.0]), COEFFS, ops.new_state(4), 0.2, 1, 0, 0, torch.ones(2, dtype=torch.bool))
+        fns["cache_decision"](
+            SUMS, torch.tensor([1.0]), COEFFS, ops.new_state(4), 0.2, 1, 0, 0, torch.ones(2, dtype=torch.bool)
+        )
 
 
 def test_public_wrappers_check_their_arguments():
@@ -357,7 +363,9 @@ def _guarded_decision(x, shift, scale, prev, t, coeffs, state, aux):
 def test_guard_indicator_decision_compile_fullgraph():
     def inputs():
         x, shift, scale, prev = _mod_inputs(torch.float32, torch.float32)
-        return dict(shift=shift, scale=scale, prev=prev, coeffs=COEFFS.clone(), state=ops.new_state(16), aux=ops.new_aux())
+        return dict(
+            shift=shift, scale=scale, prev=prev, coeffs=COEFFS.clone(), state=ops.new_state(16), aux=ops.new_aux()
+        )
 
     eager_kw, comp_kw = inputs(), inputs()
     x = _mod_inputs(torch.float32, torch.float32)[0]

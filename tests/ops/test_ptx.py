@@ -76,7 +76,8 @@ def _variants():
     )
     out.append(("decision[t=fp32,hold]", launch))
     for tdt, steps in ((torch.float32, 28), (torch.float32, 0), (torch.int64, 28)):
-        launch = decision.plan_timestep_guard(torch.tensor([999.0]).to(tdt), state, torch.zeros(4), 1e-5, 1e-7, steps)[0]
+        t = torch.tensor([999.0]).to(tdt)
+        launch = decision.plan_timestep_guard(t, state, torch.zeros(4), 1e-5, 1e-7, steps)[0]
         out.append((f"timestep_guard[t={name(tdt)},num_steps={steps}]", launch))
     for dt in lowp:
         for lay, x in layouts(dt).items():
