@@ -331,6 +331,15 @@ def test_no_host_read_in_the_triton_launchers(monkeypatch):
 
 
 # --------------------------------------------------------------------- opcheck, compile
+def test_guard_cpu_kernel_is_the_extensions():
+    action, why = cpp_expectation(ops.BACKEND.as_dict(), os.environ)
+    if action == "skip":
+        pytest.skip(why)
+    dump = torch._C._dispatch_dump("fastcache::timestep_guard")
+    cpu_line = next(line for line in dump.splitlines() if line.startswith("CPU"))
+    assert "bindings.cpp" in cpu_line, f"the CPU kernel of fastcache::timestep_guard is not the extension's: {cpu_line}"
+
+
 def _opcheck_samples():
     x, shift, scale, prev = _mod_inputs(torch.float32, torch.float32)
     st = ops.new_state(8)
