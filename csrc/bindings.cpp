@@ -31,6 +31,7 @@ void register_cpu_kernels() {
   m->impl("modulated_rel_l1_sums", TORCH_FN(fastcache::modulated_rel_l1_sums));
   m->impl("rel_l1_sums", TORCH_FN(fastcache::rel_l1_sums));
   m->impl("cache_decision", TORCH_FN(fastcache::cache_decision));
+  m->impl("timestep_guard", TORCH_FN(fastcache::timestep_guard));
   m->impl("gated_residual", TORCH_FN(fastcache::gated_residual));
   m->impl("gated_residual_out", TORCH_FN(fastcache::gated_residual_out));
   m->impl("apply_residual", TORCH_FN(fastcache::apply_residual));
@@ -65,14 +66,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }
 
   m.def("modulated_rel_l1_sums", &fastcache::modulated_rel_l1_sums, py::arg("x"), py::arg("shift"), py::arg("scale"),
-        py::arg("eps"), py::arg("prev"),
-        "LN(x)*(1+scale)+shift vs prev: (B, 2) [sum|m-prev|, sum|prev|]; prev <- m. x, prev (B, N, D); shift, "
-        "scale (B, D).");
+        py::arg("eps"), py::arg("prev"), py::arg("hold") = py::none(),
+        "LN(x)*(1+scale)+shift vs prev: (B, 2) [sum|m-prev|, sum|prev|]; prev <- m unless hold. x, prev (B, N, D); "
+        "shift, scale (B, D).");
   m.def("rel_l1_sums", &fastcache::rel_l1_sums, py::arg("x"), py::arg("prev"), py::arg("write_prev"),
-        "(B, 2) [sum|x-prev|, sum|prev|] per batch element; prev <- x if write_prev.");
+        py::arg("hold") = py::none(),
+        "(B, 2) [sum|x-prev|, sum|prev|] per batch element; prev <- x if write_prev and not hold.");
   m.def("cache_decision", &fastcache::cache_decision, py::arg("sums"), py::arg("timestep"), py::arg("coeffs"),
         py::arg("state"), py::arg("threshold"), py::arg("warmup"), py::arg("max_skips"), py::arg("num_steps"),
-        "One TeaCache decision on the state tensor (updated in place); returns a 0-dim bool, True = compute.");
+        py::arg("hold") = py::none(),
+        "One TeaCache decision on the state tensor (updated in place); returns a 0-dim bool, True = compute. "
+        "hold set: state untouched, True.");
+  m.def("timestep_guard", &fastcache::timestep_guard, py::arg("timestep"), py::arg("state"), py::arg("aux"),
+        py::arg("rtol"), py::arg("atol"), py::arg("num_steps"),
+        "(t_op (1,) fp32, hold 0-dim bool): the timestep the decision sees and the repeated-call flag; aux "
+        "counters updated in place.");
   m.def("gated_residual", &fastcache::gated_residual, py::arg("x"), py::arg("gate"), py::arg("cached"),
         py::arg("trend"), py::arg("w"), "x + gate[:, None] * (cached * (1 + w * trend)) in fp32, x.dtype out.");
   m.def("gated_residual_out", &fastcache::gated_residual_out, py::arg("x"), py::arg("gate"), py::arg("cached"),

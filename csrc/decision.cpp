@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -41,9 +42,10 @@ float first_as_float(const at::Tensor& t) {
 
 at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, const at::Tensor& coeffs,
                           const at::Tensor& state, double threshold, int64_t warmup, int64_t max_skips,
-                          int64_t num_steps) {
+                          int64_t num_steps, const std::optional<at::Tensor>& hold) {
   using namespace fastcache::state;
   constexpr const char* kOp = "fastcache::cache_decision";
+  const bool held = read_hold(kOp, hold);
   CHECK_CPU(state);
   CHECK_DTYPE(state, at::kFloat);
   TORCH_CHECK(state.dim() == 1 && state.numel() >= HEADER, kOp, ": state must be a 1-D tensor of at least ", HEADER,
@@ -62,6 +64,12 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
     TORCH_CHECK(!t->is_complex(), kOp, ": ", name, " must be real, got ", dtype_str(t->scalar_type()), ".");
   }
 
+  at::Tensor flag = at::empty({}, state.options().dtype(at::kBool));
+  if (held) {
+    // a repeated evaluation of the previous step: compute, state untouched
+    *flag.data_ptr<bool>() = true;
+    return flag;
+  }
   const at::Tensor work = state.is_contiguous() ? state : state.contiguous();
   float* st = work.data_ptr<float>();
   const int64_t numel = work.numel();
@@ -117,9 +125,61 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
   st[PREV_T] = t;
   if (!work.is_same(state)) state.copy_(work);
 
-  at::Tensor flag = at::empty({}, state.options().dtype(at::kBool));
   *flag.data_ptr<bool>() = compute;
   return flag;
+}
+
+// timestep_guard: fastcache/ops/reference.py's timestep_guard as scalar fp32 code, the
+// same operations in the same order (tol = scale * rtol + atol rounded twice, no FMA).
+std::tuple<at::Tensor, at::Tensor> timestep_guard(const at::Tensor& timestep, const at::Tensor& state,
+                                                  const at::Tensor& aux, double rtol, double atol, int64_t num_steps) {
+  constexpr const char* kOp = "fastcache::timestep_guard";
+  CHECK_CPU(state);
+  CHECK_DTYPE(state, at::kFloat);
+  TORCH_CHECK(state.dim() == 1 && state.numel() >= state::HEADER, kOp, ": state must be a 1-D tensor of at least ",
+              state::HEADER, " values, got shape ", shape_str(state.sizes()),
+              ". Create it with fastcache.ops.new_state().");
+  CHECK_CPU(aux);
+  CHECK_DTYPE(aux, at::kFloat);
+  TORCH_CHECK(aux.dim() == 1 && aux.numel() >= aux::SIZE && aux.is_contiguous(), kOp,
+              ": aux must be a contiguous 1-D tensor of ", aux::SIZE, " counters, got shape ", shape_str(aux.sizes()),
+              ". Create it with fastcache.ops.new_aux().");
+  CHECK_CPU(timestep);
+  TORCH_CHECK(timestep.numel() >= 1, kOp, ": timestep must hold at least one value, got shape ",
+              shape_str(timestep.sizes()), ".");
+  TORCH_CHECK(!timestep.is_complex(), kOp, ": timestep must be real, got ", dtype_str(timestep.scalar_type()), ".");
+
+  const at::Tensor work = state.is_contiguous() ? state : state.contiguous();  // read only
+  const float* st = work.const_data_ptr<float>();
+  const auto get = [&](int64_t i) { return st[i]; };
+  float* ax = aux.data_ptr<float>();
+
+  const float t0 = first_as_float(timestep);
+  const float prev_t = get(state::PREV_T);
+  const float step = get(state::STEP);
+  const bool seen = std::isfinite(prev_t);
+  const float scale = std::max(std::abs(t0), std::abs(seen ? prev_t : 0.0f));
+  const float tol = scale * static_cast<float>(rtol) + static_cast<float>(atol);
+  const float diff = t0 - prev_t;
+  const bool same = seen && std::abs(diff) <= tol;
+  const bool rep = same && step > 0.0f;
+  const bool new_run = !seen || diff > tol;
+  const bool had_run = get(state::N_RUNS) > 0.0f;
+  const bool jitter = same && diff != 0.0f;
+  ax[aux::REPEATS] = ax[aux::REPEATS] + (rep ? 1.0f : 0.0f);
+  ax[aux::JITTER] = ax[aux::JITTER] + (jitter ? 1.0f : 0.0f);
+  const bool ended = new_run && had_run;
+  if (ended) ax[aux::LAST_RUN_STEPS] = step;
+  if (num_steps > 0) {
+    const bool mismatch = ended && step != static_cast<float>(num_steps);
+    ax[aux::RUN_LENGTH_MISMATCHES] = ax[aux::RUN_LENGTH_MISMATCHES] + (mismatch ? 1.0f : 0.0f);
+  }
+
+  at::Tensor t_op = at::empty({1}, state.options());
+  *t_op.data_ptr<float>() = same ? prev_t : t0;
+  at::Tensor hold = at::empty({}, state.options().dtype(at::kBool));
+  *hold.data_ptr<bool>() = rep;
+  return {t_op, hold};
 }
 
 }  // namespace fastcache

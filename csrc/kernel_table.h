@@ -31,9 +31,9 @@ constexpr int64_t kLanes = 32;
 // LayerNorm + modulation + rel-L1 partial sums over `rows` consecutive rows of one batch
 // element. x, prev: (rows, D) of x's / prev's dtype; shift, scale: (D,) of the
 // accumulation dtype. Writes sums[0] = sum|m - prev|, sums[1] = sum|prev| (acc dtype,
-// rows summed in order) and prev <- m.
+// rows summed in order) and, when write_prev, prev <- m (the sums do not depend on it).
 using ModulatedRowsFn = void (*)(const void* x, const void* shift, const void* scale, void* prev, int64_t rows,
-                                 int64_t D, double eps, void* sums);
+                                 int64_t D, double eps, bool write_prev, void* sums);
 
 // Rel-L1 partial sums over n contiguous elements (n is a multiple of kLanes except for the
 // last chunk of a row): sums = [sum|x - prev|, sum|prev|]; prev <- x if write_prev.

@@ -133,7 +133,7 @@ inline A reduce_lanes(A* lanes) {
 // ------------------------------------------------------------------ modulated_rel_l1_sums
 template <typename T, typename P>
 void modulated_rows(const void* x_, const void* shift_, const void* scale_, void* prev_, int64_t rows, int64_t D,
-                    double eps, void* sums_) {
+                    double eps, bool write_prev, void* sums_) {
   using A = acc_t<T>;
   using G = Geom<A>;
   using Vec = Vectorized<A>;
@@ -212,7 +212,7 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
         }
         sn.add_unit(u, sc);
         sd.add_unit(u, sh);
-        store_unit<A>(pr + o, v);
+        if (write_prev) store_unit<A>(pr + o, v);
       }
     }
     sn.spill(lanes);
@@ -222,7 +222,7 @@ void modulated_rows(const void* x_, const void* shift_, const void* scale_, void
       const A pv = static_cast<A>(pr[i]);
       lanes[i % kLanes] = lanes[i % kLanes] + std::abs(m - pv);
       lanes_den[i % kLanes] = lanes_den[i % kLanes] + std::abs(pv);
-      pr[i] = static_cast<P>(m);
+      if (write_prev) pr[i] = static_cast<P>(m);
     }
     num = num + reduce_lanes(lanes);
     den = den + reduce_lanes(lanes_den);

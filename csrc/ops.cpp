@@ -293,7 +293,7 @@ void run_add(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out) {
 
 template <typename A>
 void run_modulated(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
-                   const InPlace& prev, at::Tensor& sums) {
+                   const InPlace& prev, bool write_prev, at::Tensor& sums) {
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / D);
   const int64_t chunks = ceil_div(N, rows_per_chunk);
@@ -312,7 +312,7 @@ void run_modulated(const at::Tensor& x, const at::Tensor& shift, const at::Tenso
       const int64_t rows = std::min(rows_per_chunk, N - row0);
       const int64_t off = (b * N + row0) * D;
       const char* xp = tile_ptr(sx, b, row0, rows, D, scratch, true);
-      fn(xp, sh + b * D, sc + b * D, pp + off * p_size, rows, D, eps, &partial[c * 2]);
+      fn(xp, sh + b * D, sc + b * D, pp + off * p_size, rows, D, eps, write_prev, &partial[c * 2]);
     }
   });
   sum_partials(partial, B, chunks, sums);
@@ -377,9 +377,21 @@ void run_rel_l1(const at::Tensor& x, const InPlace& prev, bool write_prev, at::T
 
 }  // namespace
 
+bool read_hold(const char* op, const std::optional<at::Tensor>& hold) {
+  if (!hold.has_value() || !hold->defined()) return false;
+  const at::Tensor& h = *hold;
+  check_cpu(op, "hold", h);
+  TORCH_CHECK(h.scalar_type() == c10::kBool && h.numel() == 1, op,
+              ": hold must be a 0-dim bool tensor (the repeat flag from timestep_guard), got ",
+              dtype_str(h.scalar_type()), " ", shape_str(h.sizes()), ".");
+  // a CPU tensor: a plain load, not a device sync
+  return *h.const_data_ptr<bool>();
+}
+
 at::Tensor modulated_rel_l1_sums(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
-                                 const at::Tensor& prev) {
+                                 const at::Tensor& prev, const std::optional<at::Tensor>& hold) {
   constexpr const char* kOp = "fastcache::modulated_rel_l1_sums";
+  const bool held = read_hold(kOp, hold);
   CHECK_CPU(x);
   CHECK_FLOATING(x);
   CHECK_DIM(x, 3, "B, N, D");
@@ -401,16 +413,18 @@ at::Tensor modulated_rel_l1_sums(const at::Tensor& x, const at::Tensor& shift, c
   const at::Tensor scale_a = scale.to(acc).contiguous();
   const InPlace p = in_place(prev, x.scalar_type());
   if (acc == c10::kDouble) {
-    run_modulated<double>(x, shift_a, scale_a, eps, p, sums);
+    run_modulated<double>(x, shift_a, scale_a, eps, p, !held, sums);
   } else {
-    run_modulated<float>(x, shift_a, scale_a, eps, p, sums);
+    run_modulated<float>(x, shift_a, scale_a, eps, p, !held, sums);
   }
-  p.finish();
+  if (!held) p.finish();
   return sums;
 }
 
-at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_prev) {
+at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_prev,
+                       const std::optional<at::Tensor>& hold) {
   constexpr const char* kOp = "fastcache::rel_l1_sums";
+  write_prev = write_prev && !read_hold(kOp, hold);
   CHECK_CPU(x);
   CHECK_FLOATING(x);
   TORCH_CHECK(x.dim() >= 1, kOp,

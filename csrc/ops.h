@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace fastcache {
 
@@ -16,12 +17,26 @@ constexpr int64_t ACC = 0, STEP = 1, SKIPS = 2, PREV_T = 3, RATIO = 4, RESCALED 
 constexpr int64_t HEADER = 16;
 }  // namespace state
 
+// Sampling-run counters of timestep_guard (fastcache/ops/reference.py AUX_*).
+namespace aux {
+constexpr int64_t REPEATS = 0, LAST_RUN_STEPS = 1, RUN_LENGTH_MISMATCHES = 2, JITTER = 3;
+constexpr int64_t SIZE = 4;
+}  // namespace aux
+
+// `hold`: the optional 0-dim bool repeat flag of timestep_guard (a CPU tensor here, so
+// reading it is a load, not a device sync). When set, prev / the decision state are
+// left untouched (the sums are still computed; the decision returns true).
 at::Tensor modulated_rel_l1_sums(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
-                                 const at::Tensor& prev);
-at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_prev);
+                                 const at::Tensor& prev, const std::optional<at::Tensor>& hold);
+at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_prev,
+                       const std::optional<at::Tensor>& hold);
 at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, const at::Tensor& coeffs,
                           const at::Tensor& state, double threshold, int64_t warmup, int64_t max_skips,
-                          int64_t num_steps);
+                          int64_t num_steps, const std::optional<at::Tensor>& hold);
+std::tuple<at::Tensor, at::Tensor> timestep_guard(const at::Tensor& timestep, const at::Tensor& state,
+                                                  const at::Tensor& aux, double rtol, double atol, int64_t num_steps);
+// The value of an optional hold flag (false when absent), checked: one bool value on CPU.
+bool read_hold(const char* op, const std::optional<at::Tensor>& hold);
 at::Tensor gated_residual(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cached,
                           const std::optional<at::Tensor>& trend, double w);
 void gated_residual_out(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cached,

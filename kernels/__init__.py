@@ -13,6 +13,7 @@ op                         file
 modulated_rel_l1_sums      modulated_rel_l1.py
 rel_l1_sums                rel_l1.py
 cache_decision             decision.py
+timestep_guard             decision.py
 gated_residual(_out)       gated_residual.py
 apply_residual(_out)       residual.py
 store_residual             residual.py
@@ -34,6 +35,7 @@ LAUNCHERS = {
     "modulated_rel_l1_sums": modulated_rel_l1.modulated_rel_l1_sums,
     "rel_l1_sums": rel_l1.rel_l1_sums,
     "cache_decision": decision.cache_decision,
+    "timestep_guard": decision.timestep_guard,
     "gated_residual": gated_residual.gated_residual,
     "gated_residual_out": gated_residual.gated_residual_out,
     "apply_residual": residual.apply_residual,

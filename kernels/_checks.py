@@ -48,6 +48,16 @@ def check_devices(
         )
 
 
+def check_hold(op: str, hold: torch.Tensor | None) -> None:
+    """``hold`` is None or one bool value (timestep_guard's repeat flag); metadata only:
+    the kernel loads the value itself."""
+    if hold is not None and (hold.dtype != torch.bool or hold.numel() != 1):
+        raise ValueError(
+            f"{op}: hold must be a 0-dim bool tensor (the repeat flag from timestep_guard), got "
+            f"{hold.dtype} {tuple(hold.shape)}"
+        )
+
+
 def acc_is_fp64(t: torch.Tensor) -> bool:
     """fp64 inputs accumulate in fp64 (like the reference); everything else in fp32."""
     return t.dtype == torch.float64

@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Launch, check_contiguous, check_devices, to_fp32
+from ._checks import Launch, check_contiguous, check_devices, check_hold, to_fp32
 
 # Layout of the state (fastcache.ops.reference; kept in sync by tests/ops/test_triton.py).
 ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG = range(7)
 N_COMPUTED, N_SKIPPED, N_RUNS = 7, 8, 9
 STATE_HEADER = 16
 MAX_COEFFS = 8
+AUX_SIZE = 4  # timestep_guard's counters: REPEATS, LAST_RUN_STEPS, RUN_LENGTH_MISMATCHES, JITTER
 
 # FMA contraction would change the Horner bits vs the reference: never fuse here.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
@@ -56,7 +57,15 @@ def _cache_decision_kernel(
     has_last,
     has_max_skips,
     caching_off,
+    hold_ptr,
+    HAS_HOLD: tl.constexpr,
 ):
+    # hold (timestep_guard's repeat flag) is read here, on the device: when set, no store
+    # to the state happens and the flag is True (compute)
+    if HAS_HOLD:
+        keep = tl.load(hold_ptr) == 0
+    else:
+        keep = tl.full([], 1, tl.int1)
     t = tl.load(t_ptr).to(tl.float32)
     acc_prev = tl.load(state_ptr + 0)  # ACC
     step = tl.load(state_ptr + 1)  # STEP
@@ -100,24 +109,53 @@ def _cache_decision_kernel(
     cf = tl.where(compute, 1.0, 0.0)
 
     # History row `step` when it fits: ratio, acc before the reset, flag.
-    inside = step < H
+    inside = (step < H) & keep
     row = tl.where(inside, step, 0.0).to(tl.int32)
     hist = state_ptr + _HEADER + row
     tl.store(hist, ratio, mask=inside)
     tl.store(hist + H, acc, mask=inside)
     tl.store(hist + 2 * H, cf, mask=inside)
 
-    tl.store(state_ptr + 0, tl.where(compute, 0.0, acc))
-    tl.store(state_ptr + 1, step + 1.0)
-    tl.store(state_ptr + 2, tl.where(compute, 0.0, skips + 1.0))
-    tl.store(state_ptr + 3, t)
-    tl.store(state_ptr + 4, ratio)
-    tl.store(state_ptr + 5, rescaled)
-    tl.store(state_ptr + 6, cf)
-    tl.store(state_ptr + 7, n_computed + cf)
-    tl.store(state_ptr + 8, n_skipped + (1.0 - cf))
-    tl.store(state_ptr + 9, n_runs)
-    tl.store(flag_ptr, compute)
+    tl.store(state_ptr + 0, tl.where(compute, 0.0, acc), mask=keep)
+    tl.store(state_ptr + 1, step + 1.0, mask=keep)
+    tl.store(state_ptr + 2, tl.where(compute, 0.0, skips + 1.0), mask=keep)
+    tl.store(state_ptr + 3, t, mask=keep)
+    tl.store(state_ptr + 4, ratio, mask=keep)
+    tl.store(state_ptr + 5, rescaled, mask=keep)
+    tl.store(state_ptr + 6, cf, mask=keep)
+    tl.store(state_ptr + 7, n_computed + cf, mask=keep)
+    tl.store(state_ptr + 8, n_skipped + (1.0 - cf), mask=keep)
+    tl.store(state_ptr + 9, n_runs, mask=keep)
+    tl.store(flag_ptr, compute | (keep == 0))
+
+
+@triton.jit
+def _timestep_guard_kernel(
+    t_ptr, state_ptr, aux_ptr, t_op_ptr, hold_ptr, rtol, atol, num_steps, HAS_NUM_STEPS: tl.constexpr
+):
+    """fastcache.ops.reference.timestep_guard as one program: fp32 scalar math in the
+    reference's order (tol = scale * rtol + atol, two roundings: launched without FMA)."""
+    t0 = tl.load(t_ptr).to(tl.float32)
+    step = tl.load(state_ptr + 1)  # STEP
+    prev_t = tl.load(state_ptr + 3)  # PREV_T
+    n_runs = tl.load(state_ptr + 9)  # N_RUNS
+    seen = tl.abs(prev_t) < float("inf")  # isfinite (False for NaN too)
+    scale = tl.maximum(tl.abs(t0), tl.abs(tl.where(seen, prev_t, 0.0)))
+    tol = scale * rtol + atol
+    diff = t0 - prev_t
+    same = seen & (tl.abs(diff) <= tol)
+    rep = same & (step > 0.0)
+    new_run = (seen == 0) | (diff > tol)
+    jitter = same & (diff != 0.0)
+    ended = new_run & (n_runs > 0.0)
+    tl.store(aux_ptr + 0, tl.load(aux_ptr + 0) + tl.where(rep, 1.0, 0.0))  # AUX_REPEATS
+    tl.store(aux_ptr + 1, tl.where(ended, step, tl.load(aux_ptr + 1)))  # AUX_LAST_RUN_STEPS
+    if HAS_NUM_STEPS:
+        mismatch = ended & (step != num_steps)
+        tl.store(aux_ptr + 2, tl.load(aux_ptr + 2) + tl.where(mismatch, 1.0, 0.0))  # AUX_RUN_LENGTH_MISMATCHES
+    tl.store(aux_ptr + 3, tl.load(aux_ptr + 3) + tl.where(jitter, 1.0, 0.0))  # AUX_JITTER
+    tl.store(t_op_ptr, tl.where(same, prev_t, t0))
+    tl.store(hold_ptr, rep)
 
 
 def cache_decision(
@@ -129,13 +167,15 @@ def cache_decision(
     warmup: int,
     max_skips: int,
     num_steps: int,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Schema ``cache_decision(Tensor sums, Tensor timestep, Tensor coeffs, Tensor(a!) state,
-    float threshold, int warmup, int max_skips, int num_steps) -> Tensor``.
+    float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None) -> Tensor``.
 
     sums ``(B, 2)`` or ``(2,)`` fp32; timestep: any shape, element 0 is read on the
     device (int timesteps are cast to fp32 on the device first); coeffs ``(K,)`` fp32,
-    ``K <= 8``; state 1-D fp32 from ``fastcache.ops.new_state``. Returns a 0-dim bool
+    ``K <= 8``; state 1-D fp32 from ``fastcache.ops.new_state``; hold ``None`` or a one-value
+    bool (loaded by the kernel: set = state untouched, True returned). Returns a 0-dim bool
     on the state's device (True = compute). See :func:`fastcache.ops.reference.cache_decision`.
     """
     op = "cache_decision"
@@ -163,13 +203,14 @@ def cache_decision(
         )
     for name, t in (("sums", sums), ("coeffs", coeffs), ("state", state)):
         check_contiguous(op, name, t)
-    check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs)
-    launch, flag = plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps)
+    check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs, hold=hold)
+    check_hold(op, hold)
+    launch, flag = plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold)
     launch.run()
     return flag
 
 
-def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps):
+def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None):
     """The single-program launch of the decision and its 0-dim bool output (checked args)."""
     if not timestep.is_floating_point():
         # Device-side cast (an int tensor cannot be loaded as fp32); no host read.
@@ -181,5 +222,50 @@ def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_sk
     args = (
         sums, timestep, coeffs, state, flag, B, coeffs.numel(), H, to_fp32(threshold), max(int(warmup), 1),
         int(num_steps) - 1, int(max_skips), int(int(num_steps) > 0), int(int(max_skips) > 0), int(threshold <= 0),
+        flag if hold is None else hold,  # an unused pointer when there is no hold
     )  # fmt: skip
-    return Launch(_cache_decision_kernel, (1,), args, {}, {"num_warps": 1, **COMPILE_OPTIONS}), flag
+    constexprs = {"HAS_HOLD": hold is not None}
+    return Launch(_cache_decision_kernel, (1,), args, constexprs, {"num_warps": 1, **COMPILE_OPTIONS}), flag
+
+
+def timestep_guard(
+    timestep: torch.Tensor, state: torch.Tensor, aux: torch.Tensor, rtol: float, atol: float, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Schema ``timestep_guard(Tensor timestep, Tensor state, Tensor(a!) aux, float rtol, float atol,
+    int num_steps) -> (Tensor, Tensor)``.
+
+    timestep: any shape, element 0 read on the device; state: 1-D fp32 decision state
+    (read only); aux: contiguous ``(AUX_SIZE,)`` fp32 counters (updated in place). Returns
+    ``(t_op (1,) fp32, hold 0-dim bool)`` on the state's device. See
+    :func:`fastcache.ops.reference.timestep_guard`.
+    """
+    op = "timestep_guard"
+    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
+        raise ValueError(
+            f"{op}: state must be a 1-D fp32 tensor from fastcache.ops.new_state(), got "
+            f"{state.dtype} {tuple(state.shape)}"
+        )
+    if aux.dtype != torch.float32 or aux.dim() != 1 or aux.numel() < AUX_SIZE:
+        raise ValueError(
+            f"{op}: aux must be a 1-D fp32 tensor of {AUX_SIZE} counters from fastcache.ops.new_aux(), got "
+            f"{aux.dtype} {tuple(aux.shape)}"
+        )
+    if timestep.numel() < 1:
+        raise ValueError(f"{op}: timestep must hold at least one value, got shape {tuple(timestep.shape)}")
+    for name, t in (("state", state), ("aux", aux)):
+        check_contiguous(op, name, t)
+    check_devices(op, "state", state, aux=aux, timestep=timestep)
+    launch, t_op, hold = plan_timestep_guard(timestep, state, aux, rtol, atol, num_steps)
+    launch.run()
+    return t_op, hold
+
+
+def plan_timestep_guard(timestep, state, aux, rtol, atol, num_steps):
+    """The single-program launch of the guard and its ``(1,)`` fp32 / 0-dim bool outputs."""
+    if not timestep.is_floating_point():
+        timestep = timestep.reshape(-1)[:1].to(torch.float32)  # device-side cast, no host read
+    t_op = torch.empty((1,), dtype=torch.float32, device=state.device)
+    hold = torch.empty((), dtype=torch.bool, device=state.device)
+    args = (timestep, state, aux, t_op, hold, to_fp32(rtol), to_fp32(atol), float(int(num_steps)))
+    constexprs = {"HAS_NUM_STEPS": int(num_steps) > 0}
+    return Launch(_timestep_guard_kernel, (1,), args, constexprs, {"num_warps": 1, **COMPILE_OPTIONS}), t_op, hold

@@ -33,6 +33,7 @@ from ._checks import (
     check_contiguous,
     check_devices,
     check_float,
+    check_hold,
     next_pow2,
     sums_dtype,
 )
@@ -58,9 +59,11 @@ def _modulated_rel_l1_kernel(
     sxb,
     sxn,
     sxd,
+    hold_ptr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    HAS_HOLD: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     pid_b = tl.program_id(0).to(tl.int64)
@@ -103,6 +106,8 @@ def _modulated_rel_l1_kernel(
     out = partials_ptr + (pid_b * P + pid_n) * 2
     tl.store(out, num)
     tl.store(out + 1, den)
+    if HAS_HOLD:  # timestep_guard's repeat flag, read on the device: set = prev kept
+        mask = tl.where(tl.load(hold_ptr) == 0, mask, False)  # (`mask & scalar` trips the interpreter)
     tl.store(prev_ptr + offs, m.to(prev_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,11 +117,13 @@ def modulated_rel_l1_sums(
     scale: torch.Tensor,
     eps: float,
     prev: torch.Tensor,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Schema ``modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev) -> Tensor``.
+    """Schema ``modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev,
+    Tensor? hold=None) -> Tensor``.
 
     x, prev ``(B, N, D)``; shift, scale ``(B, D)``; x any strides, the others contiguous;
-    any float dtypes.
+    any float dtypes; hold ``None`` or a one-value bool the kernel loads (set = prev kept).
     Returns ``(B, 2)`` fp32 (fp64 for fp64 x) and writes ``prev`` in place.
     See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
     """
@@ -140,7 +147,8 @@ def modulated_rel_l1_sums(
             )
     for name, t in (("shift", shift), ("scale", scale), ("prev", prev)):
         check_contiguous(op, name, t)
-    check_devices(op, "x", x, shift=shift, scale=scale, prev=prev)
+    check_devices(op, "x", x, shift=shift, scale=scale, prev=prev, hold=hold)
+    check_hold(op, hold)
     if D > MAX_D:
         raise ValueError(
             f"{op}: D={D} channels exceeds the Triton kernel's whole-row tile ({MAX_D}); "
@@ -150,12 +158,12 @@ def modulated_rel_l1_sums(
     if x.numel() == 0:
         # No rows: nothing to normalise, both sums are empty sums.
         return torch.zeros((B, 2), dtype=out_dtype, device=x.device)
-    launch, partials = plan_modulated_rel_l1(x, shift, scale, eps, prev)
+    launch, partials = plan_modulated_rel_l1(x, shift, scale, eps, prev, hold)
     launch.run()
     return finish_sums(partials)
 
 
-def plan_modulated_rel_l1(x, shift, scale, eps, prev) -> tuple[Launch, torch.Tensor]:
+def plan_modulated_rel_l1(x, shift, scale, eps, prev, hold=None) -> tuple[Launch, torch.Tensor]:
     """The launch of the partial-sums kernel and its ``(B, P, 2)`` output (checked, numel > 0)."""
     B, N, D = x.shape
     BLOCK_D = next_pow2(D)
@@ -163,7 +171,8 @@ def plan_modulated_rel_l1(x, shift, scale, eps, prev) -> tuple[Launch, torch.Ten
     P = triton.cdiv(N, BLOCK_N)
     partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
     tile = BLOCK_N * BLOCK_D
-    args = (x, shift, scale, prev, partials, N, D, P, float(eps), *x.stride())
-    constexprs = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "ACC_FP64": acc_is_fp64(x)}
+    hold_arg = partials if hold is None else hold  # an unused pointer when there is no hold
+    args = (x, shift, scale, prev, partials, N, D, P, float(eps), *x.stride(), hold_arg)
+    constexprs = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "ACC_FP64": acc_is_fp64(x), "HAS_HOLD": hold is not None}
     options = {"num_warps": 4 if tile <= 2048 else (8 if tile <= 8192 else 16)}
     return Launch(_modulated_rel_l1_kernel, (B, P), args, constexprs, options), partials

@@ -27,6 +27,7 @@ from ._checks import (
     check_contiguous,
     check_devices,
     check_float,
+    check_hold,
     next_pow2,
     sums_dtype,
     view3,
@@ -47,10 +48,12 @@ def _rel_l1_partials_kernel(
     sxb,
     sxn,
     sxd,
+    hold_ptr,
     BLOCK: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     X_FLAT: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    HAS_HOLD: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     pid_b = tl.program_id(0).to(tl.int64)
@@ -71,11 +74,17 @@ def _rel_l1_partials_kernel(
     tl.store(out, num)
     tl.store(out + 1, den)
     if WRITE_PREV:
+        if HAS_HOLD:  # timestep_guard's repeat flag, read on the device: set = prev kept
+            mask = tl.where(tl.load(hold_ptr) == 0, mask, False)  # (`mask & scalar` trips the interpreter)
         tl.store(prev_ptr + base + offs, x.to(prev_ptr.dtype.element_ty), mask=mask)
 
 
-def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.Tensor:
-    """Schema ``rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev) -> Tensor``.
+def rel_l1_sums(
+    x: torch.Tensor, prev: torch.Tensor, write_prev: bool, hold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Schema ``rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev, Tensor? hold=None) -> Tensor``.
+
+    hold: ``None`` or a one-value bool the kernel loads (set = prev not written).
 
     x, prev: same shape ``(B, ...)``; x any strides (viewable as (B, M // D, D), D its
     last dim; otherwise copied), prev contiguous; any float dtype each. Returns ``(B, 2)``
@@ -93,16 +102,17 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.
             f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
         )
     check_contiguous(op, "prev", prev)
-    check_devices(op, "x", x, prev=prev)
+    check_devices(op, "x", x, prev=prev, hold=hold)
+    check_hold(op, hold)
     B = x.shape[0]
     if B == 0:
         return torch.empty((0, 2), dtype=sums_dtype(x), device=x.device)
-    launch, partials = plan_rel_l1(x, prev, write_prev)
+    launch, partials = plan_rel_l1(x, prev, write_prev, hold)
     launch.run()
     return finish_sums(partials)
 
 
-def plan_rel_l1(x, prev, write_prev) -> tuple[Launch, torch.Tensor]:
+def plan_rel_l1(x, prev, write_prev, hold=None) -> tuple[Launch, torch.Tensor]:
     """The launch of the partial-sums kernel and its ``(B, P, 2)`` output (checked, B > 0)."""
     B = x.shape[0]
     M = x.numel() // B
@@ -113,6 +123,13 @@ def plan_rel_l1(x, prev, write_prev) -> tuple[Launch, torch.Tensor]:
     BLOCK = min(next_pow2(M), _BLOCK_MAX)
     P = max(triton.cdiv(M, BLOCK), 1)  # M == 0: one all-masked program per sample -> zeros
     partials = torch.empty((B, P, 2), dtype=sums_dtype(x), device=x.device)
-    args = (x3, prev, partials, M, P, DL, *strides)
-    constexprs = {"BLOCK": BLOCK, "WRITE_PREV": bool(write_prev), "X_FLAT": flat, "ACC_FP64": acc_is_fp64(x)}
+    has_hold = hold is not None and bool(write_prev)  # without a write there is nothing to hold
+    args = (x3, prev, partials, M, P, DL, *strides, hold if has_hold else partials)
+    constexprs = {
+        "BLOCK": BLOCK,
+        "WRITE_PREV": bool(write_prev),
+        "X_FLAT": flat,
+        "ACC_FP64": acc_is_fp64(x),
+        "HAS_HOLD": has_hold,
+    }
     return Launch(_rel_l1_partials_kernel, (B, P), args, constexprs, {"num_warps": 8 if BLOCK >= 4096 else 4}), partials

@@ -12,8 +12,10 @@ Example::
 
     prev = torch.zeros_like(x)                       # (B, N, D), device-resident
     state = fastcache.ops.new_state(device=x.device)
-    sums = fastcache.ops.modulated_rel_l1_sums(x, shift, scale, prev)     # (B, 2)
-    flag = fastcache.ops.cache_decision(sums, t, coeffs, state, threshold=0.25)
+    aux = fastcache.ops.new_aux(device=x.device)
+    t_op, hold = fastcache.ops.timestep_guard(t, state, aux, num_steps=28)   # repeated call?
+    sums = fastcache.ops.modulated_rel_l1_sums(x, shift, scale, prev, hold=hold)     # (B, 2)
+    flag = fastcache.ops.cache_decision(sums, t_op, coeffs, state, threshold=0.25, hold=hold)
     h = fastcache.ops.apply_residual(h, residual, out=h)                 # skipped step, in place
 """
 
@@ -23,23 +25,45 @@ import torch
 
 from . import _library, reference
 from ._library import BACKEND, SCHEMAS
-from .reference import MAX_COEFFS, STATE_HEADER, history_len, new_state
+from .reference import (
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    MAX_COEFFS,
+    STATE_HEADER,
+    TIMESTEP_ATOL,
+    TIMESTEP_RTOL,
+    history_len,
+    new_aux,
+    new_state,
+)
 
 __all__ = [
+    "AUX_JITTER",
+    "AUX_LAST_RUN_STEPS",
+    "AUX_REPEATS",
+    "AUX_RUN_LENGTH_MISMATCHES",
+    "AUX_SIZE",
     "BACKEND",
     "SCHEMAS",
     "MAX_COEFFS",
     "STATE_HEADER",
+    "TIMESTEP_ATOL",
+    "TIMESTEP_RTOL",
     "apply_residual",
     "cache_decision",
     "gated_residual",
     "history_len",
     "modulated_rel_l1_sums",
+    "new_aux",
     "new_state",
     "reference",
     "rel_l1_ratio",
     "rel_l1_sums",
     "store_residual",
+    "timestep_guard",
 ]
 
 _ops = torch.ops.fastcache
@@ -101,13 +125,33 @@ def _per_sample_vec(name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
     return v.expand(B, D).contiguous()
 
 
+def _check_hold(hold: torch.Tensor | None, ref: torch.Tensor) -> None:
+    if hold is None:
+        return
+    if hold.dtype != torch.bool or hold.numel() != 1:
+        raise ValueError(
+            f"hold must be a 0-dim bool tensor (the second output of timestep_guard), got {hold.dtype} "
+            f"{tuple(hold.shape)}"
+        )
+    if hold.device != ref.device:
+        raise ValueError(f"hold is on {hold.device} but the op's tensors are on {ref.device}; move it there")
+
+
 def modulated_rel_l1_sums(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, prev: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    prev: torch.Tensor,
+    eps: float = 1e-6,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused ``m = LN(x)*(1+scale)+shift``; per-sample ``[sum|m-prev|, sum|prev|]``; ``prev <- m``.
 
     x, prev: ``(B, N, D)``; shift, scale: ``(B, D)`` (or broadcastable, see above).
-    Returns ``(B, 2)`` fp32. See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
+    ``hold``: optional 0-dim bool device flag (from :func:`timestep_guard`): when true,
+    ``prev`` is not written (a repeated call must not move the indicator); the sums are
+    computed either way. Returns ``(B, 2)`` fp32. See
+    :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, D) hidden states, got shape {tuple(x.shape)}")
@@ -125,16 +169,21 @@ def modulated_rel_l1_sums(
     scale = _per_sample_vec("scale", scale, B, D)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
+    _check_hold(hold, x)
     # x goes in with its strides (a transposed patch-embedding view is read in place,
     # not copied whole every step); see _compiled_layout for torch.compile
-    return _ops.modulated_rel_l1_sums(_compiled_layout(x), shift, scale, float(eps), prev)
+    return _ops.modulated_rel_l1_sums(_compiled_layout(x), shift, scale, float(eps), prev, hold)
 
 
-def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) -> torch.Tensor:
+def rel_l1_sums(
+    x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True, hold: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sample ``[sum|x-prev|, sum|prev|]`` of an indicator of any shape ``(B, ...)``.
 
     ``x`` may have any strides (read in its logical order, no copy for 1-3-D views);
-    ``prev`` must be contiguous. Returns ``(B, 2)`` fp32 (fp64 for fp64 x).
+    ``prev`` must be contiguous; ``prev <- x`` when ``write_prev`` and the optional
+    0-dim bool device flag ``hold`` (from :func:`timestep_guard`) is not set.
+    Returns ``(B, 2)`` fp32 (fp64 for fp64 x).
     """
     if x.dim() < 1:
         raise ValueError("x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)")
@@ -144,7 +193,8 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool = True) ->
     _check_device("prev", prev, x)
     if not prev.is_contiguous():
         raise ValueError("prev must be contiguous: it is written in place")
-    return _ops.rel_l1_sums(_compiled_layout(x), prev, bool(write_prev))
+    _check_hold(hold, x)
+    return _ops.rel_l1_sums(_compiled_layout(x), prev, bool(write_prev), hold)
 
 
 def rel_l1_ratio(sums: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
@@ -164,10 +214,13 @@ def cache_decision(
     warmup: int = 1,
     max_skips: int = 0,
     num_steps: int = 0,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole TeaCache decision as one device op; returns a 0-dim bool (True = compute).
 
-    See :func:`fastcache.ops.reference.cache_decision` for the exact semantics.
+    ``hold``: optional 0-dim bool device flag (from :func:`timestep_guard`): when true
+    the state is left exactly as it was and the result is True (a repeated call
+    computes). See :func:`fastcache.ops.reference.cache_decision` for the exact semantics.
     """
     if sums.dtype == torch.float64:  # fp64 models: the decision itself runs in fp32
         sums = sums.float()
@@ -182,6 +235,7 @@ def cache_decision(
     for name, t in (("sums", sums), ("coeffs", coeffs), ("timestep", timestep)):
         if t.device != state.device:
             raise ValueError(f"{name} is on {t.device} but state is on {state.device}")
+    _check_hold(hold, state)
     return _ops.cache_decision(
         sums.contiguous(),
         timestep,
@@ -191,7 +245,45 @@ def cache_decision(
         int(warmup),
         int(max_skips),
         int(num_steps),
+        hold,
     )
+
+
+def timestep_guard(
+    timestep: torch.Tensor,
+    state: torch.Tensor,
+    aux: torch.Tensor,
+    num_steps: int = 0,
+    *,
+    rtol: float = TIMESTEP_RTOL,
+    atol: float = TIMESTEP_ATOL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before a decision: ``(t_op, hold)``, the timestep the decision sees (float jitter
+    removed) and whether this call repeats the previous call's timestep.
+
+    timestep: any shape, element 0 is read on the device; state: the decision state
+    (:func:`new_state`) the decision op updates right after (read only here); aux:
+    ``(AUX_SIZE,)`` fp32 run counters (:func:`new_aux`, updated in place). Returns a
+    ``(1,)`` fp32 ``t_op`` and a 0-dim bool ``hold``, on the state's device, with no host
+    read. Pass ``t_op`` to :func:`cache_decision` and ``hold`` to the indicator and the
+    decision ops; a held call computes and must not store its residual (gate the store
+    with ``flag & ~hold``). See :func:`fastcache.ops.reference.timestep_guard`.
+    """
+    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
+        raise ValueError("state must be a 1-D fp32 tensor from fastcache.ops.new_state()")
+    if aux.dtype != torch.float32 or aux.dim() != 1 or aux.numel() < AUX_SIZE or not aux.is_contiguous():
+        raise ValueError(
+            f"aux must be a contiguous 1-D fp32 tensor of {AUX_SIZE} counters from fastcache.ops.new_aux(), "
+            f"got {aux.dtype} {tuple(aux.shape)}"
+        )
+    if timestep.numel() < 1:
+        raise ValueError("timestep must hold at least one value")
+    for name, t in (("aux", aux), ("timestep", timestep)):
+        if t.device != state.device:
+            raise ValueError(f"{name} is on {t.device} but state is on {state.device}; move it to {state.device}")
+    if not (rtol >= 0 and atol >= 0):
+        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    return _ops.timestep_guard(timestep, state, aux, float(rtol), float(atol), int(num_steps))
 
 
 def gated_residual(

@@ -32,12 +32,17 @@ NAMESPACE = "fastcache"
 
 SCHEMAS = {
     "modulated_rel_l1_sums": (
-        "modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev) -> Tensor"
+        "modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev, "
+        "Tensor? hold=None) -> Tensor"
     ),
-    "rel_l1_sums": "rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev) -> Tensor",
+    "rel_l1_sums": "rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev, Tensor? hold=None) -> Tensor",
     "cache_decision": (
         "cache_decision(Tensor sums, Tensor timestep, Tensor coeffs, Tensor(a!) state, "
-        "float threshold, int warmup, int max_skips, int num_steps) -> Tensor"
+        "float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None) -> Tensor"
+    ),
+    "timestep_guard": (
+        "timestep_guard(Tensor timestep, Tensor state, Tensor(a!) aux, float rtol, float atol, int num_steps) "
+        "-> (Tensor, Tensor)"
     ),
     "gated_residual": "gated_residual(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w) -> Tensor",
     "gated_residual_out": (
@@ -60,18 +65,23 @@ for _name in SCHEMAS:
 
 # ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("fastcache::modulated_rel_l1_sums")
-def _(x, shift, scale, eps, prev):
+def _(x, shift, scale, eps, prev, hold=None):
     return x.new_empty((x.shape[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.register_fake("fastcache::rel_l1_sums")
-def _(x, prev, write_prev):
+def _(x, prev, write_prev, hold=None):
     return x.new_empty((x.shape[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.register_fake("fastcache::cache_decision")
-def _(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps):
+def _(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None):
     return state.new_empty((), dtype=torch.bool)
+
+
+@torch.library.register_fake("fastcache::timestep_guard")
+def _(timestep, state, aux, rtol, atol, num_steps):
+    return state.new_empty((1,), dtype=torch.float32), state.new_empty((), dtype=torch.bool)
 
 
 @torch.library.register_fake("fastcache::gated_residual")

@@ -41,6 +41,17 @@ ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS =
 STATE_HEADER = 16
 MAX_COEFFS = 8
 
+# Timestep guard (:func:`timestep_guard`): two timesteps closer than
+# ``TIMESTEP_RTOL * max(|t|, |prev_t|) + TIMESTEP_ATOL`` are the same step.
+TIMESTEP_RTOL = 1e-5
+TIMESTEP_ATOL = 1e-7
+# Sampling-run counters kept on the device next to the decision state (a flat fp32
+# tensor of AUX_SIZE values, :func:`new_aux`), updated in place by the guard:
+# repeated calls, steps of the last finished run, finished runs whose length was not
+# num_steps, jitter (a timestep within the tolerance of the previous one, not equal).
+AUX_REPEATS, AUX_LAST_RUN_STEPS, AUX_RUN_LENGTH_MISMATCHES, AUX_JITTER = range(4)
+AUX_SIZE = 4
+
 
 def new_state(history: int = 1024, device=None) -> torch.Tensor:
     """A fresh decision state: zeros, PREV_T = -inf, room for ``history`` steps."""
@@ -49,6 +60,11 @@ def new_state(history: int = 1024, device=None) -> torch.Tensor:
     state = torch.zeros(STATE_HEADER + 3 * history, dtype=torch.float32, device=device)
     state[PREV_T] = -math.inf
     return state
+
+
+def new_aux(device=None) -> torch.Tensor:
+    """Fresh sampling-run counters for :func:`timestep_guard`: ``(AUX_SIZE,)`` fp32 zeros."""
+    return torch.zeros(AUX_SIZE, dtype=torch.float32, device=device)
 
 
 def history_len(state: torch.Tensor) -> int:
@@ -60,7 +76,12 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def modulated_rel_l1_sums(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, prev: torch.Tensor
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    prev: torch.Tensor,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TeaCache's indicator distance, fused with the indicator itself.
 
@@ -74,6 +95,9 @@ def modulated_rel_l1_sums(
     (the element counts cancel). The two sums are returned before the division so a
     sequence-parallel run can all-reduce them and every rank decides alike.
 
+    ``hold``: ``None`` or a 0-dim bool on x's device (:func:`timestep_guard`'s repeat
+    flag); when it is true ``prev`` is left as it was (the sums are still computed).
+
     Shapes: x, prev ``(B, N, D)``; shift, scale ``(B, D)``; returns ``(B, 2)`` fp32.
     """
     acc = _acc_dtype(x)
@@ -85,16 +109,39 @@ def modulated_rel_l1_sums(
     p = prev.to(acc)
     num = (m - p).abs().sum(dim=(1, 2))
     den = p.abs().sum(dim=(1, 2))
-    prev.copy_(m.to(prev.dtype))
+    _write_unless_held(prev, m, hold)
     return torch.stack([num, den], dim=1).to(torch.float32 if acc == torch.float32 else acc)
 
 
-def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.Tensor:
+def _write_unless_held(prev: torch.Tensor, new: torch.Tensor, hold: torch.Tensor | None) -> None:
+    """``prev <- new`` (cast to prev's dtype), or no change where the device flag ``hold``
+    is set: selected on the device, never read to the host."""
+    new = new.to(prev.dtype)
+    if hold is None:
+        prev.copy_(new)
+    else:
+        _check_hold(hold, prev)
+        prev.copy_(torch.where(hold.to(torch.bool), prev, new))
+
+
+def _check_hold(hold: torch.Tensor, ref: torch.Tensor) -> None:
+    if hold.numel() != 1 or hold.dtype != torch.bool:
+        raise ValueError(
+            f"hold must be a 0-dim bool tensor (timestep_guard's repeat flag), got {hold.dtype} {tuple(hold.shape)}"
+        )
+    if hold.device != ref.device:
+        raise ValueError(f"hold is on {hold.device} but the op's tensors are on {ref.device}; move it there")
+
+
+def rel_l1_sums(
+    x: torch.Tensor, prev: torch.Tensor, write_prev: bool, hold: torch.Tensor | None = None
+) -> torch.Tensor:
     """Relative-L1 sums of an already-computed indicator of any shape ``(B, ...)``.
 
     For models whose indicator is a timestep embedding (CogVideoX, Wan2.1) or a
     block residual (First-Block Cache). Returns ``(B, 2)``: ``sum|x - prev|``,
-    ``sum|prev|`` per batch element; ``prev <- x`` when ``write_prev``.
+    ``sum|prev|`` per batch element; ``prev <- x`` when ``write_prev`` and the
+    optional 0-dim bool device flag ``hold`` is not set.
     """
     acc = _acc_dtype(x)
     B = x.shape[0]
@@ -103,7 +150,9 @@ def rel_l1_sums(x: torch.Tensor, prev: torch.Tensor, write_prev: bool) -> torch.
     num = (xf - p).abs().sum(dim=1)
     den = p.abs().sum(dim=1)
     if write_prev:
-        prev.copy_(x.to(prev.dtype))
+        _write_unless_held(prev, x, hold)
+    elif hold is not None:
+        _check_hold(hold, prev)
     return torch.stack([num, den], dim=1)
 
 
@@ -116,6 +165,7 @@ def cache_decision(
     warmup: int,
     max_skips: int,
     num_steps: int,
+    hold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One TeaCache decision on device state (docs/methods.md, TeaCache; paper Sec. 3.3).
 
@@ -136,6 +186,9 @@ def cache_decision(
       On compute ACC = 0, SKIPS = 0; on skip ACC = acc, SKIPS += 1.
     * History row s (if s < H): ratio, acc before the reset (0 when forced by an
       invalid ratio), flag.
+    * ``hold`` (optional 0-dim bool on the state's device, :func:`timestep_guard`'s
+      repeat flag): when set, the call is a repeated evaluation of the previous step:
+      the state is left exactly as it was and the result is True (compute).
     """
     # Pure tensor math on the state's device: no value is read back to the host, so
     # this fallback is sync-free too (just unfused).
@@ -195,8 +248,65 @@ def cache_decision(
     st[N_SKIPPED] = st[N_SKIPPED] + (1 - cf)
     st[STEP] = step + 1
     st[PREV_T] = t
-    state.copy_(st)
-    return compute.clone()
+    if hold is None:
+        state.copy_(st)
+        return compute.clone()
+    _check_hold(hold, state)
+    held = hold.to(torch.bool).reshape(())
+    state.copy_(torch.where(held, state, st))
+    return compute | held
+
+
+def timestep_guard(
+    timestep: torch.Tensor,
+    state: torch.Tensor,
+    aux: torch.Tensor,
+    rtol: float,
+    atol: float,
+    num_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The timestep the decision sees, and whether this call repeats the previous one.
+
+    Runs before :func:`cache_decision` on the same ``state`` (read only: PREV_T, STEP,
+    N_RUNS) and updates the ``AUX_*`` counters of ``aux`` (``(AUX_SIZE,)`` fp32, see
+    :func:`new_aux`) in place. With ``t = timestep[0]`` (fp32), ``p = PREV_T``, ``seen =
+    p finite`` and ``tol = max(|t|, |p| if seen else 0) * rtol + atol``:
+
+    * ``same = seen and |t - p| <= tol``: the same step (float jitter included): the
+      decision is given ``p``, so a jittery rise does not start a new run;
+    * ``hold = same and STEP > 0``: a repeated evaluation (Heun/KDPM2/PNDM's second
+      call, CFG as two calls): the caller computes and leaves its cache state alone
+      (the ``hold=`` argument of the indicator and decision ops);
+    * ``new_run = not seen or t - p > tol``; a new run after a previous one
+      (N_RUNS > 0) records that run's length (STEP) in AUX_LAST_RUN_STEPS and, when
+      ``num_steps > 0`` and the length differs, counts AUX_RUN_LENGTH_MISMATCHES;
+    * AUX_REPEATS counts holds, AUX_JITTER counts ``same`` calls with ``t != p``.
+
+    Returns ``(t_op, hold)``: ``(1,)`` fp32 and a 0-dim bool on the state's device.
+    Pure tensor math (no host read); every operation rounds to fp32 like the kernels.
+    """
+    f32 = torch.float32
+    t0 = timestep.detach().reshape(-1)[:1].to(state.device, f32)
+    prev_t = state[PREV_T : PREV_T + 1]
+    seen = torch.isfinite(prev_t)
+    scale = torch.maximum(t0.abs(), torch.where(seen, prev_t, 0.0).abs())
+    tol = scale * rtol + atol
+    diff = t0 - prev_t
+    same = seen & (diff.abs() <= tol)
+    rep = same & (state[STEP : STEP + 1] > 0)
+    new_run = ~seen | (diff > tol)
+    had_run = state[N_RUNS : N_RUNS + 1] > 0
+    jitter = same & (diff != 0)
+    aux[AUX_REPEATS : AUX_REPEATS + 1].add_(rep.to(f32))
+    aux[AUX_JITTER : AUX_JITTER + 1].add_(jitter.to(f32))
+    ended = new_run & had_run
+    last = state[STEP : STEP + 1]
+    aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1].copy_(
+        torch.where(ended, last, aux[AUX_LAST_RUN_STEPS : AUX_LAST_RUN_STEPS + 1])
+    )
+    if num_steps > 0:
+        aux[AUX_RUN_LENGTH_MISMATCHES : AUX_RUN_LENGTH_MISMATCHES + 1].add_((ended & (last != num_steps)).to(f32))
+    return torch.where(same, prev_t, t0), rep.reshape(())
 
 
 def _check_residual_shapes(op: str, **tensors: torch.Tensor) -> None:

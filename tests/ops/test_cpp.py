@@ -694,8 +694,9 @@ def test_schema_mismatch_is_an_import_error_not_a_crash():
     code = f"""
         import importlib.util, torch
         lib = torch.library.Library("fastcache", "DEF")
-        lib.define("modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev) -> Tensor")
-        lib.define("rel_l1_sums(Tensor x, Tensor(a!) prev) -> Tensor")  # one argument short
+        lib.define("modulated_rel_l1_sums(Tensor x, Tensor shift, Tensor scale, float eps, Tensor(a!) prev, "
+                   "Tensor? hold=None) -> Tensor")
+        lib.define("rel_l1_sums(Tensor x, Tensor(a!) prev) -> Tensor")  # two arguments short
         spec = importlib.util.spec_from_file_location("fastcache._C", {_C.__file__!r})
         try:
             spec.loader.exec_module(importlib.util.module_from_spec(spec))

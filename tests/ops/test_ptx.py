@@ -63,6 +63,22 @@ def _variants():
             torch.rand(B, 2), torch.tensor([999.0]).to(tdt), torch.tensor([1.0, 0.5]), state, 0.25, 1, 0, 28
         )
         out.append((f"decision[t={name(tdt)}]", launch))
+    # the hold (repeated-call) variants and the timestep guard (tests/ops/test_hold.py)
+    hold = torch.tensor(True)
+    x, prev = torch.randn(B, N, D), torch.zeros(B, N, D)
+    shift, scale = torch.randn(B, D), torch.randn(B, D)
+    launch, _ = modulated_rel_l1.plan_modulated_rel_l1(x, shift, scale, 1e-6, prev, hold)
+    out.append(("modulated_rel_l1[fp32,contig,hold]", launch))
+    out.append(("rel_l1[fp32,contig,write_prev=True,hold]", rel_l1.plan_rel_l1(x, prev, True, hold)[0]))
+    state = torch.zeros(16 + 3 * 64)
+    launch, _ = decision.plan_cache_decision(
+        torch.rand(B, 2), torch.tensor([999.0]), torch.tensor([1.0, 0.5]), state, 0.25, 1, 0, 28, hold
+    )
+    out.append(("decision[t=fp32,hold]", launch))
+    for tdt, steps in ((torch.float32, 28), (torch.float32, 0), (torch.int64, 28)):
+        t = torch.tensor([999.0]).to(tdt)
+        launch = decision.plan_timestep_guard(t, state, torch.zeros(4), 1e-5, 1e-7, steps)[0]
+        out.append((f"timestep_guard[t={name(tdt)},num_steps={steps}]", launch))
     for dt in lowp:
         for lay, x in layouts(dt).items():
             gate, cached = torch.randn(B, D).to(dt), torch.randn(B, N, D).to(dt)
@@ -182,7 +198,7 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
         assert r["has_cubin"], f"{r['label']} sm_{r['cap']}: ptxas produced no cubin"
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
-                     "apply_residual", "apply_residual_out", "store_residual"}  # fmt: skip
+                     "apply_residual", "apply_residual_out", "store_residual", "timestep_guard"}  # fmt: skip
 
 
 def test_signatures_come_from_the_launchers_arguments(compiled):
@@ -195,6 +211,26 @@ def test_signatures_come_from_the_launchers_arguments(compiled):
     assert tview["sxn"] == "constexpr", "a (N*D, 1, N) view has token stride 1"
     assert by_label["gated_residual[bf16,contig,trend=none]"]["x_ptr"] == "*bf16"
     assert by_label["modulated_rel_l1[fp64,contig]"]["partials_ptr"] == "*fp64"
+    # hold: the launchers pass the bool flag itself (the kernel loads it); without it the
+    # HAS_HOLD branch is compiled out
+    for label in ("modulated_rel_l1[fp32,contig,hold]", "rel_l1[fp32,contig,write_prev=True,hold]",
+                  "decision[t=fp32,hold]"):  # fmt: skip
+        assert by_label[label]["hold_ptr"] == "*u1" and by_label[label]["HAS_HOLD"] == "constexpr", label
+    assert by_label["timestep_guard[t=fp32,num_steps=28]"]["hold_ptr"] == "*u1"
+
+
+def test_hold_is_loaded_in_the_kernel(compiled):
+    """With HAS_HOLD the kernel reads the flag on the device (a predicated 8-bit load) and
+    its stores depend on it; without it there is no such load."""
+    ptx = {r["label"]: r["ptx"] for r in compiled["results"] if r["cap"] == 90}
+    load_u8 = re.compile(r"ld\.global(\.\w+)*\.[us]8|ld\.global(\.\w+)*\.b8")
+    for with_hold, without in (
+        ("modulated_rel_l1[fp32,contig,hold]", "modulated_rel_l1[fp32,contig]"),
+        ("rel_l1[fp32,contig,write_prev=True,hold]", "rel_l1[fp32,contig,write_prev=True]"),
+        ("decision[t=fp32,hold]", "decision[t=fp32]"),
+    ):
+        assert load_u8.search(ptx[with_hold]), f"{with_hold}: no byte load of the hold flag"
+        assert not load_u8.search(ptx[without]), f"{without}: a byte load without a hold flag"
 
 
 def test_decision_ptx_is_ieee_and_uncontracted(compiled):
@@ -205,6 +241,9 @@ def test_decision_ptx_is_ieee_and_uncontracted(compiled):
     """
     assert "fma.rn.f32" in compiled["decision_fused_ptx"]
     for r in compiled["results"]:
+        if r["label"].startswith("timestep_guard"):  # tol = scale * rtol + atol, rounded twice
+            assert "fma.rn.f32" not in r["ptx"], f"{r['label']} sm_{r['cap']}: tolerance contracted into an FMA"
+            assert ".ftz" not in r["ptx"], f"{r['label']}: flushes denormals, the reference does not"
         if r["label"].startswith("decision"):
             ptx = r["ptx"]
             assert "fma.rn.f32" not in ptx, (

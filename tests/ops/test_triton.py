@@ -775,6 +775,7 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "rel_l1_sums": (x, p.clone(), True),
             "cache_decision": (torch.rand(B, 2), torch.tensor([10.0]), torch.tensor([1.0, 0.5]),
                                ref.new_state(8), 0.3, 1, 0, 0),
+            "timestep_guard": (torch.tensor([10.0]), ref.new_state(8), ref.new_aux(), 1e-5, 1e-7, 4),
             "gated_residual": (x, g, p, torch.randn(N, D).to(dt), 0.1),
             "apply_residual": (x, p),
             "store_residual": (x, p, torch.tensor(True), torch.zeros(B, N, D).to(dt)),
@@ -784,6 +785,16 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
         assert set(samples) == set(ops.SCHEMAS), "opcheck every registered op"
         for name, args in samples.items():
             torch.library.opcheck(getattr(f, name).default, args)
+    # the hold (repeated-call) forms: the Triton kernels load the flag themselves
+    st = ref.new_state(8)
+    st[3], st[1], st[9] = 20.0, 2.0, 1.0  # PREV_T, STEP, N_RUNS: mid-run
+    for h in (torch.tensor(True), torch.tensor(False)):
+        torch.library.opcheck(f.modulated_rel_l1_sums.default, (x, sh, sc, 1e-6, p.clone(), h))
+        torch.library.opcheck(f.rel_l1_sums.default, (x, p.clone(), True, h))
+        torch.library.opcheck(f.cache_decision.default, (torch.rand(B, 2), torch.tensor([10.0]),
+                              torch.tensor([1.0, 0.5]), st.clone(), 0.3, 1, 0, 0, h))
+    for t in (20.0, 20.0001, 10.0, 30.0):
+        torch.library.opcheck(f.timestep_guard.default, (torch.tensor([t]), st.clone(), ref.new_aux(), 1e-5, 1e-7, 4))
     # quick parity through the public wrappers (dispatcher -> Triton launchers)
     x, p = torch.randn(B, N, D), torch.randn(B, N, D)
     sh, sc = torch.randn(D), torch.randn(1, D)
