@@ -157,27 +157,34 @@ class EOCPolicy(InteriorCachePolicy):
             mask = self._mask[s_idx.device] = torch.tensor(self.base, dtype=torch.bool, device=s_idx.device)
         return mask.index_select(0, s_idx.clamp(max=self.S - 1))[0]
 
-    def device_decision(self, st, call, t_op):
+    def device_decision(self, st, call, t_op, hold):
         if isinstance(self.base, FORAConfig):
             n = self.base.interval
             thr = 0.0 if n == 1 else math.inf
-            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0)
+            return ops.cache_decision(
+                st.sums, t_op, st.coeffs, st.state, thr, self.base.warmup_steps, n - 1, 0, hold=hold
+            )
         if isinstance(self.base, tuple):
             # The decision op only counts steps on the device (threshold 0: every call
             # "computes"); the mask gives each block its flag (device_block_flags).
-            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0)
+            return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0, hold=hold)
         b = self.base
         head = self.layout.entries[0].module
         x, shift, scale, eps, *_ = self.spec.modulation(head, call)
         if st.prev is None:
             st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
-        prev_before = st.prev.clone()
-        sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps)
-        flag = ops.cache_decision(
-            sums, t_op, st.coeffs, st.state, b.threshold, b.warmup_steps, b.max_consecutive_skips, self.num_steps
+        sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps, hold=hold)
+        return ops.cache_decision(
+            sums,
+            t_op,
+            st.coeffs,
+            st.state,
+            b.threshold,
+            b.warmup_steps,
+            b.max_consecutive_skips,
+            self.num_steps,
+            hold=hold,
         )
-        st.prev_before = prev_before
-        return flag
 
     # -- correction ---------------------------------------------------------------------
     def trend(self, st, s_idx, last, reused=None):

@@ -51,7 +51,6 @@ class InteriorState:
         self.aux: torch.Tensor | None = None
         self.coeffs: torch.Tensor | None = None
         self.prev: torch.Tensor | None = None  # TeaCache indicator (interior TeaCache base)
-        self.prev_before: torch.Tensor | None = None  # the indicator before this step's update
         self.sums: torch.Tensor | None = None  # constant rel-L1 sums of the FORA device schedule
         self.last: torch.Tensor | None = None  # (K,) long: step whose output each slot holds
         self.counts: torch.Tensor | None = (
@@ -124,8 +123,9 @@ class InteriorCachePolicy(Policy):
         """The host decision for this step (True = compute), or None if it needs the device."""
         return None
 
-    def device_decision(self, st: InteriorState, call: dict, t_op: torch.Tensor) -> torch.Tensor:
-        """Device decision (updates ``st.state``); returns a 0-dim bool, True = compute."""
+    def device_decision(self, st: InteriorState, call: dict, t_op: torch.Tensor, hold: torch.Tensor) -> torch.Tensor:
+        """Device decision (updates ``st.state`` unless ``hold``: a repeated call, which
+        must compute and leave every state as it was); returns a 0-dim bool, True = compute."""
         raise NotImplementedError
 
     def device_block_flags(self, st: InteriorState, s_idx: torch.Tensor) -> torch.Tensor | None:
@@ -155,7 +155,7 @@ class InteriorCachePolicy(Policy):
         if st.counts is None or st.counts.device != dev:
             st.counts = torch.zeros(5, dtype=torch.float32, device=dev)
         st.host_last = [0] * self.K
-        st.prev = st.prev_before = None
+        st.prev = None
         self.allocate(st, streams, dev)
         st.signature = sig
 
@@ -181,11 +181,8 @@ class InteriorCachePolicy(Policy):
             if hc is not None:
                 return self._host_step(st, call, streams, st.step.index, hc)
         t_op, rep = timestep_guard(st.state, st.aux, timestep, self.num_steps)
-        state_before = st.state.clone()
-        flag = self.device_decision(st, call, t_op)
-        torch.where(rep, state_before, st.state, out=st.state)
-        if st.prev_before is not None:  # the interior TeaCache indicator: a repeated call leaves it too
-            torch.where(rep, st.prev_before, st.prev, out=st.prev)
+        # rep: a repeated call; the ops hold the decision state (and an indicator) as they were
+        flag = self.device_decision(st, call, t_op, rep)
         s_idx = (st.state[STEP : STEP + 1] - 1).clamp(min=0).to(torch.long)
         store = flag & ~rep
         compute = flag | rep
@@ -389,9 +386,11 @@ class FORAPolicy(InteriorCachePolicy):
         st.coeffs = torch.zeros(0, dtype=torch.float32, device=dev)
         st.sums = torch.tensor(_SUMS_ZERO_CHANGE, dtype=torch.float32, device=dev)
 
-    def device_decision(self, st, call, t_op):
+    def device_decision(self, st, call, t_op, hold):
         n = self.config.interval
         # interval 1: threshold 0 forces every step; else inf never fires and max_skips
         # = interval - 1 forces the compute after every run of N-1 skips.
         thr = 0.0 if n == 1 else math.inf
-        return ops.cache_decision(st.sums, t_op, st.coeffs, st.state, thr, self.config.warmup_steps, n - 1, 0)
+        return ops.cache_decision(
+            st.sums, t_op, st.coeffs, st.state, thr, self.config.warmup_steps, n - 1, 0, hold=hold
+        )

@@ -147,10 +147,9 @@ class TeaCachePolicy(Policy):
         streams = {n: call[n] for n in spec.streams}
         self._ensure(st, x, streams)
         t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
-        # A repeated call must leave the cache as it found it (see the module docstring).
-        state_before = st.state.clone()
-        prev_before = st.prev.clone()
-        sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps)
+        # A repeated call (rep) must leave the cache as it found it (see the module
+        # docstring): the ops hold prev and the decision state, and the decision says compute.
+        sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps, hold=rep)
         flag = ops.cache_decision(
             sums,
             t_op,
@@ -160,11 +159,9 @@ class TeaCachePolicy(Policy):
             self.config.warmup_steps,
             self.config.max_consecutive_skips,
             st.num_steps,
+            hold=rep,
         )
-        torch.where(rep, state_before, st.state, out=st.state)
-        torch.where(rep, prev_before, st.prev, out=st.prev)
         store = flag & ~rep
-        flag = flag | rep
         cached = spec.cached_streams
         residuals = [st.residuals[n] for n in cached]
         returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
