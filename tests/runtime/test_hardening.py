@@ -15,25 +15,12 @@ import pytest
 import torch
 from diffusers import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler
 from torch import nn
-from zoo import dit_case, flux_case, reference_dit_case
+from zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 
 import fastcache
 
 
 # --------------------------------------------------------------------------- streams
-class _Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.mod = nn.Linear(d, 2 * d)
-        self.fa, self.fb = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, a, b, emb):
-        shift, scale = self.mod(emb).chunk(2, 1)
-        h = self.norm1(a) * (1 + scale[:, None]) + shift[:, None]
-        return a + torch.tanh(self.fa(h)), b + torch.tanh(self.fb(b)) * 0.5
-
-
 class TwoStream(nn.Module):
     """Stream b is used after the stack but not cached: a computed step must return the
     computed b, a skipped step passes it through."""
@@ -41,7 +28,7 @@ class TwoStream(nn.Module):
     def __init__(self, d=8):
         super().__init__()
         self.emb = nn.Linear(1, d)
-        self.layers = nn.ModuleList([_Block(d) for _ in range(3)])
+        self.layers = nn.ModuleList([ToyDualStreamBlock(d) for _ in range(3)])
 
     def forward(self, a, b, t):
         e = self.emb(t[:, None].float() / 1000)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from zoo import dit_case, flux_case, reference_dit_case
+from zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 
 import fastcache
 from fastcache.ops.reference import modulated_rel_l1_sums
@@ -235,23 +235,11 @@ def test_blocks_called_outside_model_forward_error(dit):
 def test_register_custom_dual_stream_model():
     """A user model registered by spec, with two cached streams (both used after the stack)."""
 
-    class Block(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-            self.mod = nn.Linear(d, 2 * d)
-            self.fa, self.fb = nn.Linear(d, d), nn.Linear(d, d)
-
-        def forward(self, a, b, emb):
-            shift, scale = self.mod(emb).chunk(2, 1)
-            h = self.norm1(a) * (1 + scale[:, None]) + shift[:, None]
-            return a + torch.tanh(self.fa(h)), b + torch.tanh(self.fb(b)) * 0.5
-
     class Toy(nn.Module):
         def __init__(self, d=8):
             super().__init__()
             self.emb = nn.Linear(1, d)
-            self.layers = nn.ModuleList([Block(d) for _ in range(3)])
+            self.layers = nn.ModuleList([ToyDualStreamBlock(d) for _ in range(3)])
 
         def forward(self, a, b, t):
             e = self.emb(t[:, None].float() / 1000)

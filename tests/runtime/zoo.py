@@ -199,6 +199,22 @@ def reference_dit_case(B=2) -> Case:
     )
 
 
+class ToyDualStreamBlock(torch.nn.Module):
+    """A user-style block with two streams: ``a`` modulated by ``emb`` (the indicator's
+    shift/scale come from ``mod``), ``b`` updated on its own; returns (a, b)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mod = torch.nn.Linear(d, 2 * d)
+        self.fa, self.fb = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, a, b, emb):
+        shift, scale = self.mod(emb).chunk(2, 1)
+        h = self.norm1(a) * (1 + scale[:, None]) + shift[:, None]
+        return a + torch.tanh(self.fa(h)), b + torch.tanh(self.fb(b)) * 0.5
+
+
 def _randomize_zero_init(m: torch.nn.Module) -> None:
     """adaLN-Zero / zero-init output layers make an untrained model's blocks the
     identity, which would make every cache test trivial: give every zero-initialised
