@@ -343,6 +343,16 @@ class Patch:
             # model uncached (and leave the cache state untouched, except that the next
             # cached call must recompute).
             self.counters["grad_bypassed_calls"] += 1
+            if "grad" not in self._warned:  # host-side only: no device value is read
+                self._warned.add("grad")
+                warnings.warn(
+                    f"fastcache: {type(self.model).__name__} was called with autograd on (grad enabled and an input "
+                    "or parameter requires grad), so the call runs uncached: a skipped step would drop gradients. "
+                    "For sampling, wrap the loop in torch.no_grad() or torch.inference_mode() (diffusers pipelines "
+                    "do). Counted in fastcache.stats(model)['grad_bypassed_calls'].",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             self.policy.invalidate(self.contexts[self.current_context])
             self._bypass = True
             try:

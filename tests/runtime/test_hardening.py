@@ -272,10 +272,13 @@ def test_grad_enabled_calls_bypass_the_cache_and_keep_gradients():
     ts = [torch.tensor(v) for v in (900.0, 890.0, 880.0)]
     with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=10.0)):  # would skip every step
         grads = []
-        for t in ts:
+        for i, t in enumerate(ts):
             x = x0.clone().requires_grad_(True)
             m.zero_grad()
-            m(**case.inputs(x, t)).square().sum().backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                m(**case.inputs(x, t)).square().sum().backward()
+            assert len([w for w in caught if "autograd on" in str(w.message)]) == (1 if i == 0 else 0)
             grads.append((x.grad.clone(), m.blocks[1].mlp.fc1.weight.grad.clone()))
         s = fastcache.stats(m)
         assert s["grad_bypassed_calls"] == 3 and "drop gradients" in s["grad_bypass_reason"]
