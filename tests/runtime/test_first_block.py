@@ -191,7 +191,9 @@ def _diffusers_fbc(case, threshold):
     return case.sample(model=dm, steps=STEPS, context=ctx)
 
 
-@pytest.mark.parametrize("name, threshold", [("diffusers-flux", 0.5), ("diffusers-dit", 0.2), ("diffusers-pixart", 0.2)])
+@pytest.mark.parametrize(
+    "name, threshold", [("diffusers-flux", 0.5), ("diffusers-dit", 0.2), ("diffusers-pixart", 0.2)]
+)
 def test_matches_diffusers_first_block_cache(name, threshold):
     case = CASES[name]()
     expected = _diffusers_fbc(case, threshold)
@@ -294,3 +296,54 @@ def test_fullgraph_compile_zero_breaks_matches_eager():
         tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
     assert tl == eager_tl
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name, bn", [("diffusers-flux", 0), ("fastcache-dit", 1)])
+def test_one_flag_read_per_step_and_none_in_the_math(name, bn):
+    from hostreads import HostReadMode, python_level_reads
+
+    case = CASES[name]()
+    steps = 12
+    mode = HostReadMode()
+    with python_level_reads() as py_reads:
+        with fastcache.patched(case.model, fastcache.FirstBlockCacheConfig(threshold=0.3, bn=bn, num_steps=steps)):
+            case.sample(steps=1)  # allocate the cache buffers outside the measured run
+            fastcache.reset(case.model)
+            before = len(py_reads)
+            with mode:
+                case.sample(steps=steps)
+            reads = py_reads[before:]
+            st = fastcache.stats(case.model)["contexts"]["default"]
+    assert 0 < st["skipped"] < steps  # both branches ran
+    ours = [r for r in mode.reads + reads if r is not None]
+    assert len(ours) == steps, [r for r in ours if "flag.item" not in r]
+    assert all(r.startswith("policies/first_block.py:run_stack:") and "flag.item()" in r for r in ours), ours
+
+
+def test_repeated_timestep_computes_and_leaves_the_cache_untouched():
+    """A second call at the same timestep (Heun-style, or CFG without contexts) computes in
+    full and must not move q_last, the residuals or the decision state: a loop that repeats
+    every call but steps the sampler with the first call's output gives the same latents
+    and the same decisions as the plain loop."""
+    case = CASES["diffusers-flux"]()
+    m = case.model
+    cfg = fastcache.FirstBlockCacheConfig(threshold=0.3, bn=1)
+    with fastcache.patched(m, cfg):
+        plain = case.sample(steps=10)
+        st_plain = fastcache.stats(m)["contexts"]["default"]
+        fastcache.reset(m)
+        sch = case.scheduler()
+        sch.set_timesteps(10)
+        x = case.latents(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for t in sch.timesteps:
+                kw = case.inputs(x, t)
+                out = case.output(m(**kw))
+                case.output(m(**kw))  # the repeat
+                x = sch.step(out, t, x).prev_sample
+        with pytest.warns(RuntimeWarning, match="repeated the previous call's timestep"):
+            st = fastcache.stats(m)["contexts"]["default"]
+    assert 0 < st_plain["skipped"]
+    assert st["timeline"] == st_plain["timeline"]
+    assert st["repeated_timestep_calls"] == 10 and st["warnings"]
+    assert torch.equal(x, plain)
