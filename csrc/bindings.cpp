@@ -74,9 +74,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(B, 2) [sum|x-prev|, sum|prev|] per batch element; prev <- x if write_prev and not hold.");
   m.def("cache_decision", &fastcache::cache_decision, py::arg("sums"), py::arg("timestep"), py::arg("coeffs"),
         py::arg("state"), py::arg("threshold"), py::arg("warmup"), py::arg("max_skips"), py::arg("num_steps"),
-        py::arg("hold") = py::none(),
+        py::arg("hold") = py::none(), py::arg("accumulate") = true,
         "One TeaCache decision on the state tensor (updated in place); returns a 0-dim bool, True = compute. "
-        "hold set: state untouched, True.");
+        "hold set: state untouched, True. accumulate=False: compute iff this step's distance >= threshold.");
   m.def("timestep_guard", &fastcache::timestep_guard, py::arg("timestep"), py::arg("state"), py::arg("aux"),
         py::arg("rtol"), py::arg("atol"), py::arg("num_steps"),
         "(t_op (1,) fp32, hold 0-dim bool): the timestep the decision sees and the repeated-call flag; aux "

@@ -42,7 +42,7 @@ float first_as_float(const at::Tensor& t) {
 
 at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, const at::Tensor& coeffs,
                           const at::Tensor& state, double threshold, int64_t warmup, int64_t max_skips,
-                          int64_t num_steps, const std::optional<at::Tensor>& hold) {
+                          int64_t num_steps, const std::optional<at::Tensor>& hold, bool accumulate) {
   using namespace fastcache::state;
   constexpr const char* kOp = "fastcache::cache_decision";
   const bool held = read_hold(kOp, hold);
@@ -95,7 +95,8 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
     for (const float c : cs) rescaled = rescaled * ratio + c;
   }
   const bool valid = std::isfinite(ratio) && std::isfinite(rescaled);
-  const float acc = valid ? st[ACC] + rescaled : 0.0f;
+  // accumulate=false (First-Block Cache): 0 + rescaled, the reference's order
+  const float acc = valid ? (accumulate ? st[ACC] : 0.0f) + rescaled : 0.0f;
   const float step = st[STEP];
   // The reference compares fp32 tensors with Python ints / floats: both become fp32.
   bool forced = step < static_cast<float>(std::max<int64_t>(warmup, 1)) || !valid;

@@ -32,7 +32,7 @@ at::Tensor rel_l1_sums(const at::Tensor& x, const at::Tensor& prev, bool write_p
                        const std::optional<at::Tensor>& hold);
 at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, const at::Tensor& coeffs,
                           const at::Tensor& state, double threshold, int64_t warmup, int64_t max_skips,
-                          int64_t num_steps, const std::optional<at::Tensor>& hold);
+                          int64_t num_steps, const std::optional<at::Tensor>& hold, bool accumulate = true);
 std::tuple<at::Tensor, at::Tensor> timestep_guard(const at::Tensor& timestep, const at::Tensor& state,
                                                   const at::Tensor& aux, double rtol, double atol, int64_t num_steps);
 // The value of an optional hold flag (false when absent), checked: one bool value on CPU.

@@ -280,3 +280,54 @@ class EOCConfig(CacheConfig):
             "num_steps": self.num_steps,
             "history": self.history,
         }
+
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class FirstBlockCacheConfig(CacheConfig):
+    """First-Block Cache (ParaAttention, diffusers ``FirstBlockCacheConfig``) and its DBCache
+    generalisation (cache-dit): run the first ``fn`` blocks every step; skip the middle
+    blocks when the relative-L1 change of the first blocks' residual since the last
+    computed step stays below ``threshold`` and reuse the middle blocks' residual instead;
+    the last ``bn`` blocks always run (docs/methods.md section 7, FB1-FB4).
+
+    Args:
+        threshold: relative-L1 threshold on ``d_s`` (diffusers 0.05; 0.08 for FLUX). ``0``
+            disables skipping (every step computed, output identical to the unpatched model).
+        fn: leading blocks that always run and give the indicator (>= 1; FBCache 1, DBCache 8).
+        bn: trailing blocks that always run (>= 0; DBCache's ``Bn``).
+        warmup_steps: initial steps always computed (>= 1: step 0 has no cache).
+        max_consecutive_skips: compute after this many skips in a row (0 = no limit).
+        num_steps: sampling steps per run; when given, the last step is always computed.
+            Can also be set later with ``handle.set_num_steps``.
+        history: steps of decision timeline kept on device for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "first_block"
+
+    threshold: float = 0.05
+    fn: int = 1
+    bn: int = 0
+    warmup_steps: int = 1
+    max_consecutive_skips: int = 0
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
+        _set(self, "fn", _check_int("fn", self.fn, 1, " (the indicator needs at least one leading block)"))
+        _set(self, "bn", _check_int("bn", self.bn, 0))
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        _set(
+            self,
+            "max_consecutive_skips",
+            _check_int("max_consecutive_skips", self.max_consecutive_skips, 0, " (0 = unlimited)"),
+        )
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+            if self.warmup_steps >= self.num_steps:
+                raise ValueError(
+                    f"warmup_steps={self.warmup_steps} >= num_steps={self.num_steps}: every step would be "
+                    "computed; lower warmup_steps or raise num_steps"
+                )
+        _set(self, "history", _check_int("history", self.history, 1))

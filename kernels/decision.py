@@ -59,6 +59,7 @@ def _cache_decision_kernel(
     caching_off,
     hold_ptr,
     HAS_HOLD: tl.constexpr,
+    ACCUMULATE: tl.constexpr = True,
 ):
     # hold (timestep_guard's repeat flag) is read here, on the device: when set, no store
     # to the state happens and the flag is True (compute)
@@ -100,6 +101,8 @@ def _cache_decision_kernel(
 
     finite_ratio = tl.abs(ratio) < float("inf")  # False for NaN too
     valid = finite_ratio & (tl.abs(rescaled) < float("inf"))
+    if not ACCUMULATE:  # First-Block Cache: 0 + rescaled, the reference's order
+        acc_prev = tl.zeros([], dtype=tl.float32)
     acc = tl.where(valid, acc_prev + tl.where(valid, rescaled, 0.0), 0.0)
     forced = (step < min_steps) | (valid == 0)
     forced = forced | ((has_last != 0) & (step >= last_step))
@@ -168,9 +171,11 @@ def cache_decision(
     max_skips: int,
     num_steps: int,
     hold: torch.Tensor | None = None,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """Schema ``cache_decision(Tensor sums, Tensor timestep, Tensor coeffs, Tensor(a!) state,
-    float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None) -> Tensor``.
+    float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None,
+    bool accumulate=True) -> Tensor`` (``accumulate=False``: no accumulator, First-Block Cache).
 
     sums ``(B, 2)`` or ``(2,)`` fp32; timestep: any shape, element 0 is read on the
     device (int timesteps are cast to fp32 on the device first); coeffs ``(K,)`` fp32,
@@ -205,12 +210,16 @@ def cache_decision(
         check_contiguous(op, name, t)
     check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs, hold=hold)
     check_hold(op, hold)
-    launch, flag = plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold)
+    launch, flag = plan_cache_decision(
+        sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold, accumulate
+    )
     launch.run()
     return flag
 
 
-def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None):
+def plan_cache_decision(
+    sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None, accumulate=True
+):
     """The single-program launch of the decision and its 0-dim bool output (checked args)."""
     if not timestep.is_floating_point():
         # Device-side cast (an int tensor cannot be loaded as fp32); no host read.
@@ -224,7 +233,7 @@ def plan_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_sk
         int(num_steps) - 1, int(max_skips), int(int(num_steps) > 0), int(int(max_skips) > 0), int(threshold <= 0),
         flag if hold is None else hold,  # an unused pointer when there is no hold
     )  # fmt: skip
-    constexprs = {"HAS_HOLD": hold is not None}
+    constexprs = {"HAS_HOLD": hold is not None, "ACCUMULATE": bool(accumulate)}
     return Launch(_cache_decision_kernel, (1,), args, constexprs, {"num_warps": 1, **COMPILE_OPTIONS}), flag
 
 

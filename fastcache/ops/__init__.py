@@ -215,8 +215,12 @@ def cache_decision(
     max_skips: int = 0,
     num_steps: int = 0,
     hold: torch.Tensor | None = None,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """The whole TeaCache decision as one device op; returns a 0-dim bool (True = compute).
+
+    ``accumulate=False``: no accumulation, compute iff this step's (rescaled) distance
+    reaches ``threshold`` or a step is forced (First-Block Cache, docs/methods.md section 7).
 
     ``hold``: optional 0-dim bool device flag (from :func:`timestep_guard`): when true
     the state is left exactly as it was and the result is True (a repeated call
@@ -246,6 +250,7 @@ def cache_decision(
         int(max_skips),
         int(num_steps),
         hold,
+        bool(accumulate),
     )
 
 

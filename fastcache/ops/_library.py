@@ -38,7 +38,7 @@ SCHEMAS = {
     "rel_l1_sums": "rel_l1_sums(Tensor x, Tensor(a!) prev, bool write_prev, Tensor? hold=None) -> Tensor",
     "cache_decision": (
         "cache_decision(Tensor sums, Tensor timestep, Tensor coeffs, Tensor(a!) state, "
-        "float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None) -> Tensor"
+        "float threshold, int warmup, int max_skips, int num_steps, Tensor? hold=None, bool accumulate=True) -> Tensor"
     ),
     "timestep_guard": (
         "timestep_guard(Tensor timestep, Tensor state, Tensor(a!) aux, float rtol, float atol, int num_steps) "
@@ -75,7 +75,7 @@ def _(x, prev, write_prev, hold=None):
 
 
 @torch.library.register_fake("fastcache::cache_decision")
-def _(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None):
+def _(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold=None, accumulate=True):
     return state.new_empty((), dtype=torch.bool)
 
 

@@ -166,6 +166,7 @@ def cache_decision(
     max_skips: int,
     num_steps: int,
     hold: torch.Tensor | None = None,
+    accumulate: bool = True,
 ) -> torch.Tensor:
     """One TeaCache decision on device state (docs/methods.md, TeaCache; paper Sec. 3.3).
 
@@ -189,6 +190,10 @@ def cache_decision(
     * ``hold`` (optional 0-dim bool on the state's device, :func:`timestep_guard`'s
       repeat flag): when set, the call is a repeated evaluation of the previous step:
       the state is left exactly as it was and the result is True (compute).
+    * ``accumulate=False`` (First-Block Cache, docs/methods.md section 7, FB2-FB4): the
+      stored ACC is not added, ``acc = 0 + rescaled``: compute iff the step's own
+      distance reaches the threshold (its indicator already measures against the last
+      computed step). Everything else (forcing, history, counters) is unchanged.
     """
     # Pure tensor math on the state's device: no value is read back to the host, so
     # this fallback is sync-free too (just unfused).
@@ -217,7 +222,8 @@ def cache_decision(
         for k in range(cs.numel()):
             rescaled = rescaled * ratio + cs[k]
     valid = torch.isfinite(ratio) & torch.isfinite(rescaled)
-    acc = torch.where(valid, st[ACC] + torch.where(valid, rescaled, zero), zero)
+    base = st[ACC] if accumulate else zero
+    acc = torch.where(valid, base + torch.where(valid, rescaled, zero), zero)
     step = st[STEP]
     forced = (step < max(warmup, 1)) | ~valid
     if num_steps > 0:

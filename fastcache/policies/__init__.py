@@ -2,11 +2,13 @@
 
 from .base import Policy, StackRunner, policy_for, register_policy
 from .eoc import EOCPolicy
+from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
 from .teacache import TeaCachePolicy
 
 __all__ = [
     "EOCPolicy",
+    "FirstBlockCachePolicy",
     "FORAPolicy",
     "InteriorCachePolicy",
     "Policy",

@@ -103,6 +103,30 @@ class StackRunner:
                 streams = self.spec.unpack(fwd(**kwargs))
         return streams
 
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the whole stack, all segments together."""
+        return sum(len(seg) for seg in self.segments)
+
+    def run_range(
+        self, call: dict, streams: dict[str, torch.Tensor | None], start: int, stop: int
+    ) -> dict[str, torch.Tensor | None]:
+        """Blocks ``start .. stop-1`` of the stack, counted across segments in run order
+        (Flux: the dual-stream blocks, then the single-stream ones), uncompiled. Used by
+        the policies that run part of the stack (First-Block Cache / DBCache: the first
+        ``Fn`` blocks, the cached middle, the last ``Bn`` blocks)."""
+        if not 0 <= start <= stop <= self.num_blocks:
+            raise ValueError(f"block range [{start}, {stop}) is outside the stack of {self.num_blocks} blocks")
+        kwargs = dict(call)
+        i = 0
+        for seg in self.segments:
+            for fwd in seg:
+                if start <= i < stop:
+                    kwargs.update(streams)
+                    streams = self.spec.unpack(fwd(**kwargs))
+                i += 1
+        return streams
+
     def cond(self, flag: torch.Tensor, compute: Callable, skip: Callable, operands: tuple) -> tuple:
         """``compute(*operands) if flag else skip(*operands)`` as a cond operator (the
         skip on the tracing/capture path; see :func:`fastcache.graphs.skip_cond`)."""

@@ -75,6 +75,11 @@ def _variants():
         torch.rand(B, 2), torch.tensor([999.0]), torch.tensor([1.0, 0.5]), state, 0.25, 1, 0, 28, hold
     )
     out.append(("decision[t=fp32,hold]", launch))
+    # First-Block Cache's no-accumulation mode (tests/runtime/test_first_block.py)
+    launch, _ = decision.plan_cache_decision(
+        torch.rand(B, 2), torch.tensor([999.0]), torch.tensor([]), state, 0.05, 1, 0, 28, hold, False
+    )
+    out.append(("decision[t=fp32,hold,accumulate=False]", launch))
     for tdt, steps in ((torch.float32, 28), (torch.float32, 0), (torch.int64, 28)):
         t = torch.tensor([999.0]).to(tdt)
         launch = decision.plan_timestep_guard(t, state, torch.zeros(4), 1e-5, 1e-7, steps)[0]

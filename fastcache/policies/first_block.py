@@ -1,0 +1,243 @@
+"""First-Block Cache / DBCache on fused, device-resident state (docs/methods.md, section 7).
+
+No paper: ParaAttention's First-Block Cache (diffusers ``FirstBlockCacheConfig``) and its
+"dual block" generalisation DBCache (cache-dit). Per step, with ``L`` blocks in the stack
+(all segments in run order: Flux's dual-stream blocks, then its single-stream ones):
+
+1. the first ``fn`` blocks always run: ``h = F_{1..fn}(x)``; the indicator is their
+   residual on the first cached stream, ``q = h - x`` (FB1);
+2. ``d = sum|q - q_last| / sum|q_last|`` (FB2; :func:`fastcache.ops.rel_l1_sums` with
+   ``write_prev=False``), then TeaCache's fused decision without accumulation
+   (:func:`fastcache.ops.cache_decision` with ``accumulate=False``): compute iff
+   ``d >= threshold`` or the step is forced (warm-up, the last step when ``num_steps`` is
+   known, ``max_consecutive_skips``, or no valid ratio: ``q_last`` is all zeros on the
+   first step and after :meth:`invalidate`);
+3. computed step: run blocks ``fn .. L-bn-1``; ``R <- out - h`` per cached stream and
+   ``q_last <- q``, both writes gated by the device flag (FB4: ``q_last`` moves on
+   computed steps only, so ``d`` measures against the last computed step);
+   skipped step: middle output ``= h + R`` (FB3);
+4. the last ``bn`` blocks always run on the middle's output (DBCache's ``Bn``).
+
+Which streams get a residual: with ``bn = 0`` the model's cached streams (the streams it
+reads after the stack; Flux's and SD3's text tokens are dropped); with ``bn > 0`` every
+stream the middle passes on, since the trailing blocks read them all.
+
+Repeated timesteps, run starts and the eager/compiled split are TeaCache's
+(:mod:`fastcache.policies.teacache`): the shared timestep guard's ``hold`` leaves
+``q_last``, the residuals and the decision state untouched on a repeated call, which is
+computed; eager mode reads the decision flag once per step; under ``torch.compile`` or
+CUDA-graph capture the middle is a cond operator with functional branches, with the
+stores outside, gated by the device flag.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..config import FirstBlockCacheConfig
+from ..ops.reference import N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
+from .base import Policy, StackRunner, is_tracing, register_policy
+from .steps import (
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    timestep_guard,
+)
+from .teacache import _output_buffer
+
+
+class FirstBlockCacheState:
+    """Device tensors of one cache context. ``signature`` guards against reuse across a
+    change of shape, dtype or device."""
+
+    def __init__(self, history: int):
+        self.history = history
+        self.signature = None
+        self.prev: torch.Tensor | None = None  # q_last: first blocks' residual at the last computed step
+        self.residuals: dict[str, torch.Tensor] = {}  # middle residual per stream
+        self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
+        self.coeffs: torch.Tensor | None = None  # empty: no rescaling polynomial
+        self.aux: torch.Tensor | None = None  # AUX_* counters
+        self.out: dict[str, torch.Tensor] = {}  # eager skipped-step output per stream (reused)
+        self.num_steps = 0
+
+    def nbytes(self) -> int:
+        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values(), *self.out.values()]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@register_policy(FirstBlockCacheConfig)
+class FirstBlockCachePolicy(Policy):
+    def __init__(self, config: FirstBlockCacheConfig, spec, model):
+        super().__init__(config, spec, model)
+        n_blocks = sum(len(seg) for seg in spec.blocks(model))
+        if config.fn + config.bn >= n_blocks:
+            raise ValueError(
+                f"FirstBlockCacheConfig: fn={config.fn} + bn={config.bn} leaves no block to cache in "
+                f"{type(model).__name__}'s stack of {n_blocks} blocks; fn + bn must be < {n_blocks}"
+            )
+        self.num_steps = config.num_steps or 0
+
+    def new_state(self) -> FirstBlockCacheState:
+        return FirstBlockCacheState(self.config.history)
+
+    def _residual_streams(self, h: dict) -> list[str]:
+        if self.config.bn == 0:
+            return list(self.spec.cached_streams)
+        return [n for n in self.spec.streams if h.get(n) is not None]
+
+    def _ensure(self, st: FirstBlockCacheState, q: torch.Tensor, h: dict, names: list[str]) -> None:
+        sig = (
+            tuple(q.shape),
+            q.dtype,
+            q.device,
+            tuple((n, tuple(h[n].shape), h[n].dtype, h[n].device) for n in names),
+        )
+        if sig == st.signature:
+            return
+        # New shape / batch / dtype / device: fresh buffers and a fresh decision state
+        # (q_last = 0: the next decision has no valid ratio and computes). Never mix.
+        st.prev = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        st.residuals = {n: torch.zeros_like(h[n], memory_format=torch.contiguous_format) for n in names}
+        st.out = {}
+        st.state = ops.new_state(st.history, device=q.device)
+        st.coeffs = torch.zeros(0, dtype=torch.float32, device=q.device)
+        if st.aux is None or st.aux.device != q.device:
+            st.aux = torch.zeros(AUX_SIZE, dtype=torch.float32, device=q.device)
+        st.signature = sig
+
+    def begin_step(self, st: FirstBlockCacheState, timestep, step) -> None:
+        st.num_steps = step.num_steps or 0
+
+    def reset_state(self, st: FirstBlockCacheState) -> None:
+        if st.state is None:
+            return
+        st.state.copy_(ops.new_state(st.history, device=st.state.device))
+        st.aux.zero_()
+        st.prev.zero_()
+        for r in st.residuals.values():
+            r.zero_()
+
+    def invalidate(self, st: FirstBlockCacheState) -> None:
+        # q_last = 0 gives the next decision no valid ratio (sum|q_last| = 0): it computes
+        # and stores afresh. (TeaCache's infinite accumulator would not do: this decision
+        # does not accumulate.) A device write, no read.
+        if st.prev is not None:
+            st.prev.zero_()
+
+    def run_stack(self, st: FirstBlockCacheState, runner: StackRunner, head, call, timestep):
+        spec, cfg = self.spec, self.config
+        n_blocks = runner.num_blocks
+        fn, stop = cfg.fn, n_blocks - cfg.bn
+        streams = {n: call[n] for n in spec.streams}
+        h = runner.run_range(call, streams, 0, fn)  # FB1: the first fn blocks always run
+        c0 = spec.cached_streams[0]
+        q = h[c0] - streams[c0]
+        names = self._residual_streams(h)
+        self._ensure(st, q, h, names)
+        t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
+        # A repeated call (rep) computes and leaves q_last, the residuals and the state as they were.
+        sums = ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep)  # FB2
+        flag = ops.cache_decision(
+            sums,
+            t_op,
+            st.coeffs,
+            st.state,
+            cfg.threshold,
+            cfg.warmup_steps,
+            cfg.max_consecutive_skips,
+            st.num_steps,
+            hold=rep,
+            accumulate=False,
+        )
+        store = flag & ~rep
+        # q_last <- q = h - x on computed steps only (FB4), on the device
+        ops.store_residual(h[c0], streams[c0], store, st.prev)
+        residuals = [st.residuals[n] for n in names]
+
+        if is_tracing():
+            present = [n for n in spec.streams if h.get(n) is not None]
+            k = len(present)
+            if cfg.bn == 0:
+                returned = [n for n in spec.returns if h.get(n) is not None and n not in spec.dropped_streams]
+            else:
+                returned = present
+
+            def compute(*operands):
+                outs = runner.run_range(call, dict(zip(present, operands[:k])), fn, stop)
+                # plain dense outputs in both branches (see teacache.py)
+                return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in returned)
+
+            def skip(*operands):
+                ins = dict(zip(present, operands[:k]))
+                res = dict(zip(names, operands[k:]))
+                return tuple(
+                    ops.apply_residual(ins[n], res[n])
+                    if n in res
+                    else ins[n].clone(memory_format=torch.contiguous_format)
+                    for n in returned
+                )
+
+            operands = (*[h[n].contiguous() for n in present], *residuals)
+            outs = runner.cond(flag, compute, skip, operands)
+            mid = dict(h)
+            mid.update(zip(returned, outs))
+            for n, r in zip(names, residuals):
+                ops.store_residual(mid[n], h[n], store, r)
+        elif flag.item():  # host-read-ok: the single eager decision read per step
+            mid = runner.run_range(call, h, fn, stop)
+            for n, r in zip(names, residuals):
+                if mid.get(n) is None:
+                    raise RuntimeError(
+                        f"FirstBlockCache: block {stop - 1} returned None for stream {n!r}, which the trailing "
+                        f"bn={cfg.bn} blocks need; choose bn so that the block that drops it is among them"
+                    )
+                ops.store_residual(mid[n], h[n], store, r)
+        else:
+            mid = dict(h)
+            for n, r in zip(names, residuals):  # FB3
+                mid[n] = ops.apply_residual(h[n], r, out=_output_buffer(st, n, r))
+        if cfg.bn:
+            return runner.run_range(call, mid, stop, n_blocks)
+        return mid
+
+    def state_stats(self, st: FirstBlockCacheState) -> dict:
+        if st.state is None:
+            return {"steps": 0, "computed": 0, "skipped": 0, "runs": 0, "timeline": [], "cache_bytes": 0}
+        s = st.state.detach().cpu()  # host-read-ok: stats are read off the step path
+        aux = st.aux.detach().cpu()  # host-read-ok: stats
+        H = st.history
+        steps = min(int(s[STEP]), H)
+        flags = s[STATE_HEADER + 2 * H : STATE_HEADER + 2 * H + steps]
+        out = {
+            "steps": int(s[STEP]),
+            "computed": int(s[N_COMPUTED]),
+            "skipped": int(s[N_SKIPPED]),
+            "runs": int(s[N_RUNS]),
+            "timeline": [bool(f) for f in flags],
+            "rel_l1": s[STATE_HEADER : STATE_HEADER + steps].tolist(),  # host-read-ok: stats
+            "fn": self.config.fn,
+            "bn": self.config.bn,
+            "repeated_timestep_calls": int(aux[AUX_REPEATS]),
+            "timestep_jitter_calls": int(aux[AUX_JITTER]),
+            "last_run_steps": int(aux[AUX_LAST_RUN_STEPS]),
+            "run_length_mismatches": int(aux[AUX_RUN_LENGTH_MISMATCHES]),
+            "cache_bytes": st.nbytes(),
+        }
+        warn = []
+        if out["repeated_timestep_calls"]:
+            warn.append(
+                f"{out['repeated_timestep_calls']} call(s) repeated the previous call's timestep and ran uncached. "
+                "If these are the two branches of classifier-free guidance, give each its own state with "
+                "transformer.cache_context(name) or fastcache.context(model, name)."
+            )
+        if st.num_steps and (out["run_length_mismatches"] or out["steps"] > st.num_steps):
+            warn.append(
+                f"num_steps={st.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
+                "last step is misplaced. Set num_steps to the sampler's number of steps (handle.set_num_steps)."
+            )
+        out["warnings"] = warn
+        return out
