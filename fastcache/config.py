@@ -61,6 +61,25 @@ def _set(obj, name: str, value) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _check_decision_fields(cfg) -> None:
+    """The fields every config driving the fused decision op shares: warmup_steps,
+    max_consecutive_skips, num_steps (and warmup < num_steps), history."""
+    _set(cfg, "warmup_steps", _check_int("warmup_steps", cfg.warmup_steps, 1, " (step 0 is always computed)"))
+    _set(
+        cfg,
+        "max_consecutive_skips",
+        _check_int("max_consecutive_skips", cfg.max_consecutive_skips, 0, " (0 = unlimited)"),
+    )
+    if cfg.num_steps is not None:
+        _set(cfg, "num_steps", _check_int("num_steps", cfg.num_steps, 1, " or None"))
+        if cfg.warmup_steps >= cfg.num_steps:
+            raise ValueError(
+                f"warmup_steps={cfg.warmup_steps} >= num_steps={cfg.num_steps}: every step would be "
+                "computed; lower warmup_steps or raise num_steps"
+            )
+    _set(cfg, "history", _check_int("history", cfg.history, 1))
+
+
 @config_type
 @dataclasses.dataclass(frozen=True)
 class TeaCacheConfig(CacheConfig):
@@ -112,20 +131,7 @@ class TeaCacheConfig(CacheConfig):
                     f"coefficients must hold 1..{MAX_COEFFS} finite numbers (highest power first), got {cs}"
                 )
             _set(self, "coefficients", cs)
-        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
-        _set(
-            self,
-            "max_consecutive_skips",
-            _check_int("max_consecutive_skips", self.max_consecutive_skips, 0, " (0 = unlimited)"),
-        )
-        if self.num_steps is not None:
-            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
-            if self.warmup_steps >= self.num_steps:
-                raise ValueError(
-                    f"warmup_steps={self.warmup_steps} >= num_steps={self.num_steps}: every step would be "
-                    "computed; lower warmup_steps or raise num_steps"
-                )
-        _set(self, "history", _check_int("history", self.history, 1))
+        _check_decision_fields(self)
 
 
 @config_type
@@ -317,17 +323,4 @@ class FirstBlockCacheConfig(CacheConfig):
         _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
         _set(self, "fn", _check_int("fn", self.fn, 1, " (the indicator needs at least one leading block)"))
         _set(self, "bn", _check_int("bn", self.bn, 0))
-        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
-        _set(
-            self,
-            "max_consecutive_skips",
-            _check_int("max_consecutive_skips", self.max_consecutive_skips, 0, " (0 = unlimited)"),
-        )
-        if self.num_steps is not None:
-            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
-            if self.warmup_steps >= self.num_steps:
-                raise ValueError(
-                    f"warmup_steps={self.warmup_steps} >= num_steps={self.num_steps}: every step would be "
-                    "computed; lower warmup_steps or raise num_steps"
-                )
-        _set(self, "history", _check_int("history", self.history, 1))
+        _check_decision_fields(self)

@@ -99,6 +99,8 @@ def _compiled_layout(t: torch.Tensor) -> torch.Tensor:
     inputs as before; inductor can fuse that copy into the producer.
     """
     return t.contiguous() if _dynamo_compiling() else t
+
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

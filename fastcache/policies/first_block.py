@@ -36,37 +36,14 @@ import torch
 
 from .. import ops
 from ..config import FirstBlockCacheConfig
-from ..ops.reference import N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 from .base import Policy, StackRunner, is_tracing, register_policy
-from .steps import (
-    AUX_JITTER,
-    AUX_LAST_RUN_STEPS,
-    AUX_REPEATS,
-    AUX_RUN_LENGTH_MISMATCHES,
-    AUX_SIZE,
-    timestep_guard,
-)
-from .teacache import _output_buffer
+from .steps import DecisionState, residual_cond, timestep_guard
 
 
-class FirstBlockCacheState:
-    """Device tensors of one cache context. ``signature`` guards against reuse across a
-    change of shape, dtype or device."""
-
-    def __init__(self, history: int):
-        self.history = history
-        self.signature = None
-        self.prev: torch.Tensor | None = None  # q_last: first blocks' residual at the last computed step
-        self.residuals: dict[str, torch.Tensor] = {}  # middle residual per stream
-        self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
-        self.coeffs: torch.Tensor | None = None  # empty: no rescaling polynomial
-        self.aux: torch.Tensor | None = None  # AUX_* counters
-        self.out: dict[str, torch.Tensor] = {}  # eager skipped-step output per stream (reused)
-        self.num_steps = 0
-
-    def nbytes(self) -> int:
-        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values(), *self.out.values()]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+class FirstBlockCacheState(DecisionState):
+    """One cache context: ``prev`` is ``q_last`` (the first blocks' residual at the last
+    computed step), ``residuals`` the middle residual per stream, ``coeffs`` empty (no
+    rescaling; see :class:`~fastcache.policies.steps.DecisionState`)."""
 
 
 @register_policy(FirstBlockCacheConfig)
@@ -96,30 +73,16 @@ class FirstBlockCachePolicy(Policy):
             q.device,
             tuple((n, tuple(h[n].shape), h[n].dtype, h[n].device) for n in names),
         )
-        if sig == st.signature:
-            return
-        # New shape / batch / dtype / device: fresh buffers and a fresh decision state
-        # (q_last = 0: the next decision has no valid ratio and computes). Never mix.
-        st.prev = torch.zeros_like(q, memory_format=torch.contiguous_format)
-        st.residuals = {n: torch.zeros_like(h[n], memory_format=torch.contiguous_format) for n in names}
-        st.out = {}
-        st.state = ops.new_state(st.history, device=q.device)
-        st.coeffs = torch.zeros(0, dtype=torch.float32, device=q.device)
-        if st.aux is None or st.aux.device != q.device:
-            st.aux = torch.zeros(AUX_SIZE, dtype=torch.float32, device=q.device)
-        st.signature = sig
+        if sig != st.signature:
+            # q_last = 0: the next decision has no valid ratio and computes
+            st.allocate(q, {n: h[n] for n in names}, ())
+            st.signature = sig
 
     def begin_step(self, st: FirstBlockCacheState, timestep, step) -> None:
         st.num_steps = step.num_steps or 0
 
     def reset_state(self, st: FirstBlockCacheState) -> None:
-        if st.state is None:
-            return
-        st.state.copy_(ops.new_state(st.history, device=st.state.device))
-        st.aux.zero_()
-        st.prev.zero_()
-        for r in st.residuals.values():
-            r.zero_()
+        st.reset()
 
     def invalidate(self, st: FirstBlockCacheState) -> None:
         # q_last = 0 gives the next decision no valid ratio (sum|q_last| = 0): it computes
@@ -159,32 +122,20 @@ class FirstBlockCachePolicy(Policy):
         residuals = [st.residuals[n] for n in names]
 
         if is_tracing():
-            present = [n for n in spec.streams if h.get(n) is not None]
-            k = len(present)
+            returned = [n for n in spec.streams if h.get(n) is not None]
             if cfg.bn == 0:
                 returned = [n for n in spec.returns if h.get(n) is not None and n not in spec.dropped_streams]
-            else:
-                returned = present
-
-            def compute(*operands):
-                outs = runner.run_range(call, dict(zip(present, operands[:k])), fn, stop)
-                # plain dense outputs in both branches (see teacache.py)
-                return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in returned)
-
-            def skip(*operands):
-                ins = dict(zip(present, operands[:k]))
-                res = dict(zip(names, operands[k:]))
-                return tuple(
-                    ops.apply_residual(ins[n], res[n])
-                    if n in res
-                    else ins[n].clone(memory_format=torch.contiguous_format)
-                    for n in returned
-                )
-
-            operands = (*[h[n].contiguous() for n in present], *residuals)
-            outs = runner.cond(flag, compute, skip, operands)
             mid = dict(h)
-            mid.update(zip(returned, outs))
+            mid.update(
+                residual_cond(
+                    runner,
+                    flag,
+                    lambda ins: runner.run_range(call, ins, fn, stop),
+                    h,
+                    returned,
+                    dict(zip(names, residuals)),
+                )
+            )
             for n, r in zip(names, residuals):
                 ops.store_residual(mid[n], h[n], store, r)
         elif flag.item():  # host-read-ok: the single eager decision read per step
@@ -199,45 +150,13 @@ class FirstBlockCachePolicy(Policy):
         else:
             mid = dict(h)
             for n, r in zip(names, residuals):  # FB3
-                mid[n] = ops.apply_residual(h[n], r, out=_output_buffer(st, n, r))
+                mid[n] = ops.apply_residual(h[n], r, out=st.output_buffer(n, r))
         if cfg.bn:
             return runner.run_range(call, mid, stop, n_blocks)
         return mid
 
     def state_stats(self, st: FirstBlockCacheState) -> dict:
-        if st.state is None:
-            return {"steps": 0, "computed": 0, "skipped": 0, "runs": 0, "timeline": [], "cache_bytes": 0}
-        s = st.state.detach().cpu()  # host-read-ok: stats are read off the step path
-        aux = st.aux.detach().cpu()  # host-read-ok: stats
-        H = st.history
-        steps = min(int(s[STEP]), H)
-        flags = s[STATE_HEADER + 2 * H : STATE_HEADER + 2 * H + steps]
-        out = {
-            "steps": int(s[STEP]),
-            "computed": int(s[N_COMPUTED]),
-            "skipped": int(s[N_SKIPPED]),
-            "runs": int(s[N_RUNS]),
-            "timeline": [bool(f) for f in flags],
-            "rel_l1": s[STATE_HEADER : STATE_HEADER + steps].tolist(),  # host-read-ok: stats
-            "fn": self.config.fn,
-            "bn": self.config.bn,
-            "repeated_timestep_calls": int(aux[AUX_REPEATS]),
-            "timestep_jitter_calls": int(aux[AUX_JITTER]),
-            "last_run_steps": int(aux[AUX_LAST_RUN_STEPS]),
-            "run_length_mismatches": int(aux[AUX_RUN_LENGTH_MISMATCHES]),
-            "cache_bytes": st.nbytes(),
-        }
-        warn = []
-        if out["repeated_timestep_calls"]:
-            warn.append(
-                f"{out['repeated_timestep_calls']} call(s) repeated the previous call's timestep and ran uncached. "
-                "If these are the two branches of classifier-free guidance, give each its own state with "
-                "transformer.cache_context(name) or fastcache.context(model, name)."
-            )
-        if st.num_steps and (out["run_length_mismatches"] or out["steps"] > st.num_steps):
-            warn.append(
-                f"num_steps={st.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
-                "last step is misplaced. Set num_steps to the sampler's number of steps (handle.set_num_steps)."
-            )
-        out["warnings"] = warn
+        out = st.stats(repeat_hint=".")
+        if st.state is not None:
+            out.update(fn=self.config.fn, bn=self.config.bn)
         return out

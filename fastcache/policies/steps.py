@@ -9,6 +9,8 @@ host.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import ops
@@ -21,9 +23,142 @@ from ..ops import (  # noqa: F401  (re-exported for the policies' stats)
     TIMESTEP_ATOL,
     TIMESTEP_RTOL,
 )
+from ..ops.reference import N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 
 
 def timestep_guard(state: torch.Tensor, aux: torch.Tensor, timestep: torch.Tensor, num_steps: int = 0):
     """``(t_op, hold)`` for the decision about to run on ``state``; ``aux`` (the AUX_*
     counters) is updated in place. See :func:`fastcache.ops.timestep_guard`."""
     return ops.timestep_guard(timestep, state, aux, num_steps)
+
+
+# --------------------------------------------------------------------------- shared state
+class DecisionState:
+    """Device tensors of one cache context of a stack policy with a fused decision
+    (TeaCache, First-Block Cache). ``signature`` guards against reuse across a change of
+    shape, dtype or device."""
+
+    def __init__(self, history: int):
+        self.history = history
+        self.signature = None
+        self.prev: torch.Tensor | None = None  # the policy's previous indicator
+        self.residuals: dict[str, torch.Tensor] = {}  # cached residual per stream
+        self.state: torch.Tensor | None = None  # decision state (fastcache.ops layout)
+        self.coeffs: torch.Tensor | None = None  # rescaling polynomial (may be empty)
+        self.aux: torch.Tensor | None = None  # AUX_* counters
+        self.out: dict[str, torch.Tensor] = {}  # eager skipped-step output per stream (reused)
+        self.num_steps = 0  # steps per run for this context (pipeline context, config or set_num_steps)
+
+    def nbytes(self) -> int:
+        ts = [self.prev, self.state, self.coeffs, self.aux, *self.residuals.values(), *self.out.values()]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def allocate(self, indicator: torch.Tensor, residual_like: dict, coefficients) -> None:
+        """Fresh buffers and a fresh decision state for a new signature (the next decision
+        is a forced compute). Never mix shapes, dtypes or devices."""
+        dev = indicator.device
+        self.prev = torch.zeros_like(indicator, memory_format=torch.contiguous_format)
+        self.residuals = {
+            n: torch.zeros_like(t, memory_format=torch.contiguous_format) for n, t in residual_like.items()
+        }
+        self.out = {}
+        self.state = ops.new_state(self.history, device=dev)
+        self.coeffs = torch.tensor(tuple(coefficients), dtype=torch.float32, device=dev)
+        if self.aux is None or self.aux.device != dev:
+            self.aux = ops.new_aux(device=dev)
+
+    def reset(self) -> None:
+        if self.state is None:
+            return
+        self.state.copy_(ops.new_state(self.history, device=self.state.device))
+        self.aux.zero_()
+        self.prev.zero_()
+        for r in self.residuals.values():
+            r.zero_()
+
+    def output_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The buffer a skipped step writes ``x + R`` into (a fresh large tensor costs page
+        faults on every step on CPU). Reused only when nothing outside holds the previous
+        step's output, neither the tensor nor a view of its memory; otherwise a new one, so
+        a caller that kept an earlier output never sees it overwritten."""
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        buf = self.out.get(name)
+        if (
+            buf is not None
+            and use_count is not None
+            and buf.shape == like.shape
+            # references: self.out, the local `buf`, getrefcount's argument; storage users:
+            # the tensor and the temporary storage object (a view elsewhere would add one)
+            and sys.getrefcount(buf) <= 3
+            and use_count(buf.untyped_storage()._cdata) <= 2
+        ):
+            return buf
+        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        self.out[name] = buf
+        return buf
+
+    def stats(self, repeat_hint: str = "") -> dict:
+        """Counters, timeline, indicator trace and warnings (reads the device state: call it
+        off the step path)."""
+        if self.state is None:
+            return {"steps": 0, "computed": 0, "skipped": 0, "runs": 0, "timeline": [], "cache_bytes": 0}
+        s = self.state.detach().cpu()  # host-read-ok: stats are read off the step path
+        aux = self.aux.detach().cpu()  # host-read-ok: stats
+        H = self.history
+        steps = min(int(s[STEP]), H)
+        out = {
+            "steps": int(s[STEP]),
+            "computed": int(s[N_COMPUTED]),
+            "skipped": int(s[N_SKIPPED]),
+            "runs": int(s[N_RUNS]),
+            "timeline": [bool(f) for f in s[STATE_HEADER + 2 * H : STATE_HEADER + 2 * H + steps]],
+            "rel_l1": s[STATE_HEADER : STATE_HEADER + steps].tolist(),  # host-read-ok: stats
+            "repeated_timestep_calls": int(aux[AUX_REPEATS]),
+            "timestep_jitter_calls": int(aux[AUX_JITTER]),
+            "last_run_steps": int(aux[AUX_LAST_RUN_STEPS]),
+            "run_length_mismatches": int(aux[AUX_RUN_LENGTH_MISMATCHES]),
+            "cache_bytes": self.nbytes(),
+        }
+        warn = []
+        if out["repeated_timestep_calls"]:
+            warn.append(
+                f"{out['repeated_timestep_calls']} call(s) repeated the previous call's timestep and ran uncached. "
+                "If these are the two branches of classifier-free guidance, give each its own state with "
+                "transformer.cache_context(name) or fastcache.context(model, name)" + repeat_hint
+            )
+        if self.num_steps and (out["run_length_mismatches"] or out["steps"] > self.num_steps):
+            warn.append(
+                f"num_steps={self.num_steps} but a run had {out['last_run_steps'] or out['steps']} steps: the forced "
+                "last step is misplaced. Set num_steps to the sampler's number of steps (handle.set_num_steps)."
+            )
+        out["warnings"] = warn
+        return out
+
+
+def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict) -> dict:
+    """The skip under tracing / capture as one cond operator with functional branches:
+    ``run(streams)`` (the blocks) on a computed step, ``x + R`` for each stream with a
+    cached residual and a copy of the others on a skipped one. Returns the ``returned``
+    streams (plain dense tensors, as cond requires of both branches: a stack may end in
+    a view, Flux's single blocks slice the text off). The residual stores stay outside."""
+    present = [n for n, v in ins.items() if v is not None]
+    cached = list(residuals)
+    k = len(present)
+
+    def compute(*operands):
+        outs = run(dict(zip(present, operands[:k])))
+        return tuple(outs[n].clone(memory_format=torch.contiguous_format) for n in returned)
+
+    def skip(*operands):
+        xs = dict(zip(present, operands[:k]))
+        res = dict(zip(cached, operands[k:]))
+        return tuple(
+            ops.apply_residual(xs[n], res[n]) if n in res else xs[n].clone(memory_format=torch.contiguous_format)
+            for n in returned
+        )
+
+    # Contiguous operands: inductor may lay out a transposed producer (e.g. a patch
+    # embedding's flatten().transpose()) differently from its fake tensor, and cond
+    # subgraphs assert their input strides.
+    operands = (*[ins[n].contiguous() for n in present], *residuals.values())
+    return dict(zip(returned, runner.cond(flag, compute, skip, operands)))
