@@ -34,7 +34,6 @@ import torch.utils._pytree as pytree
 from hostreads import COND, READ_OPS, HostReadMode, python_level_reads, where
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
-from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import CASES
 
 import fastcache
@@ -50,21 +49,14 @@ ITEM_IN_IF = re.compile(r"^\s*if \w+\.item\(\):\s*$", re.M)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class CaptureStandIn(TorchDispatchMode):
+class CaptureStandIn(HostReadMode):
     """CPU stand-in for ``CUDAGraphCaptureControlFlowOpDispatchMode``: a dispatched cond
     runs like ``if_else_node`` records it (both branches; the false outputs copied into the
     true outputs when ``pred`` is false), the selection a device-side ``torch.where``.
     Counts host reads like ``HostReadMode`` and logs every op it sees."""
 
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
-
     def __init__(self):
         super().__init__()
-        self.supports_higher_order_operators = True
-        self.reads: list[str | None] = []
-        self.conds: list[tuple[type, type]] = []
         self.ops: list[str] = []
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
