@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["class_match_accuracy", "nearest_class", "psnr"]
+__all__ = ["class_match_accuracy", "nearest_class", "psnr", "ssim"]
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, reduction: str = "none") -> torch.Tensor:
@@ -32,6 +32,33 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, reduction: s
     elif reduction != "none":
         raise ValueError(f"psnr: reduction={reduction!r}; use 'none' or 'mean'")
     return 10.0 * torch.log10(data_range**2 / err)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image of two ``(B, C, H, W)`` batches:
+    Gaussian-weighted local means, variances and covariance over a ``window`` x ``window``
+    patch (valid positions only), ``K1 = 0.01``, ``K2 = 0.03``, averaged over channels and
+    positions, computed in float64. Identical images give 1. Returns ``(B,)``. The defaults
+    (11 x 11, sigma 1.5) are the paper's and equal scikit-image's ``structural_similarity``
+    with ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``."""
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"ssim: expected two equal (B, C, H, W) batches, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if min(a.shape[-2:]) < window:
+        raise ValueError(f"ssim: images {tuple(a.shape[-2:])} are smaller than the {window}x{window} window")
+    x, y = a.detach().double(), b.detach().double()
+    C = x.shape[1]
+    g = torch.exp(-((torch.arange(window, dtype=torch.float64) - (window - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :]).expand(C, 1, window, window).contiguous()
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, k, groups=C)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
 
 
 def nearest_class(images: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
