@@ -10,6 +10,7 @@ from . import calibration, interior, ops
 from .calibration import calibrate
 from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
 from .profile import Profile
+from .search import search_threshold
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
 
@@ -34,6 +35,7 @@ __all__ = [
     "patched",
     "register",
     "reset",
+    "search_threshold",
     "stats",
     "unpatch",
 ]
