@@ -54,6 +54,10 @@ from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 
 @register_policy(EOCConfig)
 class EOCPolicy(InteriorCachePolicy):
+    # True for the TeaCache base (its sums are reduced over a process group); the FORA and
+    # mask bases are static and reduce nothing.
+    decides_from_data = True
+
     def __init__(self, config: EOCConfig, spec, model):
         super().__init__(config, spec, model)
         prof = config.profile
@@ -174,6 +178,7 @@ class EOCPolicy(InteriorCachePolicy):
         if st.prev is None:
             st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps, hold=hold)
+        sums = self.reduce_sums(sums)  # multi-device: every rank decides from the group's sums
         return ops.cache_decision(
             sums,
             t_op,
