@@ -102,15 +102,25 @@ class DecisionGroup:
         """
         import torch.distributed._functional_collectives as fc
 
-        local = sums.detach().reshape(-1, 2).to(torch.float64)
-        part = local[0]
-        for b in range(1, local.shape[0]):  # fixed order; B is static (a shape)
-            part = part + local[b]
+        part = self.local_sum(sums)
         # A group of one rank still gathers: the same code path on every world size.
         gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # torch >= 2.13 renamed it
-        gathered = fc.wait_tensor(gather(part.reshape(1, 2), 0, self.group))
+        return self.combine(fc.wait_tensor(gather(part, 0, self.group)))
+
+    @staticmethod
+    def local_sum(sums: torch.Tensor) -> torch.Tensor:
+        """``(B, 2)`` -> ``(1, 2)`` fp64: this rank's rows added in order (B is a shape: static)."""
+        local = sums.detach().reshape(-1, 2).to(torch.float64)
+        part = local[0]
+        for b in range(1, local.shape[0]):
+            part = part + local[b]
+        return part.reshape(1, 2)
+
+    @staticmethod
+    def combine(gathered: torch.Tensor) -> torch.Tensor:
+        """``(W, 2)`` gathered rows -> ``(1, 2)``: added in rank order, the same on every rank."""
         total = gathered[0]
-        for r in range(1, self.world_size):  # rank order, the same on every rank
+        for r in range(1, gathered.shape[0]):
             total = total + gathered[r]
         return total.reshape(1, 2)
 

@@ -416,3 +416,26 @@ def test_compiled_reduction_fullgraph_no_breaks(world1, kind, backend):
         y = _loop(torch.compile(model, fullgraph=True, backend=backend), x)
         assert h.stats()["contexts"]["default"]["timeline"] == eager_tl
         torch.testing.assert_close(y, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["teacache", "first_block"])
+def test_eager_reduction_reads_nothing_to_the_host(world1, kind):
+    """With the group, an eager step still reads exactly one value: the decision flag (the
+    gather and the fixed-order sum stay on the device)."""
+    from hostreads import HostReadMode, python_level_reads
+
+    model, x = _toy(), _latents(0)
+    mode = HostReadMode()
+    with python_level_reads() as py_reads:
+        with fastcache.patched(model, CONFIGS[kind](), spec=SPEC, process_group=world1) as h:
+            _loop(model, x)  # allocate the cache buffers outside the measured run
+            fastcache.reset(model)
+            before = len(py_reads)
+            with mode:
+                _loop(model, x)
+            reads = py_reads[before:]
+            st = h.stats()["contexts"]["default"]
+    assert 0 < st["skipped"] < STEPS  # both branches ran
+    ours = [r for r in mode.reads + reads if r is not None]
+    assert len(ours) == STEPS, ours
+    assert all("flag.item()" in r for r in ours), ours
