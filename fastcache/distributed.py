@@ -16,10 +16,12 @@ process_group=group)`` makes every rank decide from the same numbers:
   decisions, are bitwise identical on all ranks by construction, whatever algorithm the
   backend uses (a backend all-reduce gives no such guarantee in writing, and NCCL may pick
   another algorithm per message size or topology);
-* the collective is torch.distributed's functional ``all_gather_single`` + ``wait_tensor``,
-  which dynamo traces (``torch.compile(fullgraph=True)``: 0 graph breaks) and which never
-  reads a value to the host; it runs before the skip's ``torch.cond``, never inside a branch
-  (NCCL inside a captured conditional node is reported broken);
+* under ``torch.compile`` the collective is torch.distributed's functional
+  ``all_gather_single`` + ``wait_tensor``, which dynamo traces (``fullgraph=True``: 0 graph
+  breaks); in eager mode it is the synchronous ``all_gather_into_tensor`` (the same values,
+  cheaper per call). Neither reads a value to the host; both run before the skip's
+  ``torch.cond``, never inside a branch (NCCL inside a captured conditional node is reported
+  broken);
 * static-schedule policies (FORA, EOC on a FORA or mask base; ``decides_from_data =
   False``) decide from the step alone and take identical decisions by construction: the
   group is accepted and nothing is reduced.
@@ -100,12 +102,21 @@ class DecisionGroup:
         summed rank by rank in fp64, identically on every rank. Returned in fp64 (the
         decision op rounds it to fp32 once). No host read; traceable by dynamo.
         """
-        import torch.distributed._functional_collectives as fc
-
         part = self.local_sum(sums)
         # A group of one rank still gathers: the same code path on every world size.
-        gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # torch >= 2.13 renamed it
-        return self.combine(fc.wait_tensor(gather(part, 0, self.group)))
+        if torch.compiler.is_compiling():
+            import torch.distributed._functional_collectives as fc
+
+            gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor  # torch >= 2.13 renamed it
+            gathered = fc.wait_tensor(gather(part, 0, self.group))
+        else:
+            # Eager: the synchronous c10d collective, the same gathered values. On gloo it costs a
+            # fraction of the functional one (whose async wrapper and wait add ~3 ms per call on
+            # the loaded 2-core test machine; bench/bench_distributed.py). With NCCL it is queued
+            # on the stream like the functional one: no host sync, capturable.
+            gathered = part.new_empty((self.world_size, 2))
+            _dist().all_gather_into_tensor(gathered, part, group=self.group)
+        return self.combine(gathered)
 
     @staticmethod
     def local_sum(sums: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ class EOCPolicy(InteriorCachePolicy):
         prof = config.profile
         prof.check(model, self.layout.describe())
         self.base = config.base
+        self.decides_from_data = isinstance(self.base, TeaCacheConfig)  # per instance: what stats report
         self.weight = float(config.weight)
         self.num_steps = config.num_steps
         if isinstance(self.base, tuple) and len(self.base[0]) != self.layout.num_blocks:

@@ -439,3 +439,38 @@ def test_eager_reduction_reads_nothing_to_the_host(world1, kind):
     ours = [r for r in mode.reads + reads if r is not None]
     assert len(ours) == STEPS, ours
     assert all("flag.item()" in r for r in ours), ours
+
+
+def test_eoc_reduces_on_a_teacache_base_only(world1, monkeypatch):
+    """EOC's interior TeaCache base passes its sums through the group's reduction once per
+    step and decides as without the group (one rank); its FORA base reduces nothing."""
+    from zoo import reference_dit_case
+
+    case = reference_dit_case()
+    m = case.model
+    y = torch.tensor([1, 2])
+    g = torch.Generator().manual_seed(2)
+    noise = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(6)]
+    xs = [noise[0] + 0.02 * n for n in noise]  # a slowly moving input: the TeaCache base skips some steps
+    ts = [torch.full((2,), 999.0 - 130 * s) for s in range(6)]
+    prof = fastcache.calibrate(m, lambda: [m(x, t, y) for x, t in zip(noise, ts)], progress=False)
+    calls = []
+    reduce = fd.DecisionGroup.reduce
+    monkeypatch.setattr(fd.DecisionGroup, "reduce", lambda self, s: calls.append(1) or reduce(self, s))
+    for base, reduced in ((fastcache.TeaCacheConfig(threshold=0.3), True), (fastcache.FORAConfig(interval=2), False)):
+        cfg = fastcache.EOCConfig(base=base, profile=prof, weight=0.5, threshold=0.0)
+        out = {}
+        for group in (None, world1):
+            calls.clear()
+            with torch.no_grad(), fastcache.patched(m, cfg, process_group=group) as h:
+                ys = [m(x, t, y) for x, t in zip(xs, ts)]
+                st = h.stats()
+            out[group is None] = (ys, st["contexts"]["default"]["timeline"], len(calls), st.get("process_group"))
+        (ys0, tl0, n0, _), (ys1, tl1, n1, pg) = out[True], out[False]
+        assert n0 == 0 and n1 == (len(xs) if reduced else 0)
+        assert pg["decisions_reduced"] is reduced
+        assert tl1 == tl0
+        if reduced:
+            assert 0 < tl0.count(False), tl0
+        for a, b in zip(ys1, ys0):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
