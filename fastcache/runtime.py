@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .config import CacheConfig
+from .distributed import check_policy, resolve_group
 from .policies import policy_for
 from .policies.base import StackRunner, StepInfo, is_tracing
 from .specs import ModelSpec, find_spec, spec_by_name
@@ -159,10 +160,11 @@ class Patch:
     ``contexts`` maps a context name to the policy's state for it; ``stats()`` keeps
     working after ``remove()`` (it returns the statistics taken at removal)."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig, spec: ModelSpec):
+    def __init__(self, model: nn.Module, config: CacheConfig, spec: ModelSpec, group=None):
         self.model = model
         self.config = config
         self.spec = spec
+        self.group = group  # fastcache.distributed.DecisionGroup or None
         self.active = False
         self._saved: list[tuple[nn.Module, object]] = []
         self._saved_cache_context = _MISSING
@@ -173,6 +175,8 @@ class Patch:
     # -- derived runtime objects (rebuilt after copy / unpickling) ----------------------
     def _runtime(self) -> None:
         self.policy = policy_for(self.config)(self.config, self.spec, self.model)
+        self.policy.group = getattr(self, "group", None)
+        check_policy(self.policy, self.policy.group)
         self.segments = self.spec.blocks(self.model)
         self.head = self.segments[0][0]
         self.contexts: dict[str, object] = {DEFAULT_CONTEXT: self.policy.new_state()}
@@ -215,6 +219,7 @@ class Patch:
             "saved": [(m, None if fwd is _MISSING else fwd) for m, fwd in self._saved],
             "saved_cache_context": None if self._saved_cache_context is _MISSING else self._saved_cache_context,
             "has_cache_context": self._has_cache_context,
+            "group": self.group,  # a DecisionGroup: shared by a deep copy, refused by pickle
         }
 
     def __setstate__(self, state):
@@ -226,6 +231,7 @@ class Patch:
         scc = state["saved_cache_context"]
         self._saved_cache_context = _MISSING if scc is None else scc
         self._has_cache_context = state["has_cache_context"]
+        self.group = state.get("group")
         self._final_stats = None
         self._built_after_copy = False
 
@@ -448,6 +454,8 @@ class Patch:
             **self.counters,
             "contexts": {name: self.policy.state_stats(st) for name, st in self.contexts.items()},
         }
+        if self.group is not None:  # multi-device: which group, and whether decisions are reduced over it
+            out["process_group"] = {**self.group.describe(), "decisions_reduced": bool(self.policy.decides_from_data)}
         if self.counters["grad_bypassed_calls"]:
             out["grad_bypass_reason"] = (
                 "calls with autograd on (grad enabled and an input or parameter requiring grad) ran uncached: "
@@ -478,8 +486,15 @@ def _opt_int(name: str, v, lo: int):
     return int(v)
 
 
-def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None) -> Patch:
+def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None, *, process_group=None) -> Patch:
     """Patch ``model`` in place with the cache ``config``; returns a handle with ``.remove()``.
+
+    ``process_group``: multi-device runs (sequence / context parallel, or one sample set per
+    rank): a ``torch.distributed.ProcessGroup`` of every rank running this model; the
+    policies that decide from the hidden states reduce their indicator sums over it, so
+    every rank takes the same decisions (:mod:`fastcache.distributed`). None = the group of
+    the model's diffusers parallel setup (``enable_parallelism``) when it has one, else a
+    single-process run.
 
     Example::
 
@@ -502,7 +517,8 @@ def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None) 
             "call fastcache.unpatch(model) (or handle.remove()) before patching again."
         )
     spec = spec or find_spec(model)
-    p = Patch(model, config, spec)
+    group = resolve_group(model, process_group)
+    p = Patch(model, config, spec, group)
     p._install()
     model.__dict__[PATCH_ATTR] = p
     return p
@@ -531,9 +547,11 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None) -> Iterator[Patch]:
+def patched(
+    model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None, *, process_group=None
+) -> Iterator[Patch]:
     """``with fastcache.patched(model, cfg) as handle:`` — the patch is removed on exit."""
-    p = patch(model, config, spec)
+    p = patch(model, config, spec, process_group=process_group)
     try:
         yield p
     finally:

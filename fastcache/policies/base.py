@@ -146,11 +146,24 @@ class Policy:
     """
 
     granularity: ClassVar[str] = "stack"
+    #: Multi-device runs (``fastcache.patch(..., process_group=group)``, :mod:`fastcache.distributed`):
+    #: True = the decisions read the hidden states, and the policy passes its indicator sums
+    #: through :meth:`reduce_sums` before deciding; False = a static schedule (the step
+    #: alone decides), identical on every rank by construction; None = not declared, refused
+    #: on a group of more than one rank.
+    decides_from_data: ClassVar[bool | None] = None
 
     def __init__(self, config, spec: ModelSpec, model: nn.Module):
         self.config = config
         self.spec = spec
         self.model = model
+        self.group = None  # a fastcache.distributed.DecisionGroup, set by the runtime
+
+    def reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Indicator sums ``(B, 2)`` -> the sums every rank of the process group decides
+        from (:meth:`fastcache.distributed.DecisionGroup.reduce`); unchanged without a group."""
+        group = self.group
+        return sums if group is None else group.reduce(sums)
 
     # -- state --------------------------------------------------------------------
     def new_state(self):

@@ -54,11 +54,16 @@ from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 
 @register_policy(EOCConfig)
 class EOCPolicy(InteriorCachePolicy):
+    # True for the TeaCache base (its sums are reduced over a process group); the FORA and
+    # mask bases are static and reduce nothing.
+    decides_from_data = True
+
     def __init__(self, config: EOCConfig, spec, model):
         super().__init__(config, spec, model)
         prof = config.profile
         prof.check(model, self.layout.describe())
         self.base = config.base
+        self.decides_from_data = isinstance(self.base, TeaCacheConfig)  # per instance: what stats report
         self.weight = float(config.weight)
         self.num_steps = config.num_steps
         if isinstance(self.base, tuple) and len(self.base[0]) != self.layout.num_blocks:
@@ -174,6 +179,7 @@ class EOCPolicy(InteriorCachePolicy):
         if st.prev is None:
             st.prev = torch.zeros_like(x, memory_format=torch.contiguous_format)
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps, hold=hold)
+        sums = self.reduce_sums(sums)  # multi-device: every rank decides from the group's sums
         return ops.cache_decision(
             sums,
             t_op,

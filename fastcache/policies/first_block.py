@@ -48,6 +48,8 @@ class FirstBlockCacheState(DecisionState):
 
 @register_policy(FirstBlockCacheConfig)
 class FirstBlockCachePolicy(Policy):
+    decides_from_data = True  # the indicator sums are reduced over a process group (fastcache.distributed)
+
     def __init__(self, config: FirstBlockCacheConfig, spec, model):
         super().__init__(config, spec, model)
         n_blocks = sum(len(seg) for seg in spec.blocks(model))
@@ -104,6 +106,7 @@ class FirstBlockCachePolicy(Policy):
         t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
         # A repeated call (rep) computes and leaves q_last, the residuals and the state as they were.
         sums = ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep)  # FB2
+        sums = self.reduce_sums(sums)  # multi-device: every rank decides from the group's sums
         flag = ops.cache_decision(
             sums,
             t_op,

@@ -379,6 +379,8 @@ _SUMS_ZERO_CHANGE = ((0.0, 1.0),)  # a constant indicator: ratio 0, so only the 
 class FORAPolicy(InteriorCachePolicy):
     """FORA: see the module docstring and :class:`fastcache.FORAConfig`."""
 
+    decides_from_data = False  # a static schedule: identical on every rank of a process group
+
     def host_compute(self, step: StepInfo) -> bool | None:
         return self.config.computes(step.index)
 

@@ -45,6 +45,8 @@ class TeaCacheState(DecisionState):
 
 @register_policy(TeaCacheConfig)
 class TeaCachePolicy(Policy):
+    decides_from_data = True  # the indicator sums are reduced over a process group (fastcache.distributed)
+
     def __init__(self, config: TeaCacheConfig, spec, model):
         super().__init__(config, spec, model)
         coeffs = config.coefficients
@@ -90,6 +92,7 @@ class TeaCachePolicy(Policy):
         # A repeated call (rep) must leave the cache as it found it (see the module
         # docstring): the ops hold prev and the decision state, and the decision says compute.
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev, eps, hold=rep)
+        sums = self.reduce_sums(sums)  # multi-device: every rank decides from the group's sums
         flag = ops.cache_decision(
             sums,
             t_op,
