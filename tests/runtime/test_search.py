@@ -84,3 +84,26 @@ def test_search_refuses_bad_arguments(digits, kw, msg):
     model, runs = digits
     with pytest.raises((ValueError, TypeError), match=msg):
         fastcache.search_threshold(model, runs, progress=False, **kw)
+
+
+def test_command_line_writes_profile_and_plot(tmp_path, capsys):
+    import importlib
+
+    cli = importlib.import_module("fastcache.calibrate")  # the `python -m fastcache.calibrate` module
+    out, png = tmp_path / "p.safetensors", tmp_path / "p.png"
+    rc = cli.main(
+        ["--steps", "6", "--runs", "1", "--batch", "2", "--method", "first_block", "--target-fraction", "0.8"]
+        + ["--max-evals", "3", "--out", str(out), "--plot", str(png), "--no-progress"]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "<- chosen" in text and "FirstBlockCacheConfig(threshold=" in text
+    assert fastcache.Profile.load(out).num_steps == 6
+    assert png.stat().st_size > 10_000
+    # importing the module rebinds the package attribute; calling it still calibrates
+    assert callable(fastcache.calibrate)
+    model = load_digits_dit()
+    prof = fastcache.calibrate(
+        model, lambda: sample_digits(model, [1], num_steps=3, generator=torch.Generator().manual_seed(0)), progress=False
+    )
+    assert prof.num_steps == 3
