@@ -35,7 +35,7 @@ forced one. Where it is decided:
   device read; a call repeating the previous call's index computes and stores nothing;
 * otherwise on the device, as FORA's device schedule: the shared timestep guard, then
   :func:`fastcache.ops.cache_decision` with ``threshold=inf, max_skips=N-1`` ("every N-th
-  step", ``threshold=0`` for ``N = 1``); the boundary (and the step after
+  step"; ``threshold=0``, every step, when ``N = 1`` or ``N_c = 0``); the boundary (and the step after
   :meth:`DeltaDiTPolicy.invalidate`) is forced through the indicator sums: a zero
   denominator is an invalid ratio, which the op always computes. The stage is ``STEP >= b``
   from the same state. Eager mode reads one value per step (flag and stage packed);
@@ -49,6 +49,7 @@ calls without a context) computes and leaves Δ and the decision state untouched
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import torch
@@ -138,6 +139,16 @@ class DeltaDiTPolicy(Policy):
         # the boundary forces a refresh only when the two ranges differ
         self.switch = config.num_cached < L
         self.num_steps = config.num_steps or 0
+        # see _warm_signatures
+        self._processors = list(
+            {
+                id(p): p
+                for seg in spec.blocks(model)
+                for blk in seg
+                for mod in blk.modules()
+                if callable(p := getattr(mod, "processor", None))
+            }.values()
+        )
 
     # -- state ----------------------------------------------------------------------------
     def new_state(self) -> DeltaDiTState:
@@ -209,7 +220,7 @@ class DeltaDiTPolicy(Policy):
             t_op,
             st.coeffs,
             st.state,
-            0.0 if n == 1 else math.inf,
+            0.0 if cfg.never_caches else math.inf,  # 0: every step computes (nothing to reuse)
             cfg.warmup_steps,
             n - 1,
             0,
@@ -269,6 +280,7 @@ class DeltaDiTPolicy(Policy):
         """Under tracing / capture: one cond per cached part, predicate "refresh, or this
         part is outside the stage's range"; the Δ stores outside the conds."""
         spec = self.spec
+        self._warm_signatures()
         h = dict(streams)
         for p, part in enumerate(self.parts):
             if not part.cached:
@@ -297,6 +309,19 @@ class DeltaDiTPolicy(Policy):
                 ops.store_residual(out[n], h[n], store, r)
             h = out
         return h
+
+    def _warm_signatures(self) -> None:
+        """Build, outside any cond, the ``inspect.signature`` of every attention processor
+        in the stack (diffusers' attention modules call it on each forward).
+
+        Why: dynamo caches ``inspect.signature`` results for the whole traced frame
+        (``OutputGraph.signature_cache``, torch 2.13). A signature first built inside a cond
+        branch keeps its cache entry after the branch's side effects (the Signature's own
+        attribute writes) are discarded, so the next cond or block reading it fails with
+        "'Signature' object has no attribute '_parameters'". Policies with one cond never
+        reuse it; Δ-DiT has one cond per cached part. Trace time only: no graph op."""
+        for proc in self._processors:
+            inspect.signature(proc.__call__)
 
     # -- stats ----------------------------------------------------------------------------
     def state_stats(self, st: DeltaDiTState) -> dict:
