@@ -402,7 +402,7 @@ class DeltaDiTConfig(CacheConfig):
         if self.never_caches:
             return True
         switch = num_blocks is None or self.num_cached < num_blocks
-        forced = [f for f in range(min(self.warmup_steps, step + 1))]
+        forced = list(range(min(self.warmup_steps, step + 1)))
         if switch and self.boundary <= step:
             forced.append(self.boundary)
         return (step - max(forced)) % self.interval == 0
