@@ -381,3 +381,26 @@ def test_fullgraph_compile_zero_breaks_no_recompiles(name, nc, n_conds):
     assert frames[1] <= 2 and len(set(frames[1:])) == 1, frames
     assert tl == eager_tl
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, nc, n_conds", [("diffusers-flux", 3, 3), ("diffusers-sd3", 1, 2)])
+def test_cond_path_matches_eager_bitwise(name, nc, n_conds):
+    """The cond-operator path (what torch.compile and CUDA-graph capture run; forced in
+    eager by force_cond) gives the eager path's decisions and outputs exactly."""
+    from hostreads import HostReadMode
+
+    from fastcache.policies.base import force_cond
+
+    case = CASES[name]()
+    m = case.model
+    cfg = fastcache.DeltaDiTConfig(interval=INTERVAL, num_cached=nc, boundary=BOUNDARY)
+    with fastcache.patched(m, cfg):
+        eager = case.sample(steps=STEPS)
+        fastcache.reset(m)
+        mode = HostReadMode()
+        with force_cond(), mode:
+            conds = case.sample(steps=STEPS)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert st["timeline"] == EXPECTED
+    assert len(mode.conds) == STEPS * n_conds  # one cond operator per cached part per step
+    assert torch.equal(conds, eager)
