@@ -8,7 +8,7 @@ handle.remove()
 
 from . import calibration, interior, ops
 from .calibration import calibrate
-from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
+from .config import CacheConfig, DeltaDiTConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
 from .profile import Profile
 from .search import search_threshold
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "DeltaDiTConfig",
     "EOCConfig",
     "FirstBlockCacheConfig",
     "FORAConfig",

@@ -1,12 +1,14 @@
 """Caching policies: one file per method; each registers itself for its config type."""
 
 from .base import Policy, StackRunner, policy_for, register_policy
+from .delta_dit import DeltaDiTPolicy
 from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
 from .teacache import TeaCachePolicy
 
 __all__ = [
+    "DeltaDiTPolicy",
     "EOCPolicy",
     "FirstBlockCachePolicy",
     "FORAPolicy",
