@@ -124,6 +124,7 @@ class DeltaDiTState(DecisionState):
 
 @register_policy(DeltaDiTConfig)
 class DeltaDiTPolicy(Policy):
+    decides_from_data = False  # a static schedule: identical on every rank of a process group
     """Δ-DiT: see the module docstring and :class:`fastcache.DeltaDiTConfig`."""
 
     def __init__(self, config: DeltaDiTConfig, spec, model):
