@@ -8,7 +8,7 @@ handle.remove()
 
 from . import calibration, interior, ops
 from .calibration import calibrate
-from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
+from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TaylorSeerConfig, TeaCacheConfig
 from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
@@ -26,6 +26,7 @@ __all__ = [
     "interior",
     "ModelSpec",
     "Patch",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "context",
     "get_patch",

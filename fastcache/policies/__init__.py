@@ -4,6 +4,7 @@ from .base import Policy, StackRunner, policy_for, register_policy
 from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
+from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "InteriorCachePolicy",
     "Policy",
     "StackRunner",
+    "TaylorSeerPolicy",
     "TeaCachePolicy",
     "policy_for",
     "register_policy",
