@@ -364,3 +364,61 @@ def test_cache_bytes_scale_with_order(order):
     hist = (order + 1) * pol.K * feature
     assert hist <= st["cache_bytes"] < hist + 20_000, st["cache_bytes"]
     assert st["order"] == order
+
+
+# ----------------------------------------------------------------- diffusers' hook
+_DIFFUSERS_IDS = {
+    "diffusers-dit": [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"],
+    "diffusers-pixart": [
+        r"transformer_blocks\.\d+\.attn1",
+        r"transformer_blocks\.\d+\.attn2",
+        r"transformer_blocks\.\d+\.ff",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DIFFUSERS_IDS))
+@pytest.mark.parametrize("order,interval,before", [(1, 3, 3), (2, 4, 2)])
+def test_matches_diffusers_taylorseer_hook(name, order, interval, before):
+    """diffusers 0.42's TaylorSeer hook on the modules whose outputs are our slots
+    (attention, cross-attention, feed-forward: the pre-gate branch outputs of
+    BasicTransformerBlock), factors in fp32, on diffusers' schedule given as
+    ``compute_steps``. Its defaults hook attention modules only (``^transformer_blocks.*attn``),
+    so the identifiers are explicit here."""
+    import contextlib
+    import copy
+
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    steps = 12
+    case = CASES[name]()
+    dm = copy.deepcopy(case.model)
+    apply_taylorseer_cache(
+        dm,
+        TaylorSeerCacheConfig(
+            cache_interval=interval,
+            disable_cache_before_step=before,
+            max_order=order,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=_DIFFUSERS_IDS[name],
+        ),
+    )
+
+    @contextlib.contextmanager
+    def ctx(i):
+        _set_cache_context(dm, CacheContext("cond"))
+        try:
+            yield
+        finally:
+            _set_cache_context(dm, None)
+
+    expected = case.sample(model=dm, steps=steps, context=ctx)
+    # diffusers: compute s < before or (s - before - 1) % interval == 0
+    cs = tuple(s for s in range(steps) if s < before or (s - before - 1) % interval == 0)
+    with fastcache.patched(case.model, fastcache.TaylorSeerConfig(compute_steps=cs, order=order)):
+        out = case.sample(steps=steps)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["skipped"] == steps - len(cs) > 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, case.sample(steps=steps), rtol=1e-3, atol=1e-3)  # the hook forecast something
