@@ -422,3 +422,50 @@ def test_matches_diffusers_taylorseer_hook(name, order, interval, before):
     assert st["skipped"] == steps - len(cs) > 0
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, case.sample(steps=steps), rtol=1e-3, atol=1e-3)  # the hook forecast something
+
+
+def test_cond_path_equals_python_branch_path():
+    """The capture / compile path (one torch.cond, forecast before it, update after it
+    gated by the device store flag) run eagerly under force_cond equals the eager path."""
+    from fastcache.policies.base import force_cond
+
+    case = reference_dit_case()
+    cfg = fastcache.TaylorSeerConfig(interval=3, warmup_steps=2, order=2, num_steps=STEPS)
+    with fastcache.patched(case.model, cfg):
+        eager = case.sample(steps=STEPS)
+        tl = fastcache.stats(case.model)["contexts"]["default"]["timeline"]
+        with force_cond():
+            via_cond = case.sample(steps=STEPS)
+            via_cond_2 = case.sample(steps=STEPS)  # a second run: the differences restart
+        tl_cond = fastcache.stats(case.model)["contexts"]["default"]["timeline"]
+    assert not all(tl) and tl_cond == tl
+    torch.testing.assert_close(via_cond, eager, rtol=1e-6, atol=1e-6)
+    assert torch.equal(via_cond, via_cond_2)
+
+
+def test_cfg_branches_keep_their_own_history():
+    """Sequential CFG with one context per branch: each branch's differences are its own
+    (the same as running that branch alone)."""
+    case = reference_dit_case()
+    m = case.model
+    y_c, y_u = torch.tensor([1, 2]), torch.tensor([10, 10])
+    xs, ts = _direct(8)
+    cfg = fastcache.TaylorSeerConfig(interval=3, warmup_steps=1, order=1)
+    with torch.no_grad():
+        with fastcache.patched(m, cfg):
+            both = []
+            for x, t in zip(xs, ts):
+                with fastcache.context(m, "cond"):
+                    c = m(x, t, y_c)
+                with fastcache.context(m, "uncond"):
+                    u = m(x, t, y_u)
+                both.append((c, u))
+            st = fastcache.stats(m)["contexts"]
+        alone = {}
+        for name, y in (("cond", y_c), ("uncond", y_u)):
+            with fastcache.patched(m, cfg):
+                alone[name] = [m(x, t, y) for x, t in zip(xs, ts)]
+    assert st["cond"]["skipped"] == st["uncond"]["skipped"] > 0
+    assert st["cond"]["repeated_timestep_calls"] == 0
+    for (c, u), a, b in zip(both, alone["cond"], alone["uncond"]):
+        assert torch.equal(c, a) and torch.equal(u, b)
