@@ -53,9 +53,10 @@ class TaylorState(InteriorState):
         super().__init__(history)
         self.hist: list[torch.Tensor] | None = None  # per slot: (order+1, *f.shape)
         self.valid: torch.Tensor | None = None  # (1,) fp32: orders the history holds
+        self.flags: torch.Tensor | None = None  # (history,) fp32: explicit schedules' device timeline
 
     def nbytes(self) -> int:
-        ts = [self.valid, *(self.hist or [])]
+        ts = [self.valid, self.flags, *(self.hist or [])]
         return super().nbytes() + sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
@@ -76,6 +77,10 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         st.hist = None
         st.valid = None
 
+    def set_num_steps(self, num_steps: int | None) -> None:
+        super().set_num_steps(num_steps)
+        self._mask.clear()  # the explicit schedule's mask holds the forced last step
+
     # -- schedule -------------------------------------------------------------------
     def host_compute(self, step: StepInfo) -> bool:
         return self.config.computes(step.index, step.num_steps or self.num_steps or None)
@@ -84,6 +89,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         st.coeffs = torch.zeros(0, dtype=torch.float32, device=dev)
         st.sums = torch.tensor(((0.0, 1.0),), dtype=torch.float32, device=dev)  # ratio 0: the schedule decides
         st.valid = torch.zeros(1, dtype=torch.float32, device=dev)
+        st.flags = torch.zeros(st.history, dtype=torch.float32, device=dev)
         st.hist = None
 
     def _device_mask(self, dev) -> torch.Tensor:
@@ -107,8 +113,13 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         # the flag is the mask at the device step (past its end: forecast).
         ops.cache_decision(st.sums, t_op, st.coeffs, st.state, 0.0, 1, 0, 0, hold=hold)
         mask = self._device_mask(t_op.device)
-        s = (st.state[STEP : STEP + 1] - 1).clamp(min=0, max=mask.numel() - 1).to(torch.long)
-        return mask.index_select(0, s)[0] | hold
+        s_raw = (st.state[STEP : STEP + 1] - 1).clamp(min=0).to(torch.long)
+        flag = mask.index_select(0, s_raw.clamp(max=mask.numel() - 1))[0]
+        # the device timeline (the decision op's own says "computed" at every step); a
+        # repeated call leaves it as it was
+        i = s_raw.clamp(max=st.history - 1)
+        st.flags.index_copy_(0, i, torch.where(hold, st.flags.index_select(0, i), flag.to(torch.float32)))
+        return flag | hold
 
     # -- the Taylor state -----------------------------------------------------------
     def _alloc_hist(self, st: TaylorState, fs: list[torch.Tensor]) -> None:
@@ -226,9 +237,10 @@ class TaylorSeerPolicy(InteriorCachePolicy):
     # -- stats ----------------------------------------------------------------------
     def state_stats(self, st: TaylorState) -> dict:
         out = super().state_stats(st)
-        if self.config.compute_steps is not None and st.counts is not None and not st.host_timeline:
-            # explicit steps on the device: the decision op saw "compute" every step, the
-            # schedule is the mask (static, so the host knows it)
-            out["timeline"] = [self.config.computes(s, self.num_steps or None) for s in range(len(out["timeline"]))]
+        if self.config.compute_steps is not None and st.flags is not None and not st.host_timeline:
+            # explicit steps on the device: the decision op saw "compute" at every step; the
+            # flags the mask gave were recorded on the device
+            f = st.flags.detach().cpu()  # host-read-ok: stats are read off the step path
+            out["timeline"] = [bool(v) for v in f[: len(out["timeline"])]]
         out["order"] = self.order
         return out

@@ -469,3 +469,21 @@ def test_cfg_branches_keep_their_own_history():
     assert st["cond"]["repeated_timestep_calls"] == 0
     for (c, u), a, b in zip(both, alone["cond"], alone["uncond"]):
         assert torch.equal(c, a) and torch.equal(u, b)
+
+
+def test_set_num_steps_moves_the_forced_last_step_of_an_explicit_schedule():
+    case = reference_dit_case()
+    cfg = fastcache.TaylorSeerConfig(compute_steps=(0, 2, 5), order=1, num_steps=STEPS)
+    with fastcache.patched(case.model, cfg) as handle:
+        case.sample(steps=STEPS)
+        assert fastcache.stats(case.model)["contexts"]["default"]["timeline"][-1] is True
+        handle.set_num_steps(STEPS - 2)
+        fastcache.reset(case.model)
+        case.sample(steps=STEPS - 2)
+        tl = fastcache.stats(case.model)["contexts"]["default"]["timeline"]
+        moved = case.sample(steps=STEPS - 2)
+    assert tl == [s in (0, 2, 5, STEPS - 3) for s in range(STEPS - 2)]
+    short = fastcache.TaylorSeerConfig(compute_steps=(0, 2, 5), order=1, num_steps=STEPS - 2)
+    with fastcache.patched(case.model, short):
+        fresh = case.sample(steps=STEPS - 2)
+    assert torch.equal(moved, fresh)
