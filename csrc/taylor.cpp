@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -18,6 +19,7 @@ namespace fastcache {
 namespace {
 
 constexpr int64_t kGrain = 32768;
+constexpr int64_t kChunk = 512;  // elements per vectorized chunk (stack arrays)
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -51,10 +53,19 @@ at::Tensor taylor_forecast(const at::Tensor& history, const at::Tensor& dx) {
     c[0] = A(1);
     for (int64_t k = 1; k <= M; ++k) c[k] = c[k - 1] * A(x32) / A(k);
     at::parallel_for(0, E, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        A acc = static_cast<A>(h[i]);
-        for (int64_t k = 1; k <= M; ++k) acc = acc + static_cast<A>(h[k * E + i]) * c[k];
-        o[i] = static_cast<scalar_t>(acc);
+      // chunks with the order loop outside: the element loops vectorize; per element the
+      // terms are still added in the order k = 1, 2, ... (the reference's rounding)
+      A acc[kChunk];
+      for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, e - c0);
+        const scalar_t* h0 = h + c0;
+        for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<A>(h0[i]);
+        for (int64_t k = 1; k <= M; ++k) {
+          const scalar_t* hk = h + k * E + c0;
+          const A ck = c[k];
+          for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + static_cast<A>(hk[i]) * ck;
+        }
+        for (int64_t i = 0; i < n; ++i) o[c0 + i] = static_cast<scalar_t>(acc[i]);
       }
     });
   });
@@ -90,12 +101,26 @@ void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Ten
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     const A x = A(x32);
     at::parallel_for(0, E, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        A d = static_cast<A>(fp[i]);
+      A d[kChunk];
+      for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, e - c0);
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<A>(fp[c0 + i]);
         for (int64_t k = 0; k <= M; ++k) {
-          const A old = static_cast<A>(h[k * E + i]);
-          h[k * E + i] = static_cast<scalar_t>(d);
-          if (k < M) d = (A(nv) > A(k)) ? (d - old) / x : A(0);
+          scalar_t* hk = h + k * E + c0;
+          if (k == M) {
+            for (int64_t i = 0; i < n; ++i) hk[i] = static_cast<scalar_t>(d[i]);
+          } else if (A(nv) > A(k)) {  // D^{k+1} = (D^k_new - D^k_old) / dx
+            for (int64_t i = 0; i < n; ++i) {
+              const A old = static_cast<A>(hk[i]);
+              hk[i] = static_cast<scalar_t>(d[i]);
+              d[i] = (d[i] - old) / x;
+            }
+          } else {  // an order the history did not hold yet: 0 from here up
+            for (int64_t i = 0; i < n; ++i) {
+              hk[i] = static_cast<scalar_t>(d[i]);
+              d[i] = A(0);
+            }
+          }
         }
       }
     });
