@@ -37,6 +37,8 @@ void register_cpu_kernels() {
   m->impl("apply_residual", TORCH_FN(fastcache::apply_residual));
   m->impl("apply_residual_out", TORCH_FN(fastcache::apply_residual_out));
   m->impl("store_residual", TORCH_FN(fastcache::store_residual));
+  m->impl("taylor_forecast", TORCH_FN(fastcache::taylor_forecast));
+  m->impl("taylor_update", TORCH_FN(fastcache::taylor_update));
   // Kept for the life of the process (the dispatcher holds the kernels).
   static torch::Library* registered = m.release();
   (void)registered;
@@ -90,6 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out <- x + r (out may be x or r: in place).");
   m.def("store_residual", &fastcache::store_residual, py::arg("out"), py::arg("x_in"), py::arg("flag"), py::arg("r"),
         "r <- out - x_in if flag.");
+  m.def("taylor_forecast", &fastcache::taylor_forecast, py::arg("history"), py::arg("dx"),
+        "sum_k history[k] * dx^k / k! (TaylorSeer forecast), fp32 math, history.dtype out.");
+  m.def("taylor_update", &fastcache::taylor_update, py::arg("history"), py::arg("f"), py::arg("dx"), py::arg("valid"),
+        py::arg("store"), "TaylorSeer finite-difference update of history in place, if store.");
 
   m.def("cpu_capability", &fastcache::cpu::active_capability,
         "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

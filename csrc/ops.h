@@ -44,5 +44,9 @@ void gated_residual_out(const at::Tensor& x, const at::Tensor& gate, const at::T
 at::Tensor apply_residual(const at::Tensor& x, const at::Tensor& r);
 void apply_residual_out(const at::Tensor& x, const at::Tensor& r, const at::Tensor& out);
 void store_residual(const at::Tensor& out, const at::Tensor& x_in, const at::Tensor& flag, const at::Tensor& r);
+// TaylorSeer (csrc/taylor.cpp)
+at::Tensor taylor_forecast(const at::Tensor& history, const at::Tensor& dx);
+void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Tensor& dx, const at::Tensor& valid,
+                   const at::Tensor& store);
 
 }  // namespace fastcache

@@ -8,7 +8,15 @@ handle.remove()
 
 from . import calibration, interior, ops
 from .calibration import calibrate
-from .config import CacheConfig, DeltaDiTConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
+from .config import (
+    CacheConfig,
+    DeltaDiTConfig,
+    EOCConfig,
+    FirstBlockCacheConfig,
+    FORAConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+)
 from .profile import Profile
 from .search import search_threshold
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
@@ -28,6 +36,7 @@ __all__ = [
     "interior",
     "ModelSpec",
     "Patch",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "context",
     "get_patch",

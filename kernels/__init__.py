@@ -17,6 +17,7 @@ timestep_guard             decision.py
 gated_residual(_out)       gated_residual.py
 apply_residual(_out)       residual.py
 store_residual             residual.py
+taylor_forecast / _update  taylor.py
 =========================  ===========================
 
 Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 # Launchers are reached through LAUNCHERS (or their modules): re-exporting them here
 # would shadow the module ``gated_residual`` with the function of the same name.
-from . import decision, gated_residual, modulated_rel_l1, rel_l1, residual
+from . import decision, gated_residual, modulated_rel_l1, rel_l1, residual, taylor
 
 LAUNCHERS = {
     "modulated_rel_l1_sums": modulated_rel_l1.modulated_rel_l1_sums,
@@ -41,6 +42,8 @@ LAUNCHERS = {
     "apply_residual": residual.apply_residual,
     "apply_residual_out": residual.apply_residual_out,
     "store_residual": residual.store_residual,
+    "taylor_forecast": taylor.taylor_forecast,
+    "taylor_update": taylor.taylor_update,
 }
 
 __all__ = [
@@ -50,4 +53,5 @@ __all__ = [
     "modulated_rel_l1",
     "rel_l1",
     "residual",
+    "taylor",
 ]

@@ -63,6 +63,8 @@ __all__ = [
     "rel_l1_ratio",
     "rel_l1_sums",
     "store_residual",
+    "taylor_forecast",
+    "taylor_update",
     "timestep_guard",
 ]
 
@@ -375,6 +377,59 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
         _store_residual(out.contiguous(), x_in.contiguous(), flag, r)  # see _compiled_layout
     else:
         _raw_store_residual(out, x_in, flag, r)
+
+
+def _check_taylor_args(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
+    if history.dim() < 2 or history.shape[0] < 1:
+        raise ValueError(f"{op}: history must be (order+1, *feature_shape), got shape {tuple(history.shape)}")
+    _check_float("history", history)
+    if not history.is_contiguous():
+        raise ValueError(f"{op}: history must be contiguous (it is the device-resident Taylor state)")
+    if dx.numel() != 1 or dx.dtype != torch.float32:
+        raise ValueError(f"{op}: dx must be a one-element fp32 tensor, got {dx.dtype} {tuple(dx.shape)}")
+    if dx.device != history.device:
+        raise ValueError(f"{op}: dx is on {dx.device} but history is on {history.device}; move it there")
+
+
+def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """TaylorSeer's forecast (docs/methods.md Eq. TS2): ``sum_k history[k] * dx^k / k!``.
+
+    history: ``(m+1, *S)`` contiguous, ``history[k]`` the k-th finite difference at the
+    last computed step; dx: a ``(1,)`` fp32 device tensor, the steps since that step (a
+    device value, so a compiled graph does not change from step to step). Returns
+    ``(*S)`` in ``history.dtype`` (fp32 math, fp64 for fp64). No host read.
+
+    Example::
+
+        f_hat = taylor_forecast(hist, torch.tensor([2.0]))   # two steps after the last compute
+    """
+    _check_taylor_args("taylor_forecast", history, dx)
+    return _ops.taylor_forecast(history, dx.reshape(1))
+
+
+def taylor_update(
+    history: torch.Tensor, f: torch.Tensor, dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> None:
+    """TaylorSeer's finite-difference update in place (docs/methods.md Eq. TS1), iff the
+    0-dim bool device flag ``store`` is set: ``D^0 <- f``, ``D^{k+1} <- (D^k_new -
+    D^k_old) / dx`` for the ``valid`` orders the history already held, 0 above them.
+
+    history: ``(m+1, *S)`` contiguous (written in place); f: ``(*S)`` (any strides: made
+    contiguous); dx, valid: ``(1,)`` fp32 device tensors (steps since the previous
+    computed step; orders held, 0 after a reset); store: 0-dim bool. No host read: under
+    torch.cond the update sits outside the branches and runs every step, gated by
+    ``store``.
+    """
+    _check_taylor_args("taylor_update", history, dx)
+    if tuple(f.shape) != tuple(history.shape[1:]):
+        raise ValueError(
+            f"taylor_update: f has shape {tuple(f.shape)} but the history holds {tuple(history.shape[1:])}"
+        )
+    if valid.numel() != 1 or valid.dtype != torch.float32 or valid.device != history.device:
+        raise ValueError("taylor_update: valid must be a one-element fp32 tensor on the history's device")
+    if store.dtype != torch.bool or store.numel() != 1 or store.device != history.device:
+        raise ValueError("taylor_update: store must be a 0-dim bool tensor on the history's device")
+    _ops.taylor_update(history, f.contiguous(), dx.reshape(1), valid.reshape(1), store.reshape(()))
 
 
 # keep the module object reachable for introspection (fastcache.info)

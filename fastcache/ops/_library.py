@@ -51,6 +51,8 @@ SCHEMAS = {
     "apply_residual": "apply_residual(Tensor x, Tensor r) -> Tensor",
     "apply_residual_out": "apply_residual_out(Tensor x, Tensor r, Tensor(a!) out) -> ()",
     "store_residual": "store_residual(Tensor out, Tensor x_in, Tensor flag, Tensor(a!) r) -> ()",
+    "taylor_forecast": "taylor_forecast(Tensor history, Tensor dx) -> Tensor",
+    "taylor_update": ("taylor_update(Tensor(a!) history, Tensor f, Tensor dx, Tensor valid, Tensor store) -> ()"),
 }
 
 BACKENDS = ("auto", "cpp", "triton", "eager")
@@ -106,6 +108,16 @@ def _(x, r, out):
 
 @torch.library.register_fake("fastcache::store_residual")
 def _(out, x_in, flag, r):
+    return None
+
+
+@torch.library.register_fake("fastcache::taylor_forecast")
+def _(history, dx):
+    return history.new_empty(history.shape[1:])
+
+
+@torch.library.register_fake("fastcache::taylor_update")
+def _(history, f, dx, valid, store):
     return None
 
 

@@ -394,3 +394,58 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     acc = _acc_dtype(out)
     new = (out.to(acc) - x_in.to(acc)).to(r.dtype)
     r.copy_(torch.where(flag.to(torch.bool), new, r))
+
+
+# ---------------------------------------------------------------------------
+# TaylorSeer (docs/methods.md section 8, Eq. TS1-TS2)
+# ---------------------------------------------------------------------------
+def _check_taylor(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
+    if history.dim() < 2:
+        raise ValueError(f"{op}: history must be (order+1, *feature_shape), got shape {tuple(history.shape)}")
+    if dx.numel() != 1 or not dx.is_floating_point():
+        raise ValueError(f"{op}: dx must be a one-element float tensor (steps since the last computed step)")
+
+
+def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Eq. TS2: ``f = sum_k history[k] * dx^k / k!`` (``history[k]`` = the k-th finite
+    difference D^k at the last computed step; ``dx`` = steps since then, a one-element
+    device tensor). history: ``(m+1, *S)``; returns ``(*S)`` in ``history.dtype``, fp32
+    math (fp64 for fp64), accumulated in the order k = 0, 1, ..., m with the coefficient
+    built as ``c_k = c_{k-1} * dx / k`` (the kernels do the same)."""
+    _check_taylor("taylor_forecast", history, dx)
+    acc = _acc_dtype(history)
+    x = dx.reshape(()).to(acc)
+    out = history[0].to(acc)
+    c = torch.ones((), dtype=acc, device=history.device)
+    for k in range(1, history.shape[0]):
+        c = c * x / k
+        out = out + history[k].to(acc) * c
+    return out.to(history.dtype)
+
+
+def taylor_update(
+    history: torch.Tensor, f: torch.Tensor, dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> None:
+    """Eq. TS1 in place, iff the 0-dim bool device flag ``store`` is set:
+    ``D^0 <- f``; ``D^{k+1} <- (D^k_new - D^k_old) / dx`` for ``k < valid`` (the orders
+    the history held before this update), else 0. history: ``(m+1, *S)``; f: ``(*S)``;
+    dx, valid: one-element float tensors (steps since the previous computed step; number
+    of valid orders, 0 after a reset). fp32 math (fp64 for fp64)."""
+    _check_taylor("taylor_update", history, dx)
+    if tuple(f.shape) != tuple(history.shape[1:]):
+        raise ValueError(
+            f"taylor_update: f has shape {tuple(f.shape)} but the history holds {tuple(history.shape[1:])}"
+        )
+    acc = _acc_dtype(history)
+    x = dx.reshape(()).to(acc)
+    nv = valid.reshape(()).to(acc)
+    d = f.to(acc)
+    new = []
+    m = history.shape[0] - 1
+    for k in range(m + 1):
+        old = history[k].to(acc)
+        new.append(d)
+        if k < m:
+            d = torch.where(nv > k, (d - old) / x, torch.zeros_like(d))
+    new_h = torch.stack(new).to(history.dtype)
+    history.copy_(torch.where(store.to(torch.bool), new_h, history))

@@ -5,6 +5,7 @@ from .delta_dit import DeltaDiTPolicy
 from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
+from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "InteriorCachePolicy",
     "Policy",
     "StackRunner",
+    "TaylorSeerPolicy",
     "TeaCachePolicy",
     "policy_for",
     "register_policy",

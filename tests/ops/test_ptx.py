@@ -103,6 +103,17 @@ def _variants():
             r = torch.zeros(B, N, D, dtype=dt)
             launch = residual.plan_store_residual(x, cached, torch.tensor(True), r)
             out.append((f"store_residual[{name(dt)},{lay}]", launch))
+    # TaylorSeer (tests/runtime/test_taylorseer.py): orders 0-2, every dtype
+    from fastcache.kernels import taylor
+
+    dx, valid, store = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor(True)
+    for dt in (*lowp, torch.float64):
+        for order in (0, 1, 2):
+            hist, f = torch.randn(order + 1, B, N, D).to(dt), torch.randn(B, N, D).to(dt)
+            launch = taylor.plan_taylor_forecast(hist, dx, torch.empty(B, N, D, dtype=dt))
+            out.append((f"taylor_forecast[{name(dt)},order={order}]", launch))
+            launch = taylor.plan_taylor_update(hist, f, dx, valid, store)
+            out.append((f"taylor_update[{name(dt)},order={order}]", launch))
     return out
 
 
@@ -203,7 +214,8 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
         assert r["has_cubin"], f"{r['label']} sm_{r['cap']}: ptxas produced no cubin"
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
-                     "apply_residual", "apply_residual_out", "store_residual", "timestep_guard"}  # fmt: skip
+                     "apply_residual", "apply_residual_out", "store_residual", "timestep_guard",
+                     "taylor_forecast", "taylor_update"}  # fmt: skip
 
 
 def test_signatures_come_from_the_launchers_arguments(compiled):
@@ -222,6 +234,17 @@ def test_signatures_come_from_the_launchers_arguments(compiled):
                   "decision[t=fp32,hold]"):  # fmt: skip
         assert by_label[label]["hold_ptr"] == "*u1" and by_label[label]["HAS_HOLD"] == "constexpr", label
     assert by_label["timestep_guard[t=fp32,num_steps=28]"]["hold_ptr"] == "*u1"
+
+
+def test_taylor_update_loads_store_and_orders_unroll(compiled):
+    """The update kernel loads its store flag on the device (a byte load: no host read),
+    and the order loop is unrolled per ORDER (more loads for a higher order)."""
+    ptx = {r["label"]: r["ptx"] for r in compiled["results"] if r["cap"] == 90}
+    load_u8 = re.compile(r"ld\.global(\.\w+)*\.[us]8|ld\.global(\.\w+)*\.b8")
+    assert load_u8.search(ptx["taylor_update[fp32,order=1]"]), "no byte load of the store flag"
+    assert not load_u8.search(ptx["taylor_forecast[fp32,order=1]"])
+    n_ld = [len(re.findall(r"ld\.global", ptx[f"taylor_forecast[fp32,order={k}]"])) for k in (0, 1, 2)]
+    assert n_ld[0] < n_ld[1] < n_ld[2], n_ld
 
 
 def test_hold_is_loaded_in_the_kernel(compiled):

@@ -781,6 +781,9 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "store_residual": (x, p, torch.tensor(True), torch.zeros(B, N, D).to(dt)),
             "apply_residual_out": (x, p, torch.empty_like(x)),
             "gated_residual_out": (x, g, p, None, 0.0, torch.empty_like(x)),
+            "taylor_forecast": (torch.randn(3, B, N, D).to(dt), torch.tensor([2.0])),
+            "taylor_update": (torch.randn(3, B, N, D).to(dt), x.contiguous(), torch.tensor([2.0]),
+                              torch.tensor([1.0]), torch.tensor(True)),
         }
         assert set(samples) == set(ops.SCHEMAS), "opcheck every registered op"
         for name, args in samples.items():

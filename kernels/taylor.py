@@ -1,0 +1,132 @@
+"""``taylor_forecast`` / ``taylor_update``: TaylorSeer's device work (Triton).
+
+TaylorSeer (docs/methods.md section 8) keeps, per cached feature, the finite differences
+``H[k] = D^k`` (k = 0 .. m) at the last computed step in one contiguous
+``(m+1, *S)`` tensor. Both kernels are flat and element-wise over the ``E = numel(S)``
+feature elements, int64 offsets, fp32 math (fp64 for fp64), the loop over orders
+unrolled (``ORDER`` is a constexpr: one specialisation per order).
+
+* forecast (Eq. TS2): ``out = sum_k H[k] * c_k``, ``c_0 = 1``, ``c_k = c_{k-1} * dx / k``;
+* update (Eq. TS1), in place, iff the device flag ``store`` is set: ``d = f``; for k =
+  0..m: ``old = H[k]; H[k] = d; d = (k < valid) ? (d - old) / dx : 0``.
+
+``dx``, ``valid`` and ``store`` are device scalars loaded by the kernel (never read to the
+host): a compiled step graph is the same at every step. When ``store`` is off every
+load and store of the update is masked.
+
+Example::
+
+    f_hat = taylor_forecast(hist, dx)                 # forecast step
+    taylor_update(hist, f, dx, valid, store)          # after a (possibly) computed step
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import Launch, acc_is_fp64, check_devices, check_float
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _taylor_forecast_kernel(
+    h_ptr, dx_ptr, out_ptr, E,
+    ORDER: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr,
+):  # fmt: skip
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < E
+    x = tl.load(dx_ptr).to(acc_ty)
+    acc = tl.load(h_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    c = x * 0.0 + 1.0
+    for k in tl.static_range(1, ORDER + 1):
+        c = c * x / k
+        acc += tl.load(h_ptr + k * E + offs, mask=mask, other=0.0).to(acc_ty) * c
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _taylor_update_kernel(
+    h_ptr, f_ptr, dx_ptr, valid_ptr, store_ptr, E,
+    ORDER: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr,
+):  # fmt: skip
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    store = tl.load(store_ptr) != 0
+    # where(), not `&`: Triton's interpreter turns a broadcast scalar bool `&` into ints
+    mask = tl.where(store, offs < E, False)
+    x = tl.load(dx_ptr).to(acc_ty)
+    nv = tl.load(valid_ptr).to(acc_ty)
+    d = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    for k in tl.static_range(ORDER + 1):
+        old = tl.load(h_ptr + k * E + offs, mask=mask, other=0.0).to(acc_ty)
+        tl.store(h_ptr + k * E + offs, d.to(h_ptr.dtype.element_ty), mask=mask)
+        if k < ORDER:
+            d = tl.where(nv > k, (d - old) / x, 0.0)
+
+
+def _check(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
+    check_float(op, "history", history)
+    if history.dim() < 2 or not history.is_contiguous():
+        raise ValueError(
+            f"{op}: history must be a contiguous (order+1, *feature_shape) tensor, got shape "
+            f"{tuple(history.shape)} strides {history.stride()}"
+        )
+    if dx.numel() != 1 or dx.dtype != torch.float32:
+        raise ValueError(f"{op}: dx must be a one-element fp32 tensor, got {dx.dtype} {tuple(dx.shape)}")
+    check_devices(op, "history", history, dx=dx)
+
+
+def plan_taylor_forecast(history: torch.Tensor, dx: torch.Tensor, out: torch.Tensor) -> Launch:
+    """The launch of ``out <- sum_k history[k] dx^k / k!`` (checked arguments, numel > 0)."""
+    E = out.numel()
+    grid = (triton.cdiv(E, _BLOCK),)
+    args = (history, dx, out, E)
+    cx = {"ORDER": history.shape[0] - 1, "BLOCK": _BLOCK, "ACC_FP64": acc_is_fp64(history)}
+    return Launch(_taylor_forecast_kernel, grid, args, cx, {"num_warps": 4})
+
+
+def plan_taylor_update(
+    history: torch.Tensor, f: torch.Tensor, dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> Launch:
+    """The launch of the in-place difference update gated by ``store`` (numel > 0)."""
+    E = f.numel()
+    grid = (triton.cdiv(E, _BLOCK),)
+    args = (history, f, dx, valid, store, E)
+    cx = {"ORDER": history.shape[0] - 1, "BLOCK": _BLOCK, "ACC_FP64": acc_is_fp64(history)}
+    return Launch(_taylor_update_kernel, grid, args, cx, {"num_warps": 4})
+
+
+def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Schema ``taylor_forecast(Tensor history, Tensor dx) -> Tensor``; see
+    :func:`fastcache.ops.reference.taylor_forecast`. Returns ``(*S)`` in history's dtype."""
+    _check("taylor_forecast", history, dx)
+    out = torch.empty(history.shape[1:], dtype=history.dtype, device=history.device)
+    if out.numel():
+        plan_taylor_forecast(history, dx, out).run()
+    return out
+
+
+def taylor_update(
+    history: torch.Tensor, f: torch.Tensor, dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> None:
+    """Schema ``taylor_update(Tensor(a!) history, Tensor f, Tensor dx, Tensor valid, Tensor store) -> ()``;
+    see :func:`fastcache.ops.reference.taylor_update`. f: contiguous, history's feature shape."""
+    op = "taylor_update"
+    _check(op, history, dx)
+    check_float(op, "f", f)
+    if tuple(f.shape) != tuple(history.shape[1:]) or not f.is_contiguous():
+        raise ValueError(
+            f"{op}: f must be contiguous with the history's feature shape {tuple(history.shape[1:])}, got "
+            f"{tuple(f.shape)} strides {f.stride()}"
+        )
+    if valid.numel() != 1 or valid.dtype != torch.float32:
+        raise ValueError(f"{op}: valid must be a one-element fp32 tensor, got {valid.dtype} {tuple(valid.shape)}")
+    if store.numel() != 1 or store.dtype != torch.bool:
+        raise ValueError(f"{op}: store must be a 0-dim bool tensor, got {store.dtype} {tuple(store.shape)}")
+    check_devices(op, "history", history, f=f, valid=valid, store=store)
+    if f.numel():
+        plan_taylor_update(history, f, dx, valid, store).run()
