@@ -9,6 +9,7 @@ handle.remove()
 from . import calibration, interior, ops
 from .calibration import calibrate
 from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
+from .config import TGateConfig
 from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
@@ -27,6 +28,7 @@ __all__ = [
     "ModelSpec",
     "Patch",
     "TeaCacheConfig",
+    "TGateConfig",
     "context",
     "get_patch",
     "ops",

@@ -5,6 +5,7 @@ from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
 from .teacache import TeaCachePolicy
+from .tgate import TGatePolicy
 
 __all__ = [
     "EOCPolicy",
@@ -14,6 +15,7 @@ __all__ = [
     "Policy",
     "StackRunner",
     "TeaCachePolicy",
+    "TGatePolicy",
     "policy_for",
     "register_policy",
 ]
