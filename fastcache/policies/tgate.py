@@ -74,6 +74,7 @@ class TGateState(InteriorState):
         super().__init__(history)
         self.valid: list[bool] | None = None  # per slot: holds a value of the current run (eager)
         self.prev_step: int | None = None  # last non-repeated step index (eager)
+        self.half = False  # this call carries half the CFG batch (after the gate, eager)
         # eager counts (host ints, no device work): steps, attn computed / reused,
         # cross computed / reused, fallbacks, repeated calls
         self.host_counts = [0] * 7
@@ -102,10 +103,11 @@ class _EagerExecutor(Executor):
         if mode == "reuse":
             if all(st.valid[k] for k in ids):
                 c[col + 1] += 1
-                return tuple(apply_cached(x, g, st.cache[k]) for k, x, g in zip(ids, xs, gates))
+                n = xs[0].shape[0]  # half the cached batch when the sampler dropped the CFG duplicate
+                return tuple(apply_cached(x, g, st.cache[k][:n]) for k, x, g in zip(ids, xs, gates))
             # nothing of this run cached (never silently wrong): compute and cache it
             c[5] += 1
-            mode = "mean" if name == CROSS and p.batched else "store"
+            mode = "mean" if name == CROSS and p.batched and not st.half else "store"
         c[col] += 1
         fs = fn()
         if mode != "compute":
@@ -174,6 +176,22 @@ class TGatePolicy(InteriorCachePolicy):
                 out.add((False, False))
         return out
 
+    def _half_batch(self, st: TGateState, streams: dict) -> bool:
+        """Eager, cfg="batched": the call carries half the batch the state was made for
+        (the paper's pipeline drops the CFG duplicate from the gate on; every other
+        dimension, dtype and device unchanged)."""
+        if not self.batched or st.signature is None:
+            return False
+        sig = tuple((n, None if v is None else (tuple(v.shape), v.dtype, v.device)) for n, v in streams.items())
+        if len(sig) != len(st.signature):
+            return False
+        for (n, a), (m, b) in zip(sig, st.signature):
+            if n != m or (a is None) != (b is None):
+                return False
+            if a is not None and (a[0][0] * 2 != b[0][0] or a[0][1:] != b[0][1:] or a[1:] != b[1:]):
+                return False
+        return True
+
     def device_plan(self, s: torch.Tensor):
         """The schedule on the device (``s``: 0-dim long): (self-attention computed, cross
         computed, gate step) as 0-dim bools; the same function as :meth:`TGateConfig.plan`."""
@@ -221,7 +239,8 @@ class TGatePolicy(InteriorCachePolicy):
     def run_stack(self, st: TGateState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         x = streams[self.spec.streams[0]]
-        if self.batched and x.shape[0] % 2:
+        st.half = not is_tracing() and self._half_batch(st, streams)
+        if self.batched and x.shape[0] % 2 and not st.half:
             raise ValueError(
                 f"fastcache: TGateConfig(cfg='batched') expects the CFG batch [uncond; cond] (an even batch), but "
                 f"{type(self.model).__name__} was called with batch {x.shape[0]}. Without classifier-free guidance "
@@ -237,7 +256,8 @@ class TGatePolicy(InteriorCachePolicy):
                     "use cfg='none' (each context then caches its own cross-attention, which is not T-GATE's "
                     "mean; docs/methods.md section 5)."
                 )
-        self._ensure(st, streams)
+        if not st.half:
+            self._ensure(st, streams)
         if st.cache is None:
             st.cache = [None] * self.K
         if not is_tracing() and st.step is not None and st.step.index is not None:
@@ -267,6 +287,12 @@ class TGatePolicy(InteriorCachePolicy):
             st.valid = [False] * self.K
         st.prev_step = s
         sa, cross = self.config.plan(s)
+        if st.half and cross != "reuse":
+            raise ValueError(
+                f"fastcache: step {s} was called with half the CFG batch, but T-GATE's gate step is "
+                f"{self.config.gate_step}: the CFG batch may be dropped from the gate step on only (the halves "
+                "are equal from there); keep the [uncond; cond] batch before it."
+            )
         gate = cross == "gate"
         mean = "mean" if self.batched else "store"
         modes = {

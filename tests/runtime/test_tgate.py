@@ -221,6 +221,30 @@ def test_equals_the_papers_pipeline_that_drops_the_cfg_batch(pixart):
     torch.testing.assert_close(ours, paper, rtol=1e-5, atol=1e-5)
 
 
+def test_the_papers_pipeline_runs_patched(pixart):
+    """The sampler drops the CFG duplicate from the gate on (one pass, unconditional text):
+    the patched model serves the half batch from the cached values (eager, both step
+    placements), equal to the reference implementation of that pipeline; dropping it
+    before the gate is refused."""
+    G, W, P_sp, P_fi = 5, 1, 2, 2
+    ref_impl = ReferenceTGate(pixart, G, W, P_sp, P_fi, dup=False)
+    try:
+        paper = cfg_sample(pixart, context=lambda i: _set_step(ref_impl, i), drop_after=G)
+    finally:
+        ref_impl.remove()
+    cfg = fastcache.TGateConfig(gate_step=G, warm_up=W, sp_interval=P_sp, fi_interval=P_fi)
+    L = len(pixart.transformer_blocks)
+    for ctx in (None, _host_index(pixart)):
+        with fastcache.patched(pixart, cfg):
+            ours = cfg_sample(pixart, drop_after=G, context=ctx)
+            st = fastcache.stats(pixart)["contexts"]["default"]
+        assert st["cross_attn"] == {"computed": G * L, "reused": (STEPS - G) * L} and st["fallbacks"] == 0
+        torch.testing.assert_close(ours, paper, rtol=1e-5, atol=1e-6)
+        with fastcache.patched(pixart, cfg):
+            with pytest.raises(ValueError, match="half the CFG batch"):
+                cfg_sample(pixart, drop_after=G - 1, context=ctx)
+
+
 def test_repeated_call_computes_and_leaves_the_cache(pixart):
     cfg = fastcache.TGateConfig(gate_step=4, warm_up=0, sp_interval=2, fi_interval=2)
     g = torch.Generator().manual_seed(0)
