@@ -8,8 +8,7 @@ handle.remove()
 
 from . import calibration, interior, ops
 from .calibration import calibrate
-from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
-from .config import TGateConfig
+from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig, TGateConfig
 from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register

@@ -200,11 +200,7 @@ class TGatePolicy(InteriorCachePolicy):
         before = s < g - 1
         at_gate = s == g - 1
         after = s >= g
-        sa = (
-            (before & ((s <= c.warm_up) | (s % c.sp_interval == 0)))
-            | at_gate
-            | (after & (s % c.fi_interval == 0))
-        )
+        sa = (before & ((s <= c.warm_up) | (s % c.sp_interval == 0))) | at_gate | (after & (s % c.fi_interval == 0))
         return sa, ~after, at_gate
 
     # -- state --------------------------------------------------------------------------
@@ -408,9 +404,7 @@ class TGatePolicy(InteriorCachePolicy):
         elif st.state is not None:
             s = st.state.detach().cpu()  # host-read-ok: stats
             n = min(int(s[STEP]), st.history)
-            out["timeline"] = [
-                _SA_CODE[a] + _CROSS_CODE[b] for a, b in (self.config.plan(i) for i in range(n))
-            ]
+            out["timeline"] = [_SA_CODE[a] + _CROSS_CODE[b] for a, b in (self.config.plan(i) for i in range(n))]
         else:
             out["timeline"] = []
         warn = []

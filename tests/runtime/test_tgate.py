@@ -189,8 +189,11 @@ def test_matches_reference_and_host_device_schedules_agree(pixart, G, W, P_sp, P
         sd = fastcache.stats(pixart)["contexts"]["default"]
     plan = [cfg.plan(s) for s in range(STEPS)]
     L = len(pixart.transformer_blocks)
-    assert sh["timeline"] == sd["timeline"] == [("S" if a else "s") + {"compute": "C", "gate": "G", "reuse": "c"}[b]
-                                                 for a, b in plan]
+    assert (
+        sh["timeline"]
+        == sd["timeline"]
+        == [("S" if a else "s") + {"compute": "C", "gate": "G", "reuse": "c"}[b] for a, b in plan]
+    )
     assert sh["cross_attn"] == sd["cross_attn"] == {"computed": G * L, "reused": (STEPS - G) * L}
     assert sh["self_attn"]["reused"] == sum(not a for a, _ in plan) * L > 0
     assert torch.equal(host, dev)
@@ -254,15 +257,18 @@ def test_repeated_call_computes_and_leaves_the_cache(pixart):
     kw = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
     with torch.no_grad():
         for host_index in (False, True):
+
+            def at(s, host_index=host_index):
+                return fastcache.context(pixart, "default", step_index=s) if host_index else contextlib.nullcontext()
+
             outs = {}
             for repeat in (False, True):
                 with fastcache.patched(pixart, cfg):
                     for s, t in enumerate(ts):
-                        ctx = fastcache.context(pixart, "default", step_index=s) if host_index else contextlib.nullcontext()
-                        with ctx:
+                        with at(s):
                             outs[repeat, s] = pixart(x + 0.01 * s, enc, timestep=t, **kw).sample
-                        if repeat and s == 5:
-                            with fastcache.context(pixart, "default", step_index=s) if host_index else contextlib.nullcontext():
+                        if repeat and s == 5:  # step 5 (after the gate) evaluated again: computed in full
+                            with at(s):
                                 extra = pixart(x * 0.5, enc, timestep=t, **kw).sample
                     st = fastcache.stats(pixart)["contexts"]["default"]
             full = pixart(x * 0.5, enc, timestep=ts[5], **kw).sample
