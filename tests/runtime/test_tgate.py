@@ -128,7 +128,9 @@ def _host_index(m):
 
 
 # --------------------------------------------------------------------------- schedule
-@pytest.mark.parametrize("G,W,P_sp,P_fi", [(15, 2, 3, 1), (10, 2, 5, 1), (6, 0, 2, 3), (1, 0, 1, 2), (8, 7, 4, 1)])
+@pytest.mark.parametrize(
+    "G,W,P_sp,P_fi", [(15, 2, 3, 1), (10, 2, 5, 1), (6, 0, 2, 3), (1, 0, 1, 2), (8, 7, 4, 1), (3, 5, 2, 2)]
+)
 def test_plan_is_the_published_schedule(G, W, P_sp, P_fi):
     cfg = fastcache.TGateConfig(gate_step=G, warm_up=W, sp_interval=P_sp, fi_interval=P_fi)
     for s in range(30):
