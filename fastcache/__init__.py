@@ -16,6 +16,7 @@ from .config import (
     FORAConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
+    TGateConfig,
 )
 from .profile import Profile
 from .search import search_threshold
@@ -38,6 +39,7 @@ __all__ = [
     "Patch",
     "TaylorSeerConfig",
     "TeaCacheConfig",
+    "TGateConfig",
     "context",
     "get_patch",
     "ops",

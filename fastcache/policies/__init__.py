@@ -7,6 +7,7 @@ from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
+from .tgate import TGatePolicy
 
 __all__ = [
     "DeltaDiTPolicy",
@@ -18,6 +19,7 @@ __all__ = [
     "StackRunner",
     "TaylorSeerPolicy",
     "TeaCachePolicy",
+    "TGatePolicy",
     "policy_for",
     "register_policy",
 ]
