@@ -366,6 +366,48 @@ class DeltaDiTConfig(CacheConfig):
     num_cached: int | None = None
     boundary: int | None = None
     warmup_steps: int = 1
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, hint in (
+            ("interval", " (steps between refreshes of Δ; 1 = never cache)"),
+            ("num_cached", " (blocks in the cached range; 0 = never cache)"),
+            ("boundary", " (first step of the detail stage; the paper uses 12 of 20 steps on PixArt-alpha)"),
+        ):
+            if getattr(self, name) is None:
+                raise ValueError(f"DeltaDiTConfig.{name} is required{hint}")
+        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
+        _set(self, "num_cached", _check_int("num_cached", self.num_cached, 0, " (0 = cache nothing)"))
+        _set(self, "boundary", _check_int("boundary", self.boundary, 0))
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    @property
+    def never_caches(self) -> bool:
+        """True when no step can reuse Δ (``interval == 1`` or ``num_cached == 0``)."""
+        return self.interval == 1 or self.num_cached == 0
+
+    def stage_of(self, step: int) -> str:
+        """``"rear"`` (outline stage, the last ``num_cached`` blocks cached) for ``step <
+        boundary``, else ``"front"`` (detail stage, the first ``num_cached`` blocks)."""
+        return "rear" if step < self.boundary else "front"
+
+    def computes(self, step: int, num_blocks: int | None = None) -> bool:
+        """The host schedule: does step ``step`` refresh Δ (run every block)?
+        ``num_blocks``: the stack's depth (the boundary is not forced when ``num_cached``
+        covers it); None = assume it does not."""
+        if self.never_caches:
+            return True
+        switch = num_blocks is None or self.num_cached < num_blocks
+        forced = list(range(min(self.warmup_steps, step + 1)))
+        if switch and self.boundary <= step:
+            forced.append(self.boundary)
+        return (step - max(forced)) % self.interval == 0
+
+
 # --- T-GATE ---
 _TGATE_CFG = ("batched", "none")
 
@@ -415,16 +457,37 @@ class TGateConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        for name, hint in (
-            ("interval", " (steps between refreshes of Δ; 1 = never cache)"),
-            ("num_cached", " (blocks in the cached range; 0 = never cache)"),
-            ("boundary", " (first step of the detail stage; the paper uses 12 of 20 steps on PixArt-alpha)"),
-        ):
-            if getattr(self, name) is None:
-                raise ValueError(f"DeltaDiTConfig.{name} is required{hint}")
-        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
-        _set(self, "num_cached", _check_int("num_cached", self.num_cached, 0, " (0 = cache nothing)"))
-        _set(self, "boundary", _check_int("boundary", self.boundary, 0))
+        _set(self, "gate_step", _check_int("gate_step", self.gate_step, 1, " (step 0 computes cross-attention)"))
+        _set(self, "warm_up", _check_int("warm_up", self.warm_up, 0))
+        _set(self, "sp_interval", _check_int("sp_interval", self.sp_interval, 1, " (1 = self-attention every step)"))
+        _set(self, "fi_interval", _check_int("fi_interval", self.fi_interval, 1, " (1 = self-attention every step)"))
+        if self.cfg not in _TGATE_CFG:
+            raise ValueError(
+                f"cfg must be one of {_TGATE_CFG} ('batched': one call per step with the batch [uncond; cond]; "
+                f"'none': no classifier-free guidance in the batch), got {self.cfg!r}"
+            )
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+            if self.gate_step > self.num_steps:
+                raise ValueError(
+                    f"gate_step={self.gate_step} > num_steps={self.num_steps}: the gate would never be reached; "
+                    f"use gate_step <= {self.num_steps} (gate_step = num_steps keeps cross-attention on every step)"
+                )
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def plan(self, step: int) -> tuple[bool, str]:
+        """The host schedule of step ``step`` (0-based): ``(self-attention computed?,
+        cross-attention mode)``, mode ``"compute"`` (s < G-1), ``"gate"`` (s = G-1:
+        computed, cached as the CFG mean) or ``"reuse"`` (s >= G). At the gate step
+        self-attention is computed and cached as the CFG mean as well (Eq. G1-G3)."""
+        g, w = self.gate_step, self.warm_up
+        if step < g - 1:
+            return (step <= w or step % self.sp_interval == 0), "compute"
+        if step == g - 1:
+            return True, "gate"
+        return step % self.fi_interval == 0, "reuse"
+
+
 # --- TaylorSeer ---
 @config_type
 @dataclasses.dataclass(frozen=True)
@@ -478,28 +541,6 @@ class TaylorSeerConfig(CacheConfig):
         if self.num_steps is not None:
             _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
         _set(self, "history", _check_int("history", self.history, 1))
-
-    @property
-    def never_caches(self) -> bool:
-        """True when no step can reuse Δ (``interval == 1`` or ``num_cached == 0``)."""
-        return self.interval == 1 or self.num_cached == 0
-
-    def stage_of(self, step: int) -> str:
-        """``"rear"`` (outline stage, the last ``num_cached`` blocks cached) for ``step <
-        boundary``, else ``"front"`` (detail stage, the first ``num_cached`` blocks)."""
-        return "rear" if step < self.boundary else "front"
-
-    def computes(self, step: int, num_blocks: int | None = None) -> bool:
-        """The host schedule: does step ``step`` refresh Δ (run every block)?
-        ``num_blocks``: the stack's depth (the boundary is not forced when ``num_cached``
-        covers it); None = assume it does not."""
-        if self.never_caches:
-            return True
-        switch = num_blocks is None or self.num_cached < num_blocks
-        forced = list(range(min(self.warmup_steps, step + 1)))
-        if switch and self.boundary <= step:
-            forced.append(self.boundary)
-        return (step - max(forced)) % self.interval == 0
         cs = self.compute_steps
         if cs is not None:
             if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__"):
@@ -530,32 +571,3 @@ class TaylorSeerConfig(CacheConfig):
             return step in self.compute_steps
         w = self.warmup_steps
         return step < w or (step - w + 1) % self.interval == 0
-        _set(self, "gate_step", _check_int("gate_step", self.gate_step, 1, " (step 0 computes cross-attention)"))
-        _set(self, "warm_up", _check_int("warm_up", self.warm_up, 0))
-        _set(self, "sp_interval", _check_int("sp_interval", self.sp_interval, 1, " (1 = self-attention every step)"))
-        _set(self, "fi_interval", _check_int("fi_interval", self.fi_interval, 1, " (1 = self-attention every step)"))
-        if self.cfg not in _TGATE_CFG:
-            raise ValueError(
-                f"cfg must be one of {_TGATE_CFG} ('batched': one call per step with the batch [uncond; cond]; "
-                f"'none': no classifier-free guidance in the batch), got {self.cfg!r}"
-            )
-        if self.num_steps is not None:
-            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
-            if self.gate_step > self.num_steps:
-                raise ValueError(
-                    f"gate_step={self.gate_step} > num_steps={self.num_steps}: the gate would never be reached; "
-                    f"use gate_step <= {self.num_steps} (gate_step = num_steps keeps cross-attention on every step)"
-                )
-        _set(self, "history", _check_int("history", self.history, 1))
-
-    def plan(self, step: int) -> tuple[bool, str]:
-        """The host schedule of step ``step`` (0-based): ``(self-attention computed?,
-        cross-attention mode)``, mode ``"compute"`` (s < G-1), ``"gate"`` (s = G-1:
-        computed, cached as the CFG mean) or ``"reuse"`` (s >= G). At the gate step
-        self-attention is computed and cached as the CFG mean as well (Eq. G1-G3)."""
-        g, w = self.gate_step, self.warm_up
-        if step < g - 1:
-            return (step <= w or step % self.sp_interval == 0), "compute"
-        if step == g - 1:
-            return True, "gate"
-        return step % self.fi_interval == 0, "reuse"
