@@ -225,7 +225,22 @@ def _resolve(kw, ctx):
 
 
 # The policies landing with the rest of the method family: (config class name, settings).
-_EXTRA_FASTCACHE: dict[str, tuple[str, Callable]] = {}
+_EXTRA_FASTCACHE: dict[str, tuple[str, Callable]] = {
+    "taylorseer": (
+        "TaylorSeerConfig",
+        lambda S: [
+            ("interval 3, order 1", dict(interval=3, order=1, warmup_steps=3, num_steps=S)),
+            ("interval 5, order 2", dict(interval=5, order=2, warmup_steps=3, num_steps=S)),
+        ],
+    ),
+    "delta-dit": (
+        "DeltaDiTConfig",
+        lambda S: [
+            ("N=2, Nc=3, b=0.8S", dict(interval=2, num_cached=3, boundary=round(0.8 * S), num_steps=S)),
+            ("N=2, Nc=4, b=0.6S", dict(interval=2, num_cached=4, boundary=round(0.6 * S), num_steps=S)),
+        ],
+    ),
+}
 
 
 # ------------------------------------------------------------------------- measurement

