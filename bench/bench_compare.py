@@ -146,7 +146,6 @@ def _cache_dit_rows(steps):
         CachedBlocks_Pattern_3_4_5.norm1 = property(lambda self: self.transformer_blocks[0].norm1)
 
     def enable(w, thr, taylor):
-        cache_dit.disable_print() if hasattr(cache_dit, "disable_print") else None
         cache_dit.enable_cache(
             BlockAdapter(
                 transformer=w.transformer,
@@ -170,7 +169,9 @@ def _cache_dit_rows(steps):
         rows[-1].compile_probe = i == 0
     for thr in (0.08, 0.16):
         rows.append(
-            Row("cache-dit", "dbcache F1B0 + taylorseer", f"threshold {thr:g}", lambda w, ctx, t=thr: enable(w, t, True))
+            Row(
+                "cache-dit", "dbcache F1B0 + taylorseer", f"threshold {thr:g}", lambda w, ctx, t=thr: enable(w, t, True)
+            )
         )
     return rows
 
@@ -283,8 +284,10 @@ def _cache_bytes(model) -> int:
             seen_ptr.add(obj.data_ptr())
             total += obj.untyped_storage().nbytes()
             continue
-        if isinstance(obj, (str, bytes, int, float, bool, type(None), type)) or callable(obj) and not hasattr(
-            obj, "__dict__"
+        if (
+            isinstance(obj, (str, bytes, int, float, bool, type(None), type))
+            or callable(obj)
+            and not hasattr(obj, "__dict__")
         ):
             continue
         if isinstance(obj, dict):
@@ -419,7 +422,11 @@ def run(steps, batch, repeats, seed, compile_steps):
             f"  {res['provider']:<9} {res['method']:<26} {res['setting']:<22} computed {res['computed']:.2f} "
             f"cpu {res['cpu_s']:6.2f} s ({res['speedup_cpu']:4.2f}x of ideal {res['ideal_speedup']:4.2f}x) "
             f"{p} dB ssim {res['ssim']:.3f} cache {res['cache_bytes'] / 1e6:6.2f} MB "
-            f"{'' if 'graph_breaks' not in res else 'breaks %d reads/step %.2f' % (res['graph_breaks'], res['host_reads_per_step'])}",
+            + (
+                ""
+                if "graph_breaks" not in res
+                else f"breaks {res['graph_breaks']} reads/step {res['host_reads_per_step']}"
+            ),
             flush=True,
         )
     skipped = [dict(provider=r.provider, method=r.method, setting=r.setting, skipped=r.skip) for r in rows if r.skip]
@@ -488,7 +495,9 @@ def write(results, skipped, meta, out: Path):
             curves.setdefault((r["provider"], r["method"]), []).append((r["speedup_cpu"], min(r["psnr_db"], 60.0)))
     for (prov, meth), pts in sorted(curves.items()):
         pts.sort()
-        ax.plot(*zip(*pts), marker=marker.get(prov, "x"), ls="-" if prov == "fastcache" else "--", label=f"{prov}: {meth}")
+        ax.plot(
+            *zip(*pts), marker=marker.get(prov, "x"), ls="-" if prov == "fastcache" else "--", label=f"{prov}: {meth}"
+        )
     ax.set_xlabel("speedup vs uncached (process CPU time)")
     ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
     ax.set_title(f"digits DiT (diffusers DiTTransformer2DModel), 50-step DDIM, CFG — commit {meta['commit']}")

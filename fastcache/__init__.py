@@ -19,8 +19,8 @@ from .config import (
     TGateConfig,
 )
 from .profile import Profile
-from .search import search_threshold
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
+from .search import search_threshold
 from .specs import ModelSpec, register
 
 __version__ = "0.1.0"

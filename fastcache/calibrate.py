@@ -95,7 +95,12 @@ def plot(profile, result, timeline, path: Path) -> Path:
         coeffs = profile.fit_teacache(4)
         xs = np.linspace(p[:, 0].min(), p[:, 0].max(), 200)
         ax.scatter(p[:, 0], p[:, 1], s=8, alpha=0.6)
-        ax.plot(xs, np.polyval(coeffs, xs), color="tab:red", label=f"degree-4 fit, R² = {r_squared(p[:, 0], p[:, 1], coeffs):.3f}")
+        ax.plot(
+            xs,
+            np.polyval(coeffs, xs),
+            color="tab:red",
+            label=f"degree-4 fit, R² = {r_squared(p[:, 0], p[:, 1], coeffs):.3f}",
+        )
         ax.legend(fontsize=8)
     ax.set_xlabel("input rel-L1 (first block's modulated input)")
     ax.set_ylabel("output rel-L1 (stack residual)")
@@ -117,7 +122,9 @@ def plot(profile, result, timeline, path: Path) -> Path:
     ax.set_ylim(0, 1.2)
     ax.set_yticks([0, 1], ["reused", "computed"])
     ax.set_xlabel("step")
-    ax.set_title(f"{result.method} threshold {result.chosen.threshold:.3g}: {result.chosen.computed_fraction:.2f} computed")
+    ax.set_title(
+        f"{result.method} threshold {result.chosen.threshold:.3g}: {result.chosen.computed_fraction:.2f} computed"
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -80,9 +80,7 @@ class SearchResult:
         lines.append("  threshold  computed  speedup   PSNR dB")
         for e in self.trace:
             mark = "  <- chosen" if e is self.chosen else ""
-            lines.append(
-                f"  {e.threshold:9.4g}  {e.computed_fraction:8.3f}  {e.speedup:6.2f}x  {e.psnr_db:8.2f}{mark}"
-            )
+            lines.append(f"  {e.threshold:9.4g}  {e.computed_fraction:8.3f}  {e.speedup:6.2f}x  {e.psnr_db:8.2f}{mark}")
         return "\n".join(lines)
 
 
@@ -142,7 +140,9 @@ def search_threshold(
     if method not in SEARCH_METHODS:
         raise ValueError(f"search_threshold: unknown method {method!r}; known: {sorted(SEARCH_METHODS)}")
     if (target_fraction is None) == (target_speedup is None):
-        raise ValueError("search_threshold: give exactly one of target_fraction (e.g. 0.4) or target_speedup (e.g. 2.0)")
+        raise ValueError(
+            "search_threshold: give exactly one of target_fraction (e.g. 0.4) or target_speedup (e.g. 2.0)"
+        )
     if target_fraction is not None and not 0.0 < float(target_fraction) <= 1.0:
         raise ValueError(f"search_threshold: target_fraction={target_fraction!r} must be in (0, 1]")
     if target_speedup is not None and not float(target_speedup) > 1.0:
@@ -228,7 +228,9 @@ def search_threshold(
     finally:
         bar.close()
     ok = [e for e in trace if meets(e)]
-    target = f"computed_fraction <= {target_fraction:g}" if target_fraction is not None else f"speedup >= {target_speedup:g}"
+    target = (
+        f"computed_fraction <= {target_fraction:g}" if target_fraction is not None else f"speedup >= {target_speedup:g}"
+    )
     if not ok:
         best = min(trace, key=lambda e: e.computed_fraction)
         raise ValueError(

@@ -74,9 +74,7 @@ def dit_to_diffusers(model: DiT):
         sd[emb + "class_embedder.embedding_table.weight"] = model.y_embedder.embedding_table.weight
         sd[pre + "norm1.linear.weight"] = blk.adaLN_modulation[-1].weight
         sd[pre + "norm1.linear.bias"] = blk.adaLN_modulation[-1].bias
-        for name, w, b in zip(
-            ("to_q", "to_k", "to_v"), blk.attn.qkv.weight.chunk(3, 0), blk.attn.qkv.bias.chunk(3, 0)
-        ):
+        for name, w, b in zip(("to_q", "to_k", "to_v"), blk.attn.qkv.weight.chunk(3, 0), blk.attn.qkv.bias.chunk(3, 0)):
             sd[pre + f"attn1.{name}.weight"] = w
             sd[pre + f"attn1.{name}.bias"] = b
         sd[pre + "attn1.to_out.0.weight"] = blk.attn.proj.weight

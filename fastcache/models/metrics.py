@@ -34,7 +34,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, reduction: s
     return 10.0 * torch.log10(data_range**2 / err)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004) per image of two ``(B, C, H, W)`` batches:
     Gaussian-weighted local means, variances and covariance over a ``window`` x ``window``
     patch (valid positions only), ``K1 = 0.01``, ``K2 = 0.03``, averaged over channels and

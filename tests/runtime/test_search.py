@@ -104,6 +104,8 @@ def test_command_line_writes_profile_and_plot(tmp_path, capsys):
     assert callable(fastcache.calibrate)
     model = load_digits_dit()
     prof = fastcache.calibrate(
-        model, lambda: sample_digits(model, [1], num_steps=3, generator=torch.Generator().manual_seed(0)), progress=False
+        model,
+        lambda: sample_digits(model, [1], num_steps=3, generator=torch.Generator().manual_seed(0)),
+        progress=False,
     )
     assert prof.num_steps == 3
