@@ -9,6 +9,8 @@ handle.remove()
 from . import calibration, interior, ops
 from .calibration import calibrate
 from .config import CacheConfig, EOCConfig, FirstBlockCacheConfig, FORAConfig, TeaCacheConfig
+from .config import MagCacheConfig
+from .config import BlockCacheConfig
 from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
 from .specs import ModelSpec, register
@@ -16,7 +18,9 @@ from .specs import ModelSpec, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockCacheConfig",
     "CacheConfig",
+    "MagCacheConfig",
     "EOCConfig",
     "FirstBlockCacheConfig",
     "FORAConfig",
