@@ -172,6 +172,10 @@ class MagCachePolicy(Policy):
         the host. ``schedule``: the host schedule for ``num_steps``."""
         out = st.stats(repeat_hint=".")
         out.pop("rel_l1", None)  # the op's "distance" here is only the schedule row
+        out["warnings"] = [
+            w.replace("the forced last step is misplaced", f"the schedule was made for {self.S} steps")
+            for w in out.get("warnings", [])
+        ]
         out["schedule"] = list(self.schedule)
         out["num_steps"] = self.S
         if st.host_steps:
