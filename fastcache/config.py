@@ -411,8 +411,7 @@ class MagCacheConfig(CacheConfig):
         if (self.mag_ratios is None) == (self.profile is None):
             raise ValueError(
                 "MagCacheConfig needs exactly one of mag_ratios (a gamma per step) and profile (a fastcache.Profile "
-                "from fastcache.calibrate(model, run)); got "
-                + ("both" if self.mag_ratios is not None else "neither")
+                "from fastcache.calibrate(model, run)); got " + ("both" if self.mag_ratios is not None else "neither")
             )
         if self.profile is not None:
             prof = _load_profile(self.profile, "MagCacheConfig")

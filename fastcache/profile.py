@@ -104,9 +104,7 @@ class Profile:
         if block_change is not None:
             block_change = torch.as_tensor(block_change).detach().to(torch.float32).contiguous()
             if block_change.dim() != 2 or block_change.shape[0] != S:
-                raise ValueError(
-                    f"profile block_change has shape {tuple(block_change.shape)}; expected ({S}, blocks)"
-                )
+                raise ValueError(f"profile block_change has shape {tuple(block_change.shape)}; expected ({S}, blocks)")
         self.block_change = block_change
 
     @property

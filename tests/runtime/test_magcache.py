@@ -272,7 +272,9 @@ def test_fullgraph_compile_one_cond_no_recompiles(name):
         with torch.no_grad():
             explain = torch._dynamo.explain(m)(**kw)
         assert explain.graph_break_count == 0, explain.break_reasons
-        conds = [n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)]
+        conds = [
+            n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)
+        ]
         assert len(conds) == 1, "the skip must be one torch.cond"
         fastcache.reset(m)
         torch._dynamo.reset()
