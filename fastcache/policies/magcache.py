@@ -147,6 +147,7 @@ class MagCachePolicy(Policy):
         s = st.step.index if st.step is not None else None
         if s is not None:  # the host schedule: no device read
             compute = s >= self.S or self.schedule[s] or not st.filled
+            store = ~rep  # the host decided: store on every computed step but a repeated call
             if s == 0:
                 st.host_timeline = []
             st.host_timeline.append(compute)
