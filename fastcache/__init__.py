@@ -9,11 +9,13 @@ handle.remove()
 from . import calibration, interior, ops
 from .calibration import calibrate
 from .config import (
+    BlockCacheConfig,
     CacheConfig,
     DeltaDiTConfig,
     EOCConfig,
     FirstBlockCacheConfig,
     FORAConfig,
+    MagCacheConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
     TGateConfig,
@@ -26,8 +28,10 @@ from .specs import ModelSpec, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockCacheConfig",
     "CacheConfig",
     "DeltaDiTConfig",
+    "MagCacheConfig",
     "EOCConfig",
     "FirstBlockCacheConfig",
     "FORAConfig",

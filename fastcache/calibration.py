@@ -18,7 +18,8 @@ The same recorder also extracts EOC's prior (Qiu et al., arXiv 2501.19243, Eq. 4
 docs/methods.md "EOC"): :func:`calibrate` runs every block through its interior
 program (bitwise the unpatched block) and averages each (block, branch, stream) output
 per step over the runs, returning a :class:`fastcache.Profile` that also holds the
-TeaCache pairs::
+TeaCache pairs, MagCache's magnitude-ratio curve (docs/methods.md section 9, M1) and
+Block Caching's per-block change curves (section 6, B1)::
 
     profile = fastcache.calibrate(model, lambda: [sample(model, c) for c in classes])
     profile.save("dit.profile.safetensors")
@@ -73,6 +74,14 @@ class _Recorder:
         self.counts: list[int] = []
         self.run_lengths: list[int] = []
         self.timesteps: list[list[float]] = []
+        # MagCache (M1): the previous step's stack residual (first cached stream) of this
+        # run, and per step the sum over runs of gamma_s and the number of runs
+        self.prev_res: torch.Tensor | None = None
+        self.mag_sums: list[float] = []
+        # Block Caching (B1): the previous step's output streams of every block, and per
+        # step the sum over runs of Delta_i(s) (a list of L floats)
+        self.prev_blocks: list[list[torch.Tensor]] | None = None
+        self.change_sums: list[list[float]] = []
 
 
 @register_policy(CalibrationConfig)
@@ -103,6 +112,7 @@ class CalibrationPolicy(Policy):
                 st.run_lengths.append(st.step + 1)
             st.step = -1
             st.timesteps.append([])
+            st.prev_res, st.prev_blocks = None, None
         st.step += 1
         st.timesteps[-1].append(t)
         sums = ops.modulated_rel_l1_sums(x, shift, scale, st.prev_in, eps)
@@ -111,8 +121,12 @@ class CalibrationPolicy(Policy):
             out = runner.run(call, streams)
         else:
             ex = ComputeExecutor(record=True)
-            out = run_blocks(self.layout, call, streams, ex)
+            out, blocks = streams, []
+            for li in range(self.layout.num_blocks):
+                out = run_blocks(self.layout, call, out, ex, li, li + 1)
+                blocks.append([v.detach().clone() for v in out.values() if v is not None])
             self._accumulate(st, ex.outputs)
+            self._curves(st, out[self.spec.cached_streams[0]] - streams[self.spec.cached_streams[0]], blocks)
         if self.progress is not None:
             self.progress()
         cached = {n: out[n] for n in self.spec.cached_streams}
@@ -125,6 +139,33 @@ class CalibrationPolicy(Policy):
         st.prev_out = {n: v.detach().clone() for n, v in cached.items()}
         st.prev_t = t
         return out
+
+    def _curves(self, st: _Recorder, residual: torch.Tensor, blocks: list[list[torch.Tensor]]) -> None:
+        """MagCache's gamma_s (M1, diffusers' calibration formula: the mean over batch rows
+        and tokens of ``||R_s|| / (||R_{s-1}|| + 1e-8)``, norms over channels; 1 at step 0)
+        and Block Caching's Delta_i(s) (B1; 0 at step 0), summed over runs per step."""
+        r = residual.detach().float()
+        if st.prev_res is None:
+            gamma = 1.0
+        else:
+            cur, prev = torch.linalg.norm(r, dim=-1), torch.linalg.norm(st.prev_res, dim=-1)
+            gamma = float((cur / (prev + 1e-8)).mean())  # host-read-ok: calibration is offline
+        st.prev_res = r
+        if st.prev_blocks is None:
+            delta = [0.0] * len(blocks)
+        else:
+            delta = []
+            for now, before in zip(blocks, st.prev_blocks):
+                num = sum(float((a.float() - b.float()).abs().sum()) for a, b in zip(now, before))  # host-read-ok
+                den = sum(float(a.float().abs().sum()) for a in now)  # host-read-ok: calibration is offline
+                delta.append(num / den if den > 0 else 0.0)
+        st.prev_blocks = blocks
+        if st.step == len(st.mag_sums):
+            st.mag_sums.append(gamma)
+            st.change_sums.append(delta)
+        else:
+            st.mag_sums[st.step] += gamma
+            st.change_sums[st.step] = [a + b for a, b in zip(st.change_sums[st.step], delta)]
 
     def _accumulate(self, st: _Recorder, outputs: list[torch.Tensor]) -> None:
         # Eq. 4: mean over runs (and, per channel, over batch rows and tokens).
@@ -243,19 +284,21 @@ def calibrate(
     finally:
         bar.close()
         h.remove()
-    lengths, sums, counts, timesteps = [], None, None, []
+    lengths, sums, counts, timesteps, mag, change = [], None, None, [], None, None
     for st in states:
         if st.step < 0:
             continue
         lengths += st.run_lengths + [st.step + 1]
         timesteps += st.timesteps
         if sums is None:
-            sums, counts = st.sums, st.counts
+            sums, counts, mag, change = st.sums, st.counts, st.mag_sums, st.change_sums
         else:
             if len(st.sums) != len(sums):
                 raise ValueError("calibrate: contexts recorded runs of different lengths")
             sums = [[a + b for a, b in zip(x, y)] for x, y in zip(sums, st.sums)]
             counts = [a + b for a, b in zip(counts, st.counts)]
+            mag = [a + b for a, b in zip(mag, st.mag_sums)]
+            change = [[a + b for a, b in zip(x, y)] for x, y in zip(change, st.change_sums)]
     if not lengths:
         raise ValueError("calibrate: run() made no model call; it must perform at least one sampling run")
     if len(set(lengths)) != 1:
@@ -282,4 +325,13 @@ def calibrate(
         "timesteps": [round(t, 6) for t in timesteps[0]],
         "granularity": granularity,
     }
-    return Profile(prior.cpu(), layout.describe(), meta, np.asarray(pairs, dtype=np.float64))  # host-read-ok
+    mag_ratios = torch.tensor([m / c for m, c in zip(mag, counts)], dtype=torch.float32)
+    block_change = torch.tensor([[d / c for d in row] for row, c in zip(change, counts)], dtype=torch.float32)
+    return Profile(
+        prior.cpu(),  # host-read-ok: calibration is offline
+        layout.describe(),
+        meta,
+        np.asarray(pairs, dtype=np.float64),
+        mag_ratios=mag_ratios,
+        block_change=block_change,
+    )

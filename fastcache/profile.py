@@ -12,9 +12,21 @@ before gating. Two granularities:
   (FLUX at 4096 image tokens: ~160 GB, impossible), so only for small models whose
   slots all have the same token count N (single-stream DiTs).
 
-The file is safetensors (tensors ``prior``, ``teacache_pairs``) with JSON metadata:
-model class, a hash of the model's config and parameter shapes, the number of steps
-per run, the scheduler and its timesteps, the slot keys, the granularity.
+Two per-step curves of the same runs ride along (format 2; small: S and S x L floats):
+
+* ``mag_ratios`` ``(S,)``: MagCache's magnitude ratio (docs/methods.md section 9, M1),
+  ``gamma_s = mean over tokens of ||R_s||_2 / (||R_{s-1}||_2 + 1e-8)`` of the stack
+  residual ``R`` on the first cached stream, ``gamma_0 = 1``, averaged over the runs;
+* ``block_change`` ``(S, L)``: Block Caching's per-block relative change (section 6, B1),
+  ``Delta_i(s) = ||o_i(s) - o_i(s-1)||_1 / ||o_i(s)||_1`` of block i's output streams,
+  ``Delta_i(0) = 0``, averaged over the runs.
+
+The file is safetensors (tensors ``prior``, ``teacache_pairs``, ``mag_ratios``,
+``block_change``) with JSON metadata: model class, a hash of the model's config and
+parameter shapes, the number of steps per run, the scheduler and its timesteps, the
+slot keys, the granularity. Format-1 files (before the curves) still load, with
+``mag_ratios = block_change = None``; the configs that need a curve refuse such a
+profile and say to calibrate again.
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = ("1", "2")  # format 1: no mag_ratios / block_change
 GRANULARITIES = ("channel", "token")
 
 
@@ -56,9 +69,19 @@ class Profile:
         slots: the K slot keys ``"block.branch.stream"``.
         meta: model_class, config_hash, num_steps, scheduler, timesteps, granularity, runs.
         teacache_pairs: ``(n, 2)`` float64 (input rel-L1, output rel-L1) of the same runs.
+        mag_ratios: fp32 ``(S,)`` MagCache's gamma curve, or None (a format-1 profile).
+        block_change: fp32 ``(S, L)`` Block Caching's Delta curves, or None (format 1).
     """
 
-    def __init__(self, prior: torch.Tensor, slots: list[str], meta: dict[str, Any], teacache_pairs=None):
+    def __init__(
+        self,
+        prior: torch.Tensor,
+        slots: list[str],
+        meta: dict[str, Any],
+        teacache_pairs=None,
+        mag_ratios: torch.Tensor | None = None,
+        block_change: torch.Tensor | None = None,
+    ):
         if meta.get("granularity") not in GRANULARITIES:
             raise ValueError(f"profile granularity must be one of {GRANULARITIES}, got {meta.get('granularity')!r}")
         want_dim = 3 if meta["granularity"] == "channel" else 4
@@ -72,6 +95,17 @@ class Profile:
         self.meta["num_steps"] = int(prior.shape[0])
         pairs = np.zeros((0, 2)) if teacache_pairs is None else np.asarray(teacache_pairs, dtype=np.float64)
         self.teacache_pairs = pairs.reshape(-1, 2)
+        S = int(prior.shape[0])
+        if mag_ratios is not None:
+            mag_ratios = torch.as_tensor(mag_ratios).detach().to(torch.float32).reshape(-1).contiguous()
+            if mag_ratios.shape != (S,):
+                raise ValueError(f"profile mag_ratios has shape {tuple(mag_ratios.shape)}; expected ({S},)")
+        self.mag_ratios = mag_ratios
+        if block_change is not None:
+            block_change = torch.as_tensor(block_change).detach().to(torch.float32).contiguous()
+            if block_change.dim() != 2 or block_change.shape[0] != S:
+                raise ValueError(f"profile block_change has shape {tuple(block_change.shape)}; expected ({S}, blocks)")
+        self.block_change = block_change
 
     @property
     def num_steps(self) -> int:
@@ -82,7 +116,8 @@ class Profile:
         return self.meta["granularity"]
 
     def nbytes(self) -> int:
-        return self.prior.numel() * self.prior.element_size()
+        ts = [t for t in (self.prior, self.mag_ratios, self.block_change) if t is not None]
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def describe(self) -> dict[str, Any]:
         d = {k: v for k, v in self.meta.items() if k != "timesteps"}
@@ -128,6 +163,10 @@ class Profile:
             "prior": self.prior.cpu(),  # host-read-ok: saving a profile, off the step path
             "teacache_pairs": torch.from_numpy(self.teacache_pairs.copy()),
         }
+        if self.mag_ratios is not None:
+            tensors["mag_ratios"] = self.mag_ratios.cpu()  # host-read-ok: saving a profile
+        if self.block_change is not None:
+            tensors["block_change"] = self.block_change.cpu()  # host-read-ok: saving a profile
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -140,11 +179,28 @@ class Profile:
             raise FileNotFoundError(f"no profile at {path}; make one with fastcache.calibrate(model, run).save(path)")
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
-            if md.get("format") != str(FORMAT_VERSION):
-                raise ValueError(f"{path} is not a fastcache profile of format {FORMAT_VERSION} (metadata: {md})")
+            if md.get("format") not in READABLE_FORMATS:
+                raise ValueError(
+                    f"{path} is not a fastcache profile this version reads (format {md.get('format')!r}; readable: "
+                    f"{', '.join(READABLE_FORMATS)}); make it again with fastcache.calibrate(model, run).save(path)"
+                )
             prior = f.get_tensor("prior")
             pairs = f.get_tensor("teacache_pairs").numpy()  # host-read-ok: loading a profile
-        return cls(prior, json.loads(md["slots"]), json.loads(md["meta"]), pairs)
+            keys = set(f.keys())
+            mag = f.get_tensor("mag_ratios") if "mag_ratios" in keys else None
+            change = f.get_tensor("block_change") if "block_change" in keys else None
+        return cls(prior, json.loads(md["slots"]), json.loads(md["meta"]), pairs, mag, change)
+
+    def require(self, curve: str, method: str) -> torch.Tensor:
+        """The calibrated curve ``curve`` ("mag_ratios" or "block_change"), or a clear error
+        for a profile that lacks it (a format-1 file, made before the curve existed)."""
+        t = getattr(self, curve)
+        if t is None:
+            raise ValueError(
+                f"{method}: this profile has no {curve} curve (made by an older fastcache, profile format 1); "
+                "calibrate again: profile = fastcache.calibrate(model, run)"
+            )
+        return t
 
     def __repr__(self) -> str:
         m = self.meta

@@ -1,20 +1,24 @@
 """Caching policies: one file per method; each registers itself for its config type."""
 
 from .base import Policy, StackRunner, policy_for, register_policy
+from .block_cache import BlockCachePolicy
 from .delta_dit import DeltaDiTPolicy
 from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
+from .magcache import MagCachePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 from .tgate import TGatePolicy
 
 __all__ = [
+    "BlockCachePolicy",
     "DeltaDiTPolicy",
     "EOCPolicy",
     "FirstBlockCachePolicy",
     "FORAPolicy",
     "InteriorCachePolicy",
+    "MagCachePolicy",
     "Policy",
     "StackRunner",
     "TaylorSeerPolicy",

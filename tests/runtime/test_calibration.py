@@ -53,3 +53,31 @@ def test_too_few_pairs_is_a_clear_error():
         case.sample(steps=2)
     with pytest.raises(ValueError, match="too few"):
         rec.fit(degree=4)
+
+
+def test_calibrate_records_gamma_as_mean_token_norm_ratio_of_the_stack_residual():
+    """MagCache's M1 by hand on the reference DiT: per run, gamma_s = mean over batch rows
+    and tokens of ||R_s|| / (||R_{s-1}|| + 1e-8) (norm over channels), gamma_0 = 1; the
+    profile holds the mean over runs."""
+    case = reference_dit_case()
+    m = case.model
+    ins, outs = [], []
+    hooks = [
+        m.blocks[0].register_forward_pre_hook(lambda mod, a: ins.append(a[0].detach().clone())),
+        m.blocks[-1].register_forward_hook(lambda mod, a, o: outs.append(o.detach().clone())),
+    ]
+    try:
+        for seed in (1, 2):
+            case.sample(steps=7, seed=seed)
+    finally:
+        for h in hooks:
+            h.remove()
+    res = [o - i for i, o in zip(ins, outs)]
+    want = torch.zeros(7)
+    for run in range(2):
+        r = res[run * 7 : (run + 1) * 7]
+        want[0] += 0.5
+        for s in range(1, 7):
+            want[s] += (r[s].norm(dim=-1) / (r[s - 1].norm(dim=-1) + 1e-8)).mean() / 2
+    prof = fastcache.calibrate(m, lambda: [case.sample(steps=7, seed=s) for s in (1, 2)], progress=False)
+    torch.testing.assert_close(prof.mag_ratios, want, rtol=1e-5, atol=1e-6)

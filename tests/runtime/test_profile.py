@@ -100,3 +100,39 @@ def test_token_granularity_and_run_length_checks():
         fastcache.calibrate(case.model, lambda: (case.sample(steps=5), case.sample(steps=4)), progress=False)
     with pytest.raises(ValueError, match="granularity"):
         fastcache.calibrate(case.model, lambda: None, granularity="pixel", progress=False)
+
+
+def test_curves_round_trip_and_format_1_files_still_load(tmp_path):
+    """Format 2 stores MagCache's gamma (S,) and Block Caching's Delta (S, L); a format-1
+    file (no curves) loads with both None and the configs needing them refuse it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fastcache import profile as profile_mod
+
+    case = reference_dit_case()
+    prof = fastcache.calibrate(case.model, lambda: case.sample(steps=6), progress=False)
+    assert prof.mag_ratios.shape == (6,) and prof.block_change.shape == (6, 3)
+    assert prof.nbytes() == (prof.prior.numel() + 6 + 18) * 4
+    back = fastcache.Profile.load(prof.save(tmp_path / "p.safetensors"))
+    assert torch.equal(back.mag_ratios, prof.mag_ratios) and torch.equal(back.block_change, prof.block_change)
+    assert fastcache.MagCacheConfig(profile=back).schedule() == fastcache.MagCacheConfig(profile=prof).schedule()
+    # a format-1 file, as the previous version wrote it
+    meta = {"format": "1", "meta": json.dumps(prof.meta, sort_keys=True), "slots": json.dumps(prof.slots)}
+    tensors = {"prior": prof.prior, "teacache_pairs": torch.from_numpy(prof.teacache_pairs.copy())}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    v1 = fastcache.Profile.load(tmp_path / "v1.safetensors")
+    assert v1.mag_ratios is None and v1.block_change is None and torch.equal(v1.prior, prof.prior)
+    fastcache.EOCConfig(base=fastcache.FORAConfig(), profile=v1)  # EOC needs only the prior
+    with pytest.raises(ValueError, match="no mag_ratios curve"):
+        fastcache.MagCacheConfig(profile=v1)
+    with pytest.raises(ValueError, match="no block_change curve"):
+        fastcache.BlockCacheConfig(profile=v1)
+    # an unknown format is refused clearly
+    meta["format"] = str(profile_mod.FORMAT_VERSION + 1)
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="not a fastcache profile this version reads"):
+        fastcache.Profile.load(tmp_path / "v9.safetensors")
+    with pytest.raises(ValueError, match="mag_ratios has shape"):
+        fastcache.Profile(prof.prior, prof.slots, prof.meta, mag_ratios=torch.ones(5))
