@@ -33,6 +33,7 @@ per step, counted from what runs (tests/runtime/hostreads.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -234,6 +235,20 @@ _EXTRA_FASTCACHE: dict[str, tuple[str, Callable]] = {
             ("interval 5, order 2", dict(interval=5, order=2, warmup_steps=3, num_steps=S)),
         ],
     ),
+    "magcache": (
+        "MagCacheConfig",
+        lambda S: [
+            ("threshold 0.06, K=3", dict(threshold=0.06, max_skips=3, profile="@profile", num_steps=S)),
+            ("threshold 0.12, K=4", dict(threshold=0.12, max_skips=4, profile="@profile", num_steps=S)),
+        ],
+    ),
+    "block caching": (
+        "BlockCacheConfig",
+        lambda S: [
+            ("delta 0.03", dict(delta=0.03, profile="@profile", num_steps=S)),
+            ("delta 0.05", dict(delta=0.05, profile="@profile", num_steps=S)),
+        ],
+    ),
     "delta-dit": (
         "DeltaDiTConfig",
         lambda S: [
@@ -329,11 +344,29 @@ def _compile_probe(ref, row, ctx, steps, labels):
     w.transformer = torch.compile(w.transformer)
     _sample(w, labels, steps, 0)  # compile (and recompile) outside the counted run
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-    with HostReadMode() as mode, python_level_reads() as py:
+    # count inside the model calls only (the sampler's own reads are not the cache's)
+    mode, stack, py, calls = HostReadMode(), [], [], [0]
+
+    def pre(*_):
+        es = contextlib.ExitStack()
+        es.enter_context(mode)
+        py.append(es.enter_context(python_level_reads()))
+        stack.append(es)
+        calls[0] += 1
+
+    def post(*_):
+        stack.pop().close()
+
+    hooks = [w.transformer.register_forward_pre_hook(pre), w.transformer.register_forward_hook(post)]
+    try:
         _sample(w, labels, steps, 1)
-    reads = len(mode.reads) + len(py)
+    finally:
+        for h in hooks:
+            h.remove()
+    reads = len(mode.reads) + sum(len(p) for p in py)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    return dict(graph_breaks=breaks, compiled_graphs=graphs, host_reads_per_step=round(reads / steps, 2))
+    reads = round(reads / max(calls[0], 1), 2)
+    return dict(graph_breaks=breaks, compiled_graphs=graphs, host_reads_per_step=reads)
 
 
 def run(steps, batch, repeats, seed, compile_steps):

@@ -43,8 +43,14 @@ from common import DTYPES, SHAPES, Config
 
 NAME = "modulated_rel_l1"
 OP = "modulated_rel_l1_sums"
-PROVIDERS = ("teacache_eager", "teacache_compile", "fastcache_reference", "fastcache_cpp", "cpp_tview",
-             "cpp_tview_copy")
+PROVIDERS = (
+    "teacache_eager",
+    "teacache_compile",
+    "fastcache_reference",
+    "fastcache_cpp",
+    "cpp_tview",
+    "cpp_tview_copy",
+)
 EPS = 1e-6
 TARGETS = {"speedup_vs_eager": 20.0, "speedup_vs_compile": 1.0, "pct_copy": 60.0}
 

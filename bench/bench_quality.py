@@ -103,7 +103,15 @@ def _methods(steps, prof, L):
 
 
 def _calibrated_methods(steps, prof, L):
-    return {}
+    """MagCache and Block Caching from the same calibration profile."""
+    out = {}
+    for thr, k in ((0.06, 3), (0.12, 4)):
+        out[f"magcache {thr:g} K={k}"] = fastcache.MagCacheConfig(
+            threshold=thr, max_skips=k, profile=prof, num_steps=steps
+        )
+    for delta in (0.03, 0.05):
+        out[f"block-cache {delta:g}"] = fastcache.BlockCacheConfig(delta=delta, profile=prof, num_steps=steps)
+    return out
 
 
 def _eoc_base(name, cfg, steps, L):

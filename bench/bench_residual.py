@@ -51,8 +51,11 @@ CASES = (  # (op, variant)
 )
 PROVIDERS = ("eager", "eager_out", "compile", "fastcache_reference", "fastcache_cpp", "fastcache_cpp_out")
 # The fused op vs the eager expression it replaces (summary ratio columns, paired per round).
-PAIRS = (("x_eager", "eager", "fastcache_cpp"), ("x_eager_out", "eager_out", "fastcache_cpp_out"),
-         ("x_compile", "compile", "fastcache_cpp"))
+PAIRS = (
+    ("x_eager", "eager", "fastcache_cpp"),
+    ("x_eager_out", "eager_out", "fastcache_cpp_out"),
+    ("x_compile", "compile", "fastcache_cpp"),
+)
 
 
 # The eager expressions, as the peers write them.
@@ -200,7 +203,12 @@ def run(args) -> list[common.Result]:
                     cfgs[provider], fns[provider], extras[provider] = cfg, fn, extra
                 # all providers of a case round-robin, so machine drift hits them alike
                 timings, samples = common.measure_interleaved(
-                    fns, warmup=2, reps=reps, min_reps=min(reps, 5), max_seconds=8.0, flush=flusher,
+                    fns,
+                    warmup=2,
+                    reps=reps,
+                    min_reps=min(reps, 5),
+                    max_seconds=8.0,
+                    flush=flusher,
                     min_sample_us=1000.0,
                 )
                 for provider, cfg in cfgs.items():
