@@ -57,6 +57,29 @@ def is_tracing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def warm_signatures(modules) -> None:
+    """Build, outside any ``torch.cond``, the ``inspect.signature`` of every attention
+    processor under ``modules`` (diffusers' ``Attention.forward`` calls it on its processor
+    every call). Call it while tracing, before a policy's conds.
+
+    Why: torch 2.13's dynamo caches ``inspect.signature`` results for the whole traced
+    frame (``OutputGraph.signature_cache``). A signature first built inside a cond branch
+    keeps its cache entry after the branch's side effects (the Signature's own attribute
+    writes) are rolled back, so the next cond or block that reads it fails with
+    "'Signature' object has no attribute '_parameters'". Built in the root graph first, the
+    results stay valid in every branch. Scanned at trace time, so processors swapped after
+    patching are covered; no graph op."""
+    import inspect
+
+    seen = set()
+    for root in modules:
+        for m in root.modules():
+            proc = getattr(m, "processor", None)
+            if callable(proc) and id(proc) not in seen:
+                seen.add(id(proc))
+                inspect.signature(proc.__call__)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
     """Where the sampling loop is, as known on the host without reading the device.

@@ -49,7 +49,6 @@ calls without a context) computes and leaves Δ and the decision state untouched
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 
 import torch
@@ -57,7 +56,7 @@ import torch
 from .. import ops
 from ..config import DeltaDiTConfig
 from ..ops.reference import STEP
-from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy
+from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy, warm_signatures
 from .steps import DecisionState, residual_cond, timestep_guard
 
 
@@ -140,16 +139,7 @@ class DeltaDiTPolicy(Policy):
         # the boundary forces a refresh only when the two ranges differ
         self.switch = config.num_cached < L
         self.num_steps = config.num_steps or 0
-        # see _warm_signatures
-        self._processors = list(
-            {
-                id(p): p
-                for seg in spec.blocks(model)
-                for blk in seg
-                for mod in blk.modules()
-                if callable(p := getattr(mod, "processor", None))
-            }.values()
-        )
+        self._blocks = [blk for seg in spec.blocks(model) for blk in seg]  # for warm_signatures
 
     # -- state ----------------------------------------------------------------------------
     def new_state(self) -> DeltaDiTState:
@@ -281,7 +271,7 @@ class DeltaDiTPolicy(Policy):
         """Under tracing / capture: one cond per cached part, predicate "refresh, or this
         part is outside the stage's range"; the Δ stores outside the conds."""
         spec = self.spec
-        self._warm_signatures()
+        warm_signatures(self._blocks)  # several conds per step: see base.warm_signatures
         h = dict(streams)
         for p, part in enumerate(self.parts):
             if not part.cached:
@@ -310,19 +300,6 @@ class DeltaDiTPolicy(Policy):
                 ops.store_residual(out[n], h[n], store, r)
             h = out
         return h
-
-    def _warm_signatures(self) -> None:
-        """Build, outside any cond, the ``inspect.signature`` of every attention processor
-        in the stack (diffusers' attention modules call it on each forward).
-
-        Why: dynamo caches ``inspect.signature`` results for the whole traced frame
-        (``OutputGraph.signature_cache``, torch 2.13). A signature first built inside a cond
-        branch keeps its cache entry after the branch's side effects (the Signature's own
-        attribute writes) are discarded, so the next cond or block reading it fails with
-        "'Signature' object has no attribute '_parameters'". Policies with one cond never
-        reuse it; Δ-DiT has one cond per cached part. Trace time only: no graph op."""
-        for proc in self._processors:
-            inspect.signature(proc.__call__)
 
     # -- stats ----------------------------------------------------------------------------
     def state_stats(self, st: DeltaDiTState) -> dict:

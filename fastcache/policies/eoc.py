@@ -31,12 +31,9 @@ static (steps x blocks) mask (training-based schedules such as Learning-to-Cache
 In eager mode a mask is placed on the host when the caller gives the step index (the
 pipeline's ``step_index`` / ``fastcache.context(..., step_index=i)``: no read), else its
 row for the device's step is read once per step; under torch.compile the mask is a device tensor
-indexed by the device step counter and each block is its own ``torch.cond``. Known
-limit (torch 2.13): dynamo cannot trace diffusers' ``Attention.forward`` (it calls
-``inspect.signature``) inside these per-block conds, although it does inside the
-whole-stack cond of the other bases; so a compiled mask schedule runs on
-``fastcache.models.DiT`` and fails to compile (a dynamo error, never a wrong result)
-on the diffusers families. Use FORA / TeaCache bases there under compile.
+indexed by the device step counter and each block is its own ``torch.cond`` (this
+compiles on the diffusers families too because the attention processors' signatures are
+built outside the conds: :func:`fastcache.policies.base.warm_signatures`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from ..config import FORAConfig
 from ..interior import Executor, apply_cached, layout_for, run_blocks
 from ..interior.base import combine
 from ..ops.reference import N_RUNS, STATE_HEADER, STEP
-from .base import Policy, StepInfo, is_tracing, register_policy
+from .base import Policy, StepInfo, is_tracing, register_policy, warm_signatures
 from .steps import AUX_JITTER, AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, AUX_SIZE, timestep_guard
 
 
@@ -297,6 +297,7 @@ class InteriorCachePolicy(Policy):
         corr = torch.zeros_like(all_c) if n_corr is None else n_corr
         st.counts.add_(torch.stack([all_c, 1.0 - all_c, corr, torch.zeros_like(all_c), cf.sum()]))
         streams = dict(streams)
+        warm_signatures(e.module for e in self.layout.entries)  # one cond per block: see warm_signatures
         for li in range(L):
             streams = self._traced_block(st, call, streams, li, compute_l[li], store_l[li], s_idx, trend)
         return streams

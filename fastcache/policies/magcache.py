@@ -57,8 +57,8 @@ class MagCacheState(DecisionState):
 
 @register_policy(MagCacheConfig)
 class MagCachePolicy(Policy):
-
     decides_from_data = False  # a schedule fixed by the profile: identical on every rank of a process group
+
     def __init__(self, config: MagCacheConfig, spec, model):
         super().__init__(config, spec, model)
         if config.profile is not None:

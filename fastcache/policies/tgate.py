@@ -38,7 +38,6 @@ dropped inside the transformer is discussed in docs/methods.md section 5.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import torch
@@ -48,7 +47,7 @@ from ..config import TGateConfig
 from ..interior import Executor, apply_cached, run_blocks
 from ..interior.base import combine
 from ..ops.reference import STEP
-from .base import is_tracing, register_policy
+from .base import is_tracing, register_policy, warm_signatures
 from .fora import _SUMS_ZERO_CHANGE, InteriorCachePolicy, InteriorState
 from .steps import AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, timestep_guard
 
@@ -162,8 +161,6 @@ class TGatePolicy(InteriorCachePolicy):
         self.n_cross = sum(1 for (_, b) in ids if b == CROSS)
         self.n_other = len(ids) - self.n_self - self.n_cross
         self._ran: weakref.WeakSet = weakref.WeakSet()  # states (cache contexts) that ran a step
-        # modules whose forward calls inspect.signature on their processor (diffusers' Attention)
-        self._sig_modules = [m for e in self.layout.entries for m in e.module.modules() if hasattr(m, "processor")]
 
     # -- schedule -----------------------------------------------------------------------
     def combos(self) -> set[tuple[bool, bool]]:
@@ -329,12 +326,7 @@ class TGatePolicy(InteriorCachePolicy):
                 f = ex.outputs[k].detach()
                 st.cache[k] = (cfg_mean(f) if self.batched else f).clone(memory_format=torch.contiguous_format)
             return out
-        # torch 2.13 dynamo caches inspect.signature results per output graph; a result first
-        # made inside one cond branch is rolled back with that branch's side effects and the
-        # next branch then fails on it ("'Signature' object has no attribute '_parameters'").
-        # Making the results in the root graph first keeps them valid in every branch.
-        for m in self._sig_modules:
-            inspect.signature(m.processor.__call__)
+        warm_signatures(e.module for e in self.layout.entries)  # nested conds: see base.warm_signatures
         names = [n for n in self.spec.streams if streams[n] is not None]
         nn_ = len(names)
         returned = [n for n in self.spec.returns if streams.get(n) is not None and n not in self.spec.dropped_streams]

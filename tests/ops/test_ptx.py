@@ -26,9 +26,8 @@ import sys
 
 import pytest
 
-pytest.importorskip(
-    "triton", reason="compiling the Triton kernels needs the triton package"
-)
+pytest.importorskip("triton", reason="compiling the Triton kernels needs the triton package")
+
 
 def _variants():
     """(label, Launch) for every variant, each built by the launcher's own plan function."""
@@ -180,9 +179,7 @@ def _compile_all(caps: tuple[int, ...]) -> dict:
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    env["FASTCACHE_BACKEND"] = (
-        "eager"  # importing fastcache must not need the C++ extension
-    )
+    env["FASTCACHE_BACKEND"] = "eager"  # importing fastcache must not need the C++ extension
     env["FASTCACHE_SKIP_EXT"] = "1"
     proc = subprocess.run(
         [sys.executable, __file__, "90", "80"],
@@ -192,9 +189,7 @@ def compiled(tmp_path_factory):
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, (
-        f"PTX compile subprocess failed:\n{proc.stderr[-6000:]}"
-    )
+    assert proc.returncode == 0, f"PTX compile subprocess failed:\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -205,12 +200,8 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
     for r in results:
         target = re.search(r"^\.target (sm_\d+a?)\b", r["ptx"], re.MULTILINE)
         assert target, f"{r['label']} sm_{r['cap']}: no .target line in the PTX"
-        assert target.group(1).rstrip("a") == f"sm_{r['cap']}", (
-            f"{r['label']}: {target.group(0)} for sm_{r['cap']}"
-        )
-        assert re.search(rf"\.entry {r['entry']}\b", r["ptx"]), (
-            f"{r['label']}: entry {r['entry']} missing"
-        )
+        assert target.group(1).rstrip("a") == f"sm_{r['cap']}", f"{r['label']}: {target.group(0)} for sm_{r['cap']}"
+        assert re.search(rf"\.entry {r['entry']}\b", r["ptx"]), f"{r['label']}: entry {r['entry']} missing"
         assert r["has_cubin"], f"{r['label']} sm_{r['cap']}: ptxas produced no cubin"
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
@@ -274,16 +265,10 @@ def test_decision_ptx_is_ieee_and_uncontracted(compiled):
             assert ".ftz" not in r["ptx"], f"{r['label']}: flushes denormals, the reference does not"
         if r["label"].startswith("decision"):
             ptx = r["ptx"]
-            assert "fma.rn.f32" not in ptx, (
-                f"{r['label']} sm_{r['cap']}: Horner contracted into an FMA"
-            )
-            assert "div.rn.f32" in ptx, (
-                f"{r['label']} sm_{r['cap']}: ratio division is not IEEE div.rn"
-            )
+            assert "fma.rn.f32" not in ptx, f"{r['label']} sm_{r['cap']}: Horner contracted into an FMA"
+            assert "div.rn.f32" in ptx, f"{r['label']} sm_{r['cap']}: ratio division is not IEEE div.rn"
             assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx
-            assert ".ftz" not in ptx, (
-                f"{r['label']}: flushes denormals, the reference does not"
-            )
+            assert ".ftz" not in ptx, f"{r['label']}: flushes denormals, the reference does not"
 
 
 def test_bf16_outputs_round_to_nearest_on_gpu(compiled):
@@ -295,21 +280,13 @@ def test_bf16_outputs_round_to_nearest_on_gpu(compiled):
     native round-to-nearest ``add.bf16`` / ``sub.bf16`` / ``fma.rn.bf16``: the same
     bits, because fp32's 24-bit significand is >= 2*8+2 bits (no double rounding).
     """
-    rn = re.compile(
-        r"cvt\.rn(\.relu)?\.bf16(x2)?\.f32|\b(add|sub)(\.rn)?\.bf16(x2)?\b|fma\.rn\.bf16"
-    )
+    rn = re.compile(r"cvt\.rn(\.relu)?\.bf16(x2)?\.f32|\b(add|sub)(\.rn)?\.bf16(x2)?\b|fma\.rn\.bf16")
     checked = 0
     for r in compiled["results"]:
-        if "bf16" in r["label"] and r["label"].startswith(
-            ("modulated", "gated", "apply", "store")
-        ):
+        if "bf16" in r["label"] and r["label"].startswith(("modulated", "gated", "apply", "store")):
             checked += 1
-            assert rn.search(r["ptx"]), (
-                f"{r['label']} sm_{r['cap']}: no round-to-nearest bf16 conversion"
-            )
-            assert not re.search(r"cvt\.rz\S*bf16", r["ptx"]), (
-                f"{r['label']} sm_{r['cap']}: truncating cvt"
-            )
+            assert rn.search(r["ptx"]), f"{r['label']} sm_{r['cap']}: no round-to-nearest bf16 conversion"
+            assert not re.search(r"cvt\.rz\S*bf16", r["ptx"]), f"{r['label']} sm_{r['cap']}: truncating cvt"
     assert checked == 2 * 11  # per cap: modulated 2, gated 4, apply 2, apply_out 1, store 2 (see _variants)
 
 
@@ -329,9 +306,7 @@ def test_int64_offsets_where_numel_can_pass_2_31(compiled):
                 r"tt\.addptr .*: tensor<[^>]*!tt\.ptr<\w+>>, tensor<(?:\d+x)+(i\d+)>",
                 r["ttir"],
             )
-            assert "i64" in offset_types, (
-                f"{r['label']}: no 64-bit tensor offsets in the TTIR"
-            )
+            assert "i64" in offset_types, f"{r['label']}: no 64-bit tensor offsets in the TTIR"
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ import cases
 import pytest
 import torch
 
-triton = pytest.importorskip(
-    "triton", reason="the Triton kernels need the triton package"
-)
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 from fastcache.kernels import LAUNCHERS, decision
 
 from fastcache.ops import reference as ref
@@ -42,9 +40,7 @@ KERNELS_DIR = str(Path(decision.__file__).resolve().parent)
 LOWP = (torch.bfloat16, torch.float16)
 BIG = (2, 256, 1152)  # the interpreter needs seconds per op here: fp32 only
 SMALL_SHAPES = [s for s in cases.SHAPES if s != BIG]
-SHAPE_DTYPES = [(s, torch.float32) for s in cases.SHAPES] + [
-    (s, dt) for s in SMALL_SHAPES for dt in LOWP
-]
+SHAPE_DTYPES = [(s, torch.float32) for s in cases.SHAPES] + [(s, dt) for s in SMALL_SHAPES for dt in LOWP]
 
 
 def _id(param):
@@ -71,19 +67,13 @@ def _lowp_outputs(fn, dtype, args, lowp_outputs):
     The reference computes bf16/fp16 inputs in fp32 and casts once at the end, so on
     the fp32-upcast inputs it produces exactly the value before that cast.
     """
-    up = [
-        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        for a in args
-    ]
+    up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     ret = fn(*up)
     return {k: _to_lowp(ret if k == "ret" else up[k], dtype) for k in lowp_outputs}
 
 
 def _fp64(args):
-    return [
-        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-        for a in args
-    ]
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
 def _assert_fp32_close(kernel, exact, what):
@@ -100,14 +90,10 @@ def _assert_within_one_ulp(kernel, lowp_ref, dtype, what):
     """Elementwise |kernel - ref| <= one ulp of ``dtype`` at ref (ties of the cast)."""
     mant = 7 if dtype == torch.bfloat16 else 10
     r = lowp_ref.double()
-    ulp = torch.exp2(
-        torch.floor(torch.log2(r.abs().clamp_min(torch.finfo(dtype).tiny))) - mant
-    )
+    ulp = torch.exp2(torch.floor(torch.log2(r.abs().clamp_min(torch.finfo(dtype).tiny))) - mant)
     diff = (kernel.double() - r).abs()
     bad = diff > ulp
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} elements off by more than one ulp (max {diff.max():.3e})"
-    )
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements off by more than one ulp (max {diff.max():.3e})"
 
 
 def _check_lowp(kernel, lowp_ref, exact, dtype, what):
@@ -116,9 +102,7 @@ def _check_lowp(kernel, lowp_ref, exact, dtype, what):
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(
-        torch.int32
-    )  # bitwise view of fp32 (NaN == NaN, -0 != 0)
+    return t.contiguous().view(torch.int32)  # bitwise view of fp32 (NaN == NaN, -0 != 0)
 
 
 def _rand(shape, dtype, scale=1.0, offset=0.0):
@@ -162,9 +146,7 @@ def test_rel_l1_sums_parity(param, write_prev):
     assert sums.shape == (B, 2) and sums.dtype == torch.float32
     exact = ref.rel_l1_sums(x.double(), prev0.double(), False)
     _assert_fp32_close(sums, exact, "sums")
-    assert torch.equal(prev, x if write_prev else prev0), (
-        "prev must be x (write_prev) or untouched"
-    )
+    assert torch.equal(prev, x if write_prev else prev0), "prev must be x (write_prev) or untouched"
 
 
 @pytest.mark.parametrize("shape", [(4,), (2, 3, 5, 7), (3, 1)])
@@ -180,9 +162,7 @@ def test_rel_l1_sums_mixed_dtypes_and_empty_rows():
     x, prev = torch.randn(2, 3, 64), torch.randn(2, 3, 64).to(torch.float16)
     prev0 = prev.clone()
     sums = LAUNCHERS["rel_l1_sums"](x, prev, True)
-    _assert_fp32_close(
-        sums, ref.rel_l1_sums(x.double(), prev0.double(), False), "mixed"
-    )
+    _assert_fp32_close(sums, ref.rel_l1_sums(x.double(), prev0.double(), False), "mixed")
     assert torch.equal(prev, x.to(torch.float16))
     empty = LAUNCHERS["rel_l1_sums"](torch.empty(3, 0), torch.empty(3, 0), True)
     assert torch.equal(empty, torch.zeros(3, 2))
@@ -196,12 +176,8 @@ def test_fp64_inputs_accumulate_in_fp64():
         torch.randn(2, 5, 33),
     )
     p_k, p_r = prev.double(), prev.double()
-    sums = LAUNCHERS["modulated_rel_l1_sums"](
-        x.double(), shift.double(), scale.double(), 1e-6, p_k
-    )
-    exact = ref.modulated_rel_l1_sums(
-        x.double(), shift.double(), scale.double(), 1e-6, p_r
-    )
+    sums = LAUNCHERS["modulated_rel_l1_sums"](x.double(), shift.double(), scale.double(), 1e-6, p_k)
+    exact = ref.modulated_rel_l1_sums(x.double(), shift.double(), scale.double(), 1e-6, p_r)
     assert sums.dtype == torch.float64
     torch.testing.assert_close(sums, exact, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p_k, p_r, rtol=1e-12, atol=1e-12)
@@ -216,10 +192,7 @@ def test_sums_are_deterministic():
         torch.randn(B, D),
         torch.randn(B, N, D),
     )
-    runs = [
-        LAUNCHERS["modulated_rel_l1_sums"](x, shift, scale, 1e-6, prev.clone())
-        for _ in range(2)
-    ]
+    runs = [LAUNCHERS["modulated_rel_l1_sums"](x, shift, scale, 1e-6, prev.clone()) for _ in range(2)]
     runs += [LAUNCHERS["rel_l1_sums"](x, prev.clone(), False) for _ in range(2)]
     assert torch.equal(_bits(runs[0]), _bits(runs[1]))
     assert torch.equal(_bits(runs[2]), _bits(runs[3]))
@@ -232,9 +205,7 @@ def test_sums_use_several_partials_in_fixed_order():
     B, M = 2, 3 * 4096 + 17
     x, prev = torch.randn(B, M), torch.randn(B, M)
     sums = LAUNCHERS["rel_l1_sums"](x, prev, False)
-    _assert_fp32_close(
-        sums, ref.rel_l1_sums(x.double(), prev.double(), False), "multi-block sums"
-    )
+    _assert_fp32_close(sums, ref.rel_l1_sums(x.double(), prev.double(), False), "multi-block sums")
 
 
 # ------------------------------------------------------------------ residual ops
@@ -297,17 +268,13 @@ def test_store_residual_parity(param, flag_value):
     r = r0.clone()
     assert LAUNCHERS["store_residual"](out, x_in, torch.tensor(flag_value), r) is None
     if not flag_value:
-        assert torch.equal(r, r0), (
-            "a skipped step must leave the cached residual untouched"
-        )
+        assert torch.equal(r, r0), "a skipped step must leave the cached residual untouched"
         return
     exact = out.double() - x_in.double()
     if dtype == torch.float32:
         _assert_fp32_close(r, exact, "r")
     else:
-        lowp = _lowp_outputs(
-            ref.store_residual, dtype, [out, x_in, torch.tensor(True), r0.clone()], [3]
-        )[3]
+        lowp = _lowp_outputs(ref.store_residual, dtype, [out, x_in, torch.tensor(True), r0.clone()], [3])[3]
         _check_lowp(r, lowp, exact, dtype, "r")
 
 
@@ -331,9 +298,7 @@ def test_residual_round_trip_mixed_dtypes():
     LAUNCHERS["store_residual"](out, x_in, torch.tensor(True), r)
     assert torch.equal(r, out.float() - x_in.float())  # exact in fp32
     again = LAUNCHERS["apply_residual"](x_in, r)
-    assert torch.equal(
-        again, out
-    )  # x_in + (out - x_in) is exact in fp32, out is a bf16 value
+    assert torch.equal(again, out)  # x_in + (out - x_in) is exact in fp32, out is a bf16 value
 
 
 def test_interpreter_bf16_cast_truncates():
@@ -342,9 +307,7 @@ def test_interpreter_bf16_cast_truncates():
     If Triton's interpreter starts rounding, drop _bf16_truncate (use .to(bfloat16))."""
     x = torch.full((4,), 1.0 + 3 / 512, dtype=torch.float32)
     out = LAUNCHERS["apply_residual"](torch.zeros(4, dtype=torch.bfloat16), x)
-    assert torch.equal(out, _bf16_truncate(x)), (
-        "interpreter no longer truncates fp32 -> bf16"
-    )
+    assert torch.equal(out, _bf16_truncate(x)), "interpreter no longer truncates fp32 -> bf16"
     assert not torch.equal(out, x.to(torch.bfloat16))
 
 
@@ -366,9 +329,7 @@ def test_decision_layout_matches_reference():
         "N_RUNS",
     ]
     for name in names + ["STATE_HEADER", "MAX_COEFFS"]:
-        assert getattr(decision, name) == getattr(ref, name), (
-            f"kernels/decision.py {name} != reference"
-        )
+        assert getattr(decision, name) == getattr(ref, name), f"kernels/decision.py {name} != reference"
 
 
 def _run_decisions(
@@ -386,20 +347,12 @@ def _run_decisions(
     st_k, st_r = ref.new_state(history), ref.new_state(history)
     flags = []
     for i, (sums, t) in enumerate(steps):
-        f_k = LAUNCHERS["cache_decision"](
-            sums, t, cs, st_k, threshold, warmup, max_skips, num_steps
-        )
-        f_r = ref.cache_decision(
-            sums, t, cs, st_r, threshold, warmup, max_skips, num_steps
-        )
+        f_k = LAUNCHERS["cache_decision"](sums, t, cs, st_k, threshold, warmup, max_skips, num_steps)
+        f_r = ref.cache_decision(sums, t, cs, st_r, threshold, warmup, max_skips, num_steps)
         assert f_k.dtype == torch.bool and f_k.dim() == 0
-        assert bool(f_k) == bool(f_r), (
-            f"step {i}: flag {bool(f_k)} != reference {bool(f_r)}"
-        )
+        assert bool(f_k) == bool(f_r), f"step {i}: flag {bool(f_k)} != reference {bool(f_r)}"
         diff = (_bits(st_k) != _bits(st_r)).nonzero().flatten().tolist()
-        assert not diff, (
-            f"step {i}: state differs at {diff}: {st_k[diff].tolist()} vs {st_r[diff].tolist()}"
-        )
+        assert not diff, f"step {i}: state differs at {diff}: {st_k[diff].tolist()} vs {st_r[diff].tolist()}"
         flags.append(bool(f_k))
     return flags, st_k
 
@@ -414,18 +367,14 @@ def _sums_for(ratios, B=2, den=(1.0, 3.0)):
 
 
 def _timesteps(n, start=999.0):
-    return [
-        torch.tensor([start - i * (start / n)], dtype=torch.float32) for i in range(n)
-    ]
+    return [torch.tensor([start - i * (start / n)], dtype=torch.float32) for i in range(n)]
 
 
 def _horner(ratio: float, coeffs, fma: bool) -> float:
     f = lambda v: torch.tensor(v, dtype=torch.float32).item()
     r = 0.0
     for c in coeffs:
-        r = (
-            f(r * ratio + f(c)) if fma else f(f(r * ratio) + f(c))
-        )  # fma: one rounding (fp64 exact product)
+        r = f(r * ratio + f(c)) if fma else f(f(r * ratio) + f(c))  # fma: one rounding (fp64 exact product)
     return r
 
 
@@ -447,15 +396,11 @@ def test_decision_teacache_sequence_bitwise():
         0.07,
     ] * 2
     n = len(ratios)
-    flags, st = _run_decisions(
-        list(zip(_sums_for(ratios), _timesteps(n))), threshold=0.4, num_steps=n
-    )
+    flags, st = _run_decisions(list(zip(_sums_for(ratios), _timesteps(n))), threshold=0.4, num_steps=n)
     assert flags[0] and flags[-1], "first and last steps are forced"
     assert not all(flags), "this sequence must skip some steps (else it tests nothing)"
     H = ref.history_len(st)
-    assert st[ref.STATE_HEADER + 2 * H : ref.STATE_HEADER + 2 * H + n].tolist() == [
-        float(f) for f in flags
-    ]
+    assert st[ref.STATE_HEADER + 2 * H : ref.STATE_HEADER + 2 * H + n].tolist() == [float(f) for f in flags]
     assert st[ref.N_COMPUTED].item() + st[ref.N_SKIPPED].item() == n
     # The bitwise check above can see FMA contraction: on this sequence a contracted
     # Horner gives different fp32 bits for some ratio.
@@ -466,13 +411,9 @@ def test_decision_teacache_sequence_bitwise():
 def test_decision_forced_steps_warmup_last_and_max_skips():
     n = 12
     tiny = _sums_for([1e-4] * n)  # rescaled ~0.264 per step with FLUX; threshold high
-    flags, _ = _run_decisions(
-        list(zip(tiny, _timesteps(n))), threshold=100.0, warmup=3, num_steps=n
-    )
+    flags, _ = _run_decisions(list(zip(tiny, _timesteps(n))), threshold=100.0, warmup=3, num_steps=n)
     assert flags == [True] * 3 + [False] * (n - 4) + [True]
-    flags, _ = _run_decisions(
-        list(zip(tiny, _timesteps(n))), threshold=100.0, max_skips=2
-    )
+    flags, _ = _run_decisions(list(zip(tiny, _timesteps(n))), threshold=100.0, max_skips=2)
     assert flags == [
         True,
         False,
@@ -517,14 +458,10 @@ def test_decision_threshold_off_and_identity_poly():
         torch.tensor([[float("nan"), 1.0], [0.0, 1.0]]),
         torch.tensor([[float("inf"), 1.0], [0.0, 1.0]]),
         torch.tensor([[1.0, -2.0], [0.0, 1.0]]),  # den < 0
-        torch.tensor(
-            [[1e30, 1e-30], [0.0, 1e-30]]
-        ),  # finite sums, ratio overflows to inf
+        torch.tensor([[1e30, 1e-30], [0.0, 1e-30]]),  # finite sums, ratio overflows to inf
     ],
 )
-@pytest.mark.filterwarnings(
-    "ignore:(invalid value|overflow) encountered:RuntimeWarning"
-)  # numpy, on purpose
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")  # numpy, on purpose
 def test_decision_invalid_ratio_forces_compute(bad):
     n = 5
     sums = _sums_for([0.001] * n)
@@ -532,12 +469,8 @@ def test_decision_invalid_ratio_forces_compute(bad):
     flags, st = _run_decisions(list(zip(sums, _timesteps(n))), threshold=10.0)
     assert flags[3], "an undefined/non-finite ratio must force a compute"
     H = ref.history_len(st)
-    assert st[ref.STATE_HEADER + H + 3].item() == 0.0, (
-        "history acc is 0 when forced by an invalid ratio"
-    )
-    assert st[ref.STATE_HEADER + H + 4].item() > 0.0, (
-        "the next step accumulates from 0 again"
-    )
+    assert st[ref.STATE_HEADER + H + 3].item() == 0.0, "history acc is 0 when forced by an invalid ratio"
+    assert st[ref.STATE_HEADER + H + 4].item() > 0.0, "the next step accumulates from 0 again"
 
 
 def test_decision_new_run_when_timestep_rises():
@@ -605,9 +538,7 @@ def forbid_host_reads(monkeypatch):
         def wrapper(self, *a, **k):
             caller = sys._getframe(1).f_code.co_filename
             if caller.startswith(KERNELS_DIR):
-                raise _HostRead(
-                    f"{caller} called Tensor.{name}: a host read in a launcher"
-                )
+                raise _HostRead(f"{caller} called Tensor.{name}: a host read in a launcher")
             return orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
@@ -628,13 +559,9 @@ def forbid_host_reads(monkeypatch):
 def test_launchers_never_read_device_values(forbid_host_reads):
     B, N, D = 2, 5, 33
     x, p = torch.randn(B, N, D), torch.randn(B, N, D)
-    sums = LAUNCHERS["modulated_rel_l1_sums"](
-        x, torch.randn(B, D), torch.randn(B, D), 1e-6, p
-    )
+    sums = LAUNCHERS["modulated_rel_l1_sums"](x, torch.randn(B, D), torch.randn(B, D), 1e-6, p)
     LAUNCHERS["rel_l1_sums"](x, p, True)
-    flag = LAUNCHERS["cache_decision"](
-        sums, torch.tensor(3), torch.tensor(FLUX), ref.new_state(4), 0.2, 1, 2, 10
-    )
+    flag = LAUNCHERS["cache_decision"](sums, torch.tensor(3), torch.tensor(FLUX), ref.new_state(4), 0.2, 1, 2, 10)
     y = LAUNCHERS["gated_residual"](x, torch.randn(B, D), p, torch.randn(N, D), 0.1)
     y = LAUNCHERS["apply_residual"](y, p)
     LAUNCHERS["store_residual"](y, x, flag, p)
@@ -664,9 +591,7 @@ def test_launchers_never_read_device_values(forbid_host_reads):
             "must have one shape",
         ),
         (
-            lambda: LAUNCHERS["rel_l1_sums"](
-                torch.randn(2, 3), torch.randn(2, 4), True
-            ),
+            lambda: LAUNCHERS["rel_l1_sums"](torch.randn(2, 3), torch.randn(2, 4), True),
             "prev must match",
         ),
         (
@@ -725,9 +650,7 @@ def test_launchers_never_read_device_values(forbid_host_reads):
             "one-element decision flag",
         ),
         (
-            lambda: LAUNCHERS["apply_residual"](
-                torch.ones(3, dtype=torch.int32), torch.ones(3)
-            ),
+            lambda: LAUNCHERS["apply_residual"](torch.ones(3, dtype=torch.int32), torch.ones(3)),
             "floating tensor",
         ),
     ],
@@ -741,9 +664,7 @@ def test_modulated_rejects_rows_wider_than_the_tile():
     D = 16385
     x = torch.zeros(1, 1, D)
     with pytest.raises(ValueError, match="exceeds the Triton kernel's whole-row tile"):
-        LAUNCHERS["modulated_rel_l1_sums"](
-            x, torch.zeros(1, D), torch.zeros(1, D), 1e-6, x.clone()
-        )
+        LAUNCHERS["modulated_rel_l1_sums"](x, torch.zeros(1, D), torch.zeros(1, D), 1e-6, x.clone())
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
