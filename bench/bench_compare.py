@@ -466,6 +466,124 @@ def run(steps, batch, repeats, seed, compile_steps):
     return results, skipped
 
 
+# ------------------------------------------------------------- random-weight families
+def _family_rows(case_name):
+    """Per family: what each tool costs per step when it computes everything (threshold 0,
+    interval 1: pure overhead), and one skipping setting per decision method (speed only:
+    random weights make PSNR meaningless)."""
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        TaylorSeerCacheConfig,
+        apply_first_block_cache,
+        apply_taylorseer_cache,
+    )
+
+    rows = [("uncached", "uncached", "-", None)]
+
+    def fc(cfg):
+        return lambda m: fastcache.patch(m, cfg)
+
+    rows += [
+        ("fastcache", "teacache", "threshold 0 (overhead)", fc(fastcache.TeaCacheConfig(threshold=0.0))),
+        (
+            "fastcache",
+            "first-block cache",
+            "threshold 0 (overhead)",
+            fc(fastcache.FirstBlockCacheConfig(threshold=0.0)),
+        ),
+        ("fastcache", "fora", "interval 1 (overhead)", fc(fastcache.FORAConfig(interval=1))),
+        (
+            "fastcache",
+            "taylorseer",
+            "interval 1 (overhead)",
+            fc(fastcache.TaylorSeerConfig(interval=1, warmup_steps=1)),
+        ),
+        ("fastcache", "first-block cache", "threshold 0.2", fc(fastcache.FirstBlockCacheConfig(threshold=0.2))),
+    ]
+    if (
+        case_name != "diffusers-sd3"
+    ):  # diffusers' First-Block Cache hook fails on SD3 (tests/runtime/test_first_block.py)
+        rows += [
+            (
+                "diffusers",
+                "first-block cache",
+                "threshold 0 (overhead)",
+                lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.0)),
+            ),
+            (
+                "diffusers",
+                "first-block cache",
+                "threshold 0.2",
+                lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=0.2)),
+            ),
+        ]
+    rows.append(
+        (
+            "diffusers",
+            "taylorseer",
+            "interval 1 (overhead)",
+            lambda m: apply_taylorseer_cache(
+                m,
+                TaylorSeerCacheConfig(
+                    cache_interval=1, disable_cache_before_step=1, taylor_factors_dtype=torch.float32
+                ),
+            ),
+        )
+    )
+    return rows
+
+
+def run_families(steps=20, repeats=3):
+    """Seconds per step of every family's tiny diffusers model (tests/runtime/zoo.py) under
+    each tool, best of ``repeats`` round robin; overhead = time / uncached - 1."""
+    from zoo import CASES
+
+    out = []
+    for name in ("diffusers-dit", "diffusers-pixart", "diffusers-flux", "diffusers-sd3"):
+        rows = _family_rows(name)
+        models = []
+        for *_, apply in rows:
+            case = CASES[name]()  # a fresh model per row: no hook or patch is ever removed
+            if apply is not None:
+                apply(case.model)
+            models.append(case)
+        ctx = "cfg"
+
+        def one(case):
+            m = case.model
+            has_ctx = hasattr(m, "cache_context")
+            t = time.process_time()
+            case.sample(
+                steps=steps,
+                context=(lambda i: m.cache_context(ctx)) if has_ctx else (lambda i: fastcache.context(m, ctx)),
+            )
+            return time.process_time() - t
+
+        for c in models:
+            one(c)  # warm-up
+        best = [math.inf] * len(rows)
+        for _ in range(repeats):
+            for i, c in enumerate(models):
+                best[i] = min(best[i], one(c))
+        for (prov, meth, setting, _), t in zip(rows, best):
+            out.append(
+                dict(
+                    family=name,
+                    provider=prov,
+                    method=meth,
+                    setting=setting,
+                    ms_per_step=round(1000 * t / steps, 3),
+                    vs_uncached=round(t / best[0], 3),
+                )
+            )
+            print(
+                f"  {name:<17} {prov:<9} {meth:<18} {setting:<24} {1000 * t / steps:7.3f} ms/step  "
+                f"{t / best[0]:5.2f}x uncached",
+                flush=True,
+            )
+    return out
+
+
 def _parse_mag_ratios(log, w, steps):
     """The ratios diffusers' calibration pass logs (it prints them for copying into the config)."""
     for msg in log:
@@ -550,7 +668,15 @@ def main(argv=None):
     p.add_argument("--compile-steps", type=int, default=10, help="steps of the torch.compile probe (0 = skip it)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile probe")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--families", action="store_true", help="only the random-weight families' per-step cost")
     a = p.parse_args(argv)
+    if a.families:
+        rows = run_families()
+        a.out.mkdir(parents=True, exist_ok=True)
+        meta = _meta()
+        (a.out / "compare_families.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {a.out / 'compare_families.json'}")
+        return
     if os.getloadavg()[0] > 1.5:
         print(f"warning: load average {os.getloadavg()[0]:.1f}: other jobs share the CPU, timings are noisy")
     t0 = time.perf_counter()

@@ -53,6 +53,7 @@ class FirstBlockCachePolicy(Policy):
     def __init__(self, config: FirstBlockCacheConfig, spec, model):
         super().__init__(config, spec, model)
         n_blocks = sum(len(seg) for seg in spec.blocks(model))
+        self.num_blocks = n_blocks
         if config.fn + config.bn >= n_blocks:
             raise ValueError(
                 f"FirstBlockCacheConfig: fn={config.fn} + bn={config.bn} leaves no block to cache in "
@@ -162,4 +163,9 @@ class FirstBlockCachePolicy(Policy):
         out = st.stats(repeat_hint=".")
         if st.state is not None:
             out.update(fn=self.config.fn, bn=self.config.bn)
+            # block work: the first fn and last bn blocks run on every step
+            n = out["computed"] + out["skipped"]
+            if n and self.num_blocks:
+                always = (self.config.fn + self.config.bn) / self.num_blocks
+                out["computed_fraction"] = always + (1 - always) * out["computed"] / n
         return out

@@ -34,7 +34,7 @@ from .. import ops
 from ..config import MagCacheConfig
 from ..ops.reference import PREV_T, STEP
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
 
 
 class MagCacheState(DecisionState):
@@ -131,20 +131,10 @@ class MagCachePolicy(Policy):
         flag = ops.cache_decision(sums, t_op, st.coeffs, st.state, 0.5, 1, 0, 0, hold=rep, accumulate=False)
         st.force.zero_()
         store = flag & ~rep
-        cached = spec.cached_streams
-        residuals = [st.residuals[n] for n in cached]
+        residuals = {n: st.residuals[n] for n in spec.cached_streams}
 
         if is_tracing():
-            returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
-            result = dict(streams)
-            result.update(
-                residual_cond(
-                    runner, flag, lambda ins: runner.run(call, ins), streams, returned, dict(zip(cached, residuals))
-                )
-            )
-            for n, r in zip(cached, residuals):
-                ops.store_residual(result[n], streams[n], store, r)
-            return result
+            return traced_stack(runner, call, streams, spec, flag, store, residuals)
 
         s = st.step.index if st.step is not None else None
         if s is not None:  # the host schedule: no device read
@@ -159,14 +149,10 @@ class MagCachePolicy(Policy):
             compute = bool(flag.item())  # host-read-ok: the single eager decision read per step
         if compute:
             result = runner.run(call, streams)
-            for n, r in zip(cached, residuals):
-                ops.store_residual(result[n], streams[n], store, r)
+            store_residuals(result, streams, residuals, store)
             st.filled = True
             return result
-        result = dict(streams)
-        for n, r in zip(cached, residuals):
-            result[n] = ops.apply_residual(streams[n], r, out=st.output_buffer(n, r))
-        return result
+        return skipped_stack(st, streams, residuals)
 
     # -- stats --------------------------------------------------------------------------
     def state_stats(self, st: MagCacheState) -> dict:

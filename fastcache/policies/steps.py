@@ -162,3 +162,29 @@ def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict)
     # subgraphs assert their input strides.
     operands = (*[ins[n].contiguous() for n in present], *residuals.values())
     return dict(zip(returned, runner.cond(flag, compute, skip, operands)))
+
+
+def traced_stack(runner, call: dict, streams: dict, spec, flag, store, residuals: dict) -> dict:
+    """A whole-stack residual cache under tracing / capture (TeaCache, MagCache): the stack
+    or ``x + R`` as one cond operator (:func:`residual_cond`), then the residual stores
+    outside the cond, gated by ``store`` on the device."""
+    returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
+    result = dict(streams)
+    result.update(residual_cond(runner, flag, lambda ins: runner.run(call, ins), streams, returned, residuals))
+    store_residuals(result, streams, residuals, store)
+    return result
+
+
+def store_residuals(result: dict, streams: dict, residuals: dict, store) -> None:
+    """``R <- result - streams`` per cached stream where ``store`` (a device flag) is set."""
+    for n, r in residuals.items():
+        ops.store_residual(result[n], streams[n], store, r)
+
+
+def skipped_stack(st: DecisionState, streams: dict, residuals: dict) -> dict:
+    """An eager skipped step: ``x + R`` per cached stream, into the state's owned output
+    buffers (:meth:`DecisionState.output_buffer`); other streams pass through."""
+    result = dict(streams)
+    for n, r in residuals.items():
+        result[n] = ops.apply_residual(streams[n], r, out=st.output_buffer(n, r))
+    return result

@@ -35,7 +35,7 @@ from ..config import TeaCacheConfig
 from ..ops.reference import ACC, STATE_HEADER
 from .base import Policy, StackRunner, is_tracing, register_policy
 from .memo import reuse_outputs
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
 
 
 class TeaCacheState(DecisionState):
@@ -105,20 +105,10 @@ class TeaCachePolicy(Policy):
             hold=rep,
         )
         store = flag & ~rep
-        cached = spec.cached_streams
-        residuals = [st.residuals[n] for n in cached]
-        returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
+        residuals = {n: st.residuals[n] for n in spec.cached_streams}
 
         if is_tracing():
-            result = dict(streams)
-            result.update(
-                residual_cond(
-                    runner, flag, lambda ins: runner.run(call, ins), streams, returned, dict(zip(cached, residuals))
-                )
-            )
-            for n, r in zip(cached, residuals):
-                ops.store_residual(result[n], streams[n], store, r)
-            return result
+            return traced_stack(runner, call, streams, spec, flag, store, residuals)
 
         if flag.item():  # host-read-ok: the single eager decision read per step
             # The first block gets the modulation computed for the indicator (no second
@@ -126,13 +116,9 @@ class TeaCachePolicy(Policy):
             # (graphs.compile_stack): dynamo would guard on, and capture, the handed output.
             with reuse_outputs(memo[0] if memo and runner.compiled is None else ()):
                 result = runner.run(call, streams)
-            for n, r in zip(cached, residuals):
-                ops.store_residual(result[n], streams[n], store, r)
+            store_residuals(result, streams, residuals, store)
             return result
-        result = dict(streams)
-        for n, r in zip(cached, residuals):
-            result[n] = ops.apply_residual(streams[n], r, out=st.output_buffer(n, r))
-        return result
+        return skipped_stack(st, streams, residuals)
 
     def state_stats(self, st: TeaCacheState) -> dict:
         out = st.stats(

@@ -347,3 +347,18 @@ def test_repeated_timestep_computes_and_leaves_the_cache_untouched():
     assert st["timeline"] == st_plain["timeline"]
     assert st["repeated_timestep_calls"] == 10 and st["warnings"]
     assert torch.equal(x, plain)
+
+
+@pytest.mark.parametrize("fn, bn", [(1, 0), (1, 1)])
+def test_computed_fraction_counts_the_blocks_that_always_run(fn, bn):
+    case = CASES["fastcache-dit"]()
+    L = len(case.model.blocks)
+    with fastcache.patched(case.model, fastcache.FirstBlockCacheConfig(threshold=0.3, fn=fn, bn=bn)):
+        case.sample(steps=12)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["skipped"] > 0
+    steps = st["computed"] + st["skipped"]
+    # the first fn and last bn blocks run on every step; the middle only on computed steps
+    expected = (fn + bn + (L - fn - bn) * st["computed"] / steps) / L
+    assert st["computed_fraction"] == pytest.approx(expected)
+    assert st["computed_fraction"] > st["computed"] / steps
