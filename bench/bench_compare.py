@@ -26,7 +26,12 @@ buffers), and under ``torch.compile`` (default mode, 10 steps): graph breaks and
 per step, counted from what runs (tests/runtime/hostreads.py).
 
     python bench/bench_compare.py               # writes bench/results/compare.{csv,json,png}
-    python bench/bench_compare.py --no-compile  # skip the compile columns (saves ~5 minutes)
+    python bench/bench_compare.py --no-compile  # skip the compile columns (saves ~1 minute)
+    python bench/bench_compare.py --families    # only the random-weight families (below)
+
+Then, speed only, each family's tiny random-weight diffusers model (DiT, PixArt, Flux, SD3:
+tests/runtime/zoo.py, 20 steps): milliseconds per step of every tool computing everything
+(threshold 0 / interval 1: the pure per-step overhead) and at one skipping setting.
 """
 
 # ruff: noqa: B023
@@ -533,6 +538,20 @@ def _family_rows(case_name):
     return rows
 
 
+@contextlib.contextmanager
+def _contexts(m, name):
+    """The cache context as a diffusers pipeline sets it (``cache_context``, or the hooks'
+    context directly on models without the mixin), which fastcache also follows."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(m, CacheContext(name))
+    try:
+        with fastcache.context(m, name):
+            yield
+    finally:
+        _set_cache_context(m, None)
+
+
 def run_families(steps=20, repeats=3):
     """Seconds per step of every family's tiny diffusers model (tests/runtime/zoo.py) under
     each tool, best of ``repeats`` round robin; overhead = time / uncached - 1."""
@@ -551,12 +570,8 @@ def run_families(steps=20, repeats=3):
 
         def one(case):
             m = case.model
-            has_ctx = hasattr(m, "cache_context")
             t = time.process_time()
-            case.sample(
-                steps=steps,
-                context=(lambda i: m.cache_context(ctx)) if has_ctx else (lambda i: fastcache.context(m, ctx)),
-            )
+            case.sample(steps=steps, context=lambda i: _contexts(m, ctx))
             return time.process_time() - t
 
         for c in models:
@@ -669,13 +684,17 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile probe")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--families", action="store_true", help="only the random-weight families' per-step cost")
+    p.add_argument("--no-families", action="store_true", help="skip the random-weight families' per-step cost")
     a = p.parse_args(argv)
-    if a.families:
+
+    def families():
         rows = run_families()
         a.out.mkdir(parents=True, exist_ok=True)
-        meta = _meta()
-        (a.out / "compare_families.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (a.out / "compare_families.json").write_text(json.dumps({"meta": _meta(), "rows": rows}, indent=1))
         print(f"wrote {a.out / 'compare_families.json'}")
+
+    if a.families:
+        families()
         return
     if os.getloadavg()[0] > 1.5:
         print(f"warning: load average {os.getloadavg()[0]:.1f}: other jobs share the CPU, timings are noisy")
@@ -685,6 +704,8 @@ def main(argv=None):
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
     write(results, skipped, meta, a.out)
     print(f"wrote {a.out / 'compare.csv'}, compare.json, compare.png in {meta['elapsed_s']:.0f} s")
+    if not a.no_families:
+        families()
 
 
 if __name__ == "__main__":
