@@ -177,6 +177,20 @@ class FORAConfig(CacheConfig):
         return step < w or (step - w + 1) % n == 0
 
 
+def _profile_steps(cfg, prof, method: str) -> int:
+    """``cfg.num_steps`` checked against the run length ``prof`` was recorded over (default:
+    the profile's); sets and returns it."""
+    n = cfg.num_steps if cfg.num_steps is not None else prof.num_steps
+    n = _check_int("num_steps", n, 2, f" ({method} needs the run length its profile was made for)")
+    if n != prof.num_steps:
+        raise ValueError(
+            f"{type(cfg).__name__}.num_steps={n} but the profile was recorded over {prof.num_steps}-step runs; "
+            f"calibrate again with {n}-step runs (fastcache.calibrate) or sample with {prof.num_steps} steps"
+        )
+    _set(cfg, "num_steps", n)
+    return n
+
+
 def _as_mask(base) -> tuple[tuple[bool, ...], ...] | None:
     """A (steps x blocks) boolean schedule as nested tuples, or None if ``base`` is not one."""
     if hasattr(base, "tolist") and not isinstance(base, CacheConfig):
@@ -262,14 +276,7 @@ class EOCConfig(CacheConfig):
         _set(self, "profile", prof)
         _set(self, "regulation", _check_float("regulation", self.regulation, 0))
         _set(self, "threshold", _check_float("threshold", self.threshold, 0))
-        n = self.num_steps if self.num_steps is not None else prof.num_steps
-        n = _check_int("num_steps", n, 2, " (EOC needs the run length its profile was made for)")
-        if n != prof.num_steps:
-            raise ValueError(
-                f"EOCConfig.num_steps={n} but the profile was recorded over {prof.num_steps}-step runs; calibrate "
-                f"again with {n}-step runs (fastcache.calibrate) or sample with {prof.num_steps} steps"
-            )
-        _set(self, "num_steps", n)
+        n = _profile_steps(self, prof, "EOC")
         if isinstance(self.base, tuple) and len(self.base) != n:
             raise ValueError(f"EOCConfig.base: the static mask has {len(self.base)} rows (steps) but num_steps={n}")
         _set(self, "history", _check_int("history", self.history, 1))
@@ -756,14 +763,7 @@ class BlockCacheConfig(CacheConfig):
         prof = _load_profile(self.profile, "BlockCacheConfig")
         _set(self, "profile", prof)
         change = prof.require("block_change", "BlockCacheConfig").tolist()  # host-read-ok: config construction
-        n = prof.num_steps if self.num_steps is None else self.num_steps
-        n = _check_int("num_steps", n, 2, " (Block Caching needs the run length its profile was made for)")
-        if n != prof.num_steps:
-            raise ValueError(
-                f"BlockCacheConfig.num_steps={n} but the profile was recorded over {prof.num_steps}-step runs; "
-                f"calibrate again with {n}-step runs (fastcache.calibrate) or sample with {prof.num_steps} steps"
-            )
-        _set(self, "num_steps", n)
+        _profile_steps(self, prof, "Block Caching")
         _set(self, "history", _check_int("history", self.history, 1))
         _set(self, "mask", block_schedule(change, self.delta))
 
