@@ -32,8 +32,6 @@ stores outside, gated by the device flag.
 
 from __future__ import annotations
 
-import torch
-
 from .. import ops
 from ..config import FirstBlockCacheConfig
 from .base import Policy, StackRunner, is_tracing, register_policy
@@ -69,18 +67,6 @@ class FirstBlockCachePolicy(Policy):
             return list(self.spec.cached_streams)
         return [n for n in self.spec.streams if h.get(n) is not None]
 
-    def _ensure(self, st: FirstBlockCacheState, q: torch.Tensor, h: dict, names: list[str]) -> None:
-        sig = (
-            tuple(q.shape),
-            q.dtype,
-            q.device,
-            tuple((n, tuple(h[n].shape), h[n].dtype, h[n].device) for n in names),
-        )
-        if sig != st.signature:
-            # q_last = 0: the next decision has no valid ratio and computes
-            st.allocate(q, {n: h[n] for n in names}, ())
-            st.signature = sig
-
     def begin_step(self, st: FirstBlockCacheState, timestep, step) -> None:
         st.num_steps = step.num_steps or 0
 
@@ -103,7 +89,7 @@ class FirstBlockCachePolicy(Policy):
         c0 = spec.cached_streams[0]
         q = h[c0] - streams[c0]
         names = self._residual_streams(h)
-        self._ensure(st, q, h, names)
+        st.ensure({n: h[n] for n in names}, indicator=q)  # new buffers: q_last = 0, so the next step computes
         t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
         # A repeated call (rep) computes and leaves q_last, the residuals and the state as they were.
         sums = ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep)  # FB2

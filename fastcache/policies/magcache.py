@@ -89,14 +89,9 @@ class MagCachePolicy(Policy):
         return MagCacheState(self.config.history)
 
     def _ensure(self, st: MagCacheState, streams: dict) -> None:
-        cached = self.spec.cached_streams
-        sig = tuple((n, tuple(streams[n].shape), streams[n].dtype, streams[n].device) for n in cached)
-        if sig != st.signature:
-            dev = streams[cached[0]].device
-            st.allocate(torch.zeros(1, device=dev), {n: streams[n] for n in cached}, ())
-            st.force = torch.zeros(1, 2, dtype=torch.float32, device=dev)
+        if st.ensure({n: streams[n] for n in self.spec.cached_streams}):
+            st.force = torch.zeros(1, 2, dtype=torch.float32, device=st.state.device)
             st.filled = False
-            st.signature = sig
 
     def begin_step(self, st: MagCacheState, timestep, step: StepInfo) -> None:
         st.step = step

@@ -67,6 +67,22 @@ class DecisionState:
         if self.aux is None or self.aux.device != dev:
             self.aux = ops.new_aux(device=dev)
 
+    def ensure(self, residual_like: dict, coefficients=(), indicator: torch.Tensor | None = None) -> bool:
+        """Buffers for these shapes, dtypes and devices: reallocated (:meth:`allocate`) when
+        the indicator or any residual stream differs from the last call's; returns whether
+        it was. ``indicator`` None: the policy keeps no indicator (a 1-element ``prev``)."""
+        sig = (
+            None if indicator is None else (tuple(indicator.shape), indicator.dtype, indicator.device),
+            tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in residual_like.items()),
+        )
+        if sig == self.signature:
+            return False
+        if indicator is None:
+            indicator = torch.zeros(1, device=next(iter(residual_like.values())).device)
+        self.allocate(indicator, residual_like, coefficients)
+        self.signature = sig
+        return True
+
     def reset(self) -> None:
         if self.state is None:
             return

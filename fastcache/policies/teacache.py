@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .. import ops
 from ..config import TeaCacheConfig
 from ..ops.reference import ACC, STATE_HEADER
@@ -58,18 +56,6 @@ class TeaCachePolicy(Policy):
     def new_state(self) -> TeaCacheState:
         return TeaCacheState(self.config.history)
 
-    def _ensure(self, st: TeaCacheState, x: torch.Tensor, streams: dict) -> None:
-        cached = self.spec.cached_streams
-        sig = (
-            tuple(x.shape),
-            x.dtype,
-            x.device,
-            tuple((n, tuple(streams[n].shape), streams[n].dtype, streams[n].device) for n in cached),
-        )
-        if sig != st.signature:
-            st.allocate(x, {n: streams[n] for n in cached}, self.coefficients)
-            st.signature = sig
-
     def begin_step(self, st: TeaCacheState, timestep, step) -> None:
         # diffusers' cache_context(num_inference_steps=...) or the configured num_steps
         st.num_steps = step.num_steps or 0
@@ -87,7 +73,7 @@ class TeaCachePolicy(Policy):
         spec = self.spec
         x, shift, scale, eps, *memo = spec.modulation(head, call)
         streams = {n: call[n] for n in spec.streams}
-        self._ensure(st, x, streams)
+        st.ensure({n: streams[n] for n in spec.cached_streams}, self.coefficients, indicator=x)
         t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
         # A repeated call (rep) must leave the cache as it found it (see the module
         # docstring): the ops hold prev and the decision state, and the decision says compute.
