@@ -57,10 +57,12 @@ class CalibrationConfig(CacheConfig):
 
     priors: bool = False
     granularity: str = "channel"
+    gram_dim: int = 8192
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        _check_int("gram_dim", self.gram_dim, 0, " (0 = no step Gram)")
 
 
 class _Recorder:
@@ -82,6 +84,24 @@ class _Recorder:
         # step the sum over runs of Delta_i(s) (a list of L floats)
         self.prev_blocks: list[list[torch.Tensor]] | None = None
         self.change_sums: list[list[float]] = []
+        # Schedule search (docs/methods.md section 12): this run's sketched branch outputs
+        # per step and slot, folded into the per-slot step Gram at the end of every run
+        self.feats: list[list[torch.Tensor]] = []
+        self.gram: torch.Tensor | None = None  # (K, S, S) fp64, summed over runs
+
+    def fold(self) -> None:
+        """Add this run's ``<F_k(i), F_k(j)>`` to the Gram (at the end of a run)."""
+        if not self.feats:
+            return
+        per_slot = (torch.stack([row[k] for row in self.feats]).double() for k in range(len(self.feats[0])))
+        g = torch.stack([F @ F.T for F in per_slot]).cpu()  # host-read-ok: calibration is offline
+        if self.gram is None:
+            self.gram = g
+        elif self.gram.shape != g.shape:
+            raise ValueError("calibrate: the runs had different numbers of steps; calibrate each step count separately")
+        else:
+            self.gram += g
+        self.feats = []
 
 
 @register_policy(CalibrationConfig)
@@ -90,6 +110,7 @@ class CalibrationPolicy(Policy):
         super().__init__(config, spec, model)
         self.layout = layout_for(spec, model) if config.priors else None
         self.progress = None  # called once per recorded step (calibrate's progress bar)
+        self._hashes: dict = {}  # (numel, device) -> CountSketch bucket and sign
 
     def new_state(self):
         return _Recorder()
@@ -110,6 +131,7 @@ class CalibrationPolicy(Policy):
             )  # a new run: no pair for step 0
             if st.step >= 0:
                 st.run_lengths.append(st.step + 1)
+                st.fold()
             st.step = -1
             st.timesteps.append([])
             st.prev_res, st.prev_blocks = None, None
@@ -126,6 +148,8 @@ class CalibrationPolicy(Policy):
                 out = run_blocks(self.layout, call, out, ex, li, li + 1)
                 blocks.append([v.detach().clone() for v in out.values() if v is not None])
             self._accumulate(st, ex.outputs)
+            if self.config.gram_dim:
+                st.feats.append([self._sketch(f) for f in ex.outputs])
             self._curves(st, out[self.spec.cached_streams[0]] - streams[self.spec.cached_streams[0]], blocks)
         if self.progress is not None:
             self.progress()
@@ -166,6 +190,25 @@ class CalibrationPolicy(Policy):
         else:
             st.mag_sums[st.step] += gamma
             st.change_sums[st.step] = [a + b for a, b in zip(st.change_sums[st.step], delta)]
+
+    def _sketch(self, f: torch.Tensor) -> torch.Tensor:
+        """``f`` flattened (fp32) when it has at most ``gram_dim`` elements, else its
+        CountSketch to ``gram_dim`` buckets (a fixed random bucket and sign per element):
+        a linear map that keeps the squared norm of any fixed vector within about
+        ``sqrt(2 / gram_dim)`` relative error, so the quadratic forms of the schedule search
+        (forecast minus truth, a linear combination of steps) stay close."""
+        v = f.detach().reshape(-1).float()
+        r = self.config.gram_dim
+        if v.numel() <= r:
+            return v
+        key = (v.numel(), v.device)
+        hs = self._hashes.get(key)
+        if hs is None:
+            g = torch.Generator().manual_seed(0x5EED + v.numel())
+            idx = torch.randint(0, r, (v.numel(),), generator=g)
+            sign = torch.randint(0, 2, (v.numel(),), generator=g).float() * 2 - 1
+            hs = self._hashes[key] = (idx.to(v.device), sign.to(v.device))
+        return torch.zeros(r, dtype=torch.float32, device=v.device).index_add_(0, hs[0], v * hs[1])
 
     def _accumulate(self, st: _Recorder, outputs: list[torch.Tensor]) -> None:
         # Eq. 4: mean over runs (and, per channel, over batch rows and tokens).
@@ -259,6 +302,7 @@ def calibrate(
     scheduler: str | None = None,
     spec=None,
     progress: bool = True,
+    gram_dim: int = 8192,
 ) -> Profile:
     """Extract EOC's prior (and TeaCache's calibration pairs) from uncached runs.
 
@@ -268,23 +312,31 @@ def calibrate(
     branch output is averaged per step over the runs: ``(D,)`` per slot and step with
     ``granularity="channel"`` (default; see :mod:`fastcache.profile` for sizes),
     ``(N, D)`` with ``"token"``. ``scheduler``: a name stored in the profile's metadata
-    (default: the scheduler is described by the recorded timesteps only).
+    (default: the scheduler is described by the recorded timesteps only). ``gram_dim``:
+    the per-slot step Gram of the branch outputs that :func:`fastcache.search_schedule`
+    searches on (exact for slots of at most ``gram_dim`` elements, else a CountSketch to
+    that size; 0 = none); ``(slots, S, S)`` fp64 in the profile.
     """
     if not callable(run):
         raise TypeError(f"calibrate(model, run): run must be a callable performing sampling runs, got {run!r}")
-    h = patch(model, CalibrationConfig(priors=True, granularity=granularity), spec)
+    h = patch(model, CalibrationConfig(priors=True, granularity=granularity, gram_dim=gram_dim), spec)
     bar = _Progress("fastcache.calibrate", progress)
     h.policy.progress = bar
     try:
         with torch.no_grad():
             run()
         states = list(h.contexts.values())
+        for st in states:
+            st.fold()
         layout = h.policy.layout
         pairs = [p for st in states for p in st.pairs]
     finally:
         bar.close()
         h.remove()
     lengths, sums, counts, timesteps, mag, change = [], None, None, [], None, None
+    grams = [st.gram for st in states if st.gram is not None]
+    if grams and len({tuple(g.shape) for g in grams}) != 1:
+        raise ValueError("calibrate: contexts recorded runs of different lengths")
     for st in states:
         if st.step < 0:
             continue
@@ -334,4 +386,5 @@ def calibrate(
         np.asarray(pairs, dtype=np.float64),
         mag_ratios=mag_ratios,
         block_change=block_change,
+        step_gram=sum(grams[1:], grams[0]) if grams else None,
     )

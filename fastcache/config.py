@@ -795,3 +795,93 @@ def block_schedule(change, delta: float) -> tuple[tuple[bool, ...], ...]:
             row.append(hit)
         rows.append(tuple(row))
     return tuple(rows)
+
+
+# --- Schedule ---
+SCHEDULE_CODES = "C01234"  # "C": computed; a digit: forecast with the Taylor series to that order (0 = reuse)
+
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig(CacheConfig):
+    """A static per-step schedule (docs/methods.md section 12), usually found by
+    :func:`fastcache.search_schedule`: which steps run the blocks, and how each other step
+    is filled from the cached branch outputs (TaylorSeer's forecast, section 8, with a
+    per-step order; order 0 is FORA's reuse).
+
+    ``plan`` has one character per step of the run: ``"C"`` computes the step; a digit
+    ``k`` forecasts it with the Taylor series to order ``k`` from the history of the last
+    computed steps (``"0"`` = reuse the last computed step's outputs). Example, 10 steps,
+    4 computed: ``"CC11C112C1"``.
+
+    The run length is ``len(plan)``; a pipeline announcing another step count is refused,
+    and steps past the plan's end are computed. The schedule never reads the model's
+    values: with the step index given by the caller (``cache_context(name,
+    step_index=i)`` / ``fastcache.context(model, name, step_index=i)``) nothing is read to
+    the host in eager mode or under torch.compile (see the policy's docstring).
+
+    Memory: ``(max order + 1) x`` the branch outputs of one step (every slot), per cache
+    context, as TaylorSeer.
+    """
+
+    kind: ClassVar[str] = "schedule"
+
+    plan: str = ""
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        p = self.plan
+        if not isinstance(p, str) or not p:
+            raise ValueError(
+                f"plan must be a non-empty string, one character per step ('C' computed, '0'-'4' forecast order), "
+                f"got {p!r}"
+            )
+        p = p.upper()
+        bad = sorted({c for c in p if c not in SCHEDULE_CODES})
+        if bad:
+            raise ValueError(
+                f"plan holds {''.join(bad)!r}; use 'C' for a computed step and a digit 0-4 for the forecast order "
+                f"of a cached step (0 = reuse), got {self.plan!r}"
+            )
+        if p[0] != "C":
+            raise ValueError(f"plan must start with 'C': step 0 has nothing cached, got {self.plan!r}")
+        _set(self, "plan", p)
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def compute_steps(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.plan) if c == "C")
+
+    @property
+    def order(self) -> int:
+        """The highest forecast order the plan uses (the history kept)."""
+        return max((int(c) for c in self.plan if c != "C"), default=0)
+
+    @property
+    def budget(self) -> int:
+        return self.plan.count("C")
+
+    def computes(self, step: int, num_steps: int | None = None) -> bool:
+        """Is step ``step`` computed? Past the plan's end: yes."""
+        return step >= len(self.plan) or self.plan[step] == "C"
+
+    def order_at(self, step: int) -> int:
+        """The forecast order of a cached step (0 for computed steps and past the end)."""
+        return 0 if self.computes(step) else int(self.plan[step])
+
+    @classmethod
+    def from_steps(cls, compute_steps, num_steps: int, order: int = 1, **kw) -> ScheduleConfig:
+        """A plan computing ``compute_steps`` (must hold 0) and forecasting every other step
+        of ``num_steps`` with ``order`` (e.g. a fixed-interval TaylorSeer or FORA schedule)."""
+        n = _check_int("num_steps", num_steps, 1)
+        o = _check_int("order", order, 0)
+        cs = {int(s) for s in compute_steps}
+        if any(s < 0 or s >= n for s in cs):
+            raise ValueError(f"compute_steps {sorted(cs)} must lie in [0, {n})")
+        if o > 4:
+            raise ValueError(f"order must be <= 4, got {o}")
+        return cls(plan="".join("C" if s in cs else str(o) for s in range(n)), **kw)

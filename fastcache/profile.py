@@ -21,12 +21,20 @@ Two per-step curves of the same runs ride along (format 2; small: S and S x L fl
   ``Delta_i(s) = ||o_i(s) - o_i(s-1)||_1 / ||o_i(s)||_1`` of block i's output streams,
   ``Delta_i(0) = 0``, averaged over the runs.
 
+Format 3 adds the schedule search's material (docs/methods.md section 12):
+
+* ``step_gram`` ``(K, S, S)`` fp64: per slot, ``<F_k(i), F_k(j)>`` of the branch
+  outputs at steps i and j, summed over the runs (a CountSketch of slots larger than
+  ``gram_dim``); every forecast error of a static schedule is a quadratic form in it;
+* ``schedules`` (JSON): searched schedules by budget, each with its plan and scores.
+
 The file is safetensors (tensors ``prior``, ``teacache_pairs``, ``mag_ratios``,
-``block_change``) with JSON metadata: model class, a hash of the model's config and
-parameter shapes, the number of steps per run, the scheduler and its timesteps, the
-slot keys, the granularity. Format-1 files (before the curves) still load, with
-``mag_ratios = block_change = None``; the configs that need a curve refuse such a
-profile and say to calibrate again.
+``block_change``, ``step_gram``) with JSON metadata: model class, a hash of the model's
+config and parameter shapes, the number of steps per run, the scheduler and its
+timesteps, the slot keys, the granularity, the schedules. Format-1 and -2 files still
+load (format 1: ``mag_ratios = block_change = None``; both: ``step_gram = None``, no
+schedules); the configs and searches that need a curve refuse such a profile and say to
+calibrate again.
 """
 
 from __future__ import annotations
@@ -41,8 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = ("1", "2")  # format 1: no mag_ratios / block_change
+FORMAT_VERSION = 3
+READABLE_FORMATS = ("1", "2", "3")  # format 1: no mag_ratios / block_change; 2: no step_gram / schedules
 GRANULARITIES = ("channel", "token")
 
 
@@ -81,6 +89,8 @@ class Profile:
         teacache_pairs=None,
         mag_ratios: torch.Tensor | None = None,
         block_change: torch.Tensor | None = None,
+        step_gram: torch.Tensor | None = None,
+        schedules: dict | None = None,
     ):
         if meta.get("granularity") not in GRANULARITIES:
             raise ValueError(f"profile granularity must be one of {GRANULARITIES}, got {meta.get('granularity')!r}")
@@ -106,6 +116,14 @@ class Profile:
             if block_change.dim() != 2 or block_change.shape[0] != S:
                 raise ValueError(f"profile block_change has shape {tuple(block_change.shape)}; expected ({S}, blocks)")
         self.block_change = block_change
+        if step_gram is not None:
+            step_gram = torch.as_tensor(step_gram).detach().to(torch.float64).contiguous()
+            if step_gram.shape != (len(slots), S, S):
+                raise ValueError(
+                    f"profile step_gram has shape {tuple(step_gram.shape)}; expected ({len(slots)}, {S}, {S})"
+                )
+        self.step_gram = step_gram
+        self.schedules: dict[int, dict] = {int(k): dict(v) for k, v in (schedules or {}).items()}
 
     @property
     def num_steps(self) -> int:
@@ -116,7 +134,7 @@ class Profile:
         return self.meta["granularity"]
 
     def nbytes(self) -> int:
-        ts = [t for t in (self.prior, self.mag_ratios, self.block_change) if t is not None]
+        ts = [t for t in (self.prior, self.mag_ratios, self.block_change, self.step_gram) if t is not None]
         return sum(t.numel() * t.element_size() for t in ts)
 
     def describe(self) -> dict[str, Any]:
@@ -158,6 +176,7 @@ class Profile:
             "format": str(FORMAT_VERSION),
             "meta": json.dumps(self.meta, sort_keys=True),
             "slots": json.dumps(self.slots),
+            "schedules": json.dumps({str(k): v for k, v in sorted(self.schedules.items())}, sort_keys=True),
         }
         tensors = {
             "prior": self.prior.cpu(),  # host-read-ok: saving a profile, off the step path
@@ -167,6 +186,8 @@ class Profile:
             tensors["mag_ratios"] = self.mag_ratios.cpu()  # host-read-ok: saving a profile
         if self.block_change is not None:
             tensors["block_change"] = self.block_change.cpu()  # host-read-ok: saving a profile
+        if self.step_gram is not None:
+            tensors["step_gram"] = self.step_gram.cpu()  # host-read-ok: saving a profile
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -189,7 +210,22 @@ class Profile:
             keys = set(f.keys())
             mag = f.get_tensor("mag_ratios") if "mag_ratios" in keys else None
             change = f.get_tensor("block_change") if "block_change" in keys else None
-        return cls(prior, json.loads(md["slots"]), json.loads(md["meta"]), pairs, mag, change)
+            gram = f.get_tensor("step_gram") if "step_gram" in keys else None
+        schedules = json.loads(md.get("schedules", "{}"))
+        return cls(prior, json.loads(md["slots"]), json.loads(md["meta"]), pairs, mag, change, gram, schedules)
+
+    def schedule(self, budget: int):
+        """The :class:`fastcache.ScheduleConfig` searched for ``budget`` computed steps and
+        stored in this profile (:meth:`fastcache.ScheduleSearchResult.store`)."""
+        from .config import ScheduleConfig
+
+        if int(budget) not in self.schedules:
+            have = sorted(self.schedules) or "none"
+            raise KeyError(
+                f"this profile holds no schedule for {budget} computed steps (it holds: {have}); search one with "
+                "fastcache.search_schedule(model, runs, budget, profile=profile) and store it"
+            )
+        return ScheduleConfig(plan=self.schedules[int(budget)]["plan"])
 
     def require(self, curve: str, method: str) -> torch.Tensor:
         """The calibrated curve ``curve`` ("mag_ratios" or "block_change"), or a clear error

@@ -7,6 +7,7 @@ from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
 from .fora import FORAPolicy, InteriorCachePolicy
 from .magcache import MagCachePolicy
+from .schedule import SchedulePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 from .tgate import TGatePolicy
@@ -20,6 +21,7 @@ __all__ = [
     "InteriorCachePolicy",
     "MagCachePolicy",
     "Policy",
+    "SchedulePolicy",
     "StackRunner",
     "TaylorSeerPolicy",
     "TeaCachePolicy",

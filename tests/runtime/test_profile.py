@@ -114,7 +114,9 @@ def test_curves_round_trip_and_format_1_files_still_load(tmp_path):
     case = reference_dit_case()
     prof = fastcache.calibrate(case.model, lambda: case.sample(steps=6), progress=False)
     assert prof.mag_ratios.shape == (6,) and prof.block_change.shape == (6, 3)
-    assert prof.nbytes() == (prof.prior.numel() + 6 + 18) * 4
+    K = len(prof.slots)
+    assert prof.step_gram.shape == (K, 6, 6)
+    assert prof.nbytes() == (prof.prior.numel() + 6 + 18) * 4 + K * 36 * 8
     back = fastcache.Profile.load(prof.save(tmp_path / "p.safetensors"))
     assert torch.equal(back.mag_ratios, prof.mag_ratios) and torch.equal(back.block_change, prof.block_change)
     assert fastcache.MagCacheConfig(profile=back).schedule() == fastcache.MagCacheConfig(profile=prof).schedule()
