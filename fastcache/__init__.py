@@ -23,6 +23,7 @@ from .config import (
 )
 from .profile import Profile
 from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
+from .scheduling import ScheduleSearchResult, search_schedule
 from .search import search_threshold
 from .specs import ModelSpec, register
 
@@ -38,6 +39,7 @@ __all__ = [
     "FORAConfig",
     "Profile",
     "ScheduleConfig",
+    "ScheduleSearchResult",
     "calibrate",
     "calibration",
     "interior",
@@ -53,6 +55,7 @@ __all__ = [
     "patched",
     "register",
     "reset",
+    "search_schedule",
     "search_threshold",
     "stats",
     "unpatch",

@@ -421,9 +421,14 @@ class Patch:
         clock.step_index = _opt_int("step_index", step_index, 0)
         if num_steps is not None:
             clock.num_steps = _opt_int("num_inference_steps", num_steps, 1)
+        state = self.contexts[name]
+        if clock.step_index is not None:
+            self.policy.plan_step(state, clock.info(self.num_steps))
         try:
             yield
         finally:
+            if clock.step_index is not None:
+                self.policy.plan_step(state, None)
             self.current_context, clock.step_index, _ = prev
 
     def set_num_steps(self, num_steps: int | None) -> None:

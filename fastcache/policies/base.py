@@ -208,6 +208,12 @@ class Policy:
         self.num_steps = num_steps or 0
 
     # -- the step -----------------------------------------------------------------
+    def plan_step(self, state, step: StepInfo | None) -> None:
+        """The caller announced the step (``fastcache.context(model, name, step_index=i)``
+        or ``cache_context(name, step_index=i)``), on the host and outside any compiled
+        region; ``None`` when that context ends. Static schedules prepare the step here so
+        their compiled step needs no device decision (:class:`fastcache.ScheduleConfig`)."""
+
     def begin_step(self, state, timestep: torch.Tensor, step: StepInfo) -> None:
         """Called once per model call, before any block runs (no host reads here)."""
 

@@ -9,11 +9,17 @@ one history and one :func:`fastcache.ops.taylor_update` per computed step.
 
 Where the step is decided (nothing here reads a value the model computed):
 
-* eager with the step index given by the caller: on the host, 0 reads (TaylorSeer's
-  host path with the per-step order);
+* the caller announces the step (``fastcache.context(model, name, step_index=i)`` or
+  ``cache_context(name, step_index=i)``): :meth:`SchedulePolicy.plan_step` decides it on
+  the host at context entry and writes the step's ``dx``, order and flags into small
+  device tensors; the call branches on a Python bool. Eager: 0 reads. torch.compile
+  (any backend, fullgraph): the bool is a guard, so there are two graphs — compute and
+  forecast — with no cond, no graph break and no host read; inductor's CUDA graphs
+  (``mode="reduce-overhead"``) are not disabled by a cond because there is none;
 * otherwise the device step counter indexes two device tables, the compute mask and the
   per-step order (TaylorSeer's explicit-schedule path): eager reads the one flag per
-  step; under torch.compile the forecast of each order the plan uses is computed before
+  step; under torch.compile one cond per step (1 read under inductor, a conditional node
+  under CUDA-graph capture); the forecast of each order the plan uses is computed before
   the cond and the step's order is selected with ``torch.where``.
 
 Past the plan's end every step is computed (never forecast from a schedule that did not
@@ -26,15 +32,23 @@ import torch
 
 from .. import ops
 from ..config import ScheduleConfig
+from ..interior import run_blocks
 from ..ops.reference import STEP
 from .base import StepInfo, register_policy
+from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
 
 class ScheduleState(TaylorState):
     def __init__(self, history: int):
         super().__init__(history)
-        self.order_now: int | None = None  # host path: this step's forecast order
+        # a step announced by the caller (plan_step): the host's decision, and the device
+        # values the step needs (written by the host; never read back)
+        self.planned: bool | None = None
+        self.plan_dx: torch.Tensor | None = None  # (1,) fp32: steps since the last computed step
+        self.plan_first: torch.Tensor | None = None  # (1,) bool: step 0 of a run
+        self.plan_k: torch.Tensor | None = None  # (1,) long: the forecast order
+        self.plan_store: torch.Tensor | None = None  # () bool: a computed step updates the history once
 
 
 @register_policy(ScheduleConfig)
@@ -62,16 +76,69 @@ class SchedulePolicy(TaylorSeerPolicy):
         super().set_num_steps(num_steps or self.config.num_steps)
         self._orders.clear()
 
+    def reset_state(self, st: ScheduleState) -> None:
+        super().reset_state(st)
+        st.planned = None
+
+    # -- a step announced by the caller: planned on the host, no decision in the call ----
+    def plan_step(self, st: ScheduleState, step: StepInfo | None) -> None:
+        """Host side, outside any compiled region: decide the announced step and write
+        what it needs into small device tensors (host -> device writes only). The call
+        then branches on the Python bool ``st.planned``: under torch.compile that is a
+        guard with two values — a compute graph and a forecast graph, no cond and no
+        host read, every step reusing them (plus the first call's, which allocates)."""
+        if step is None or step.index is None:
+            st.planned = None
+            return
+        self._check_steps(step.num_steps)
+        s = step.index
+        compute = self.config.computes(s) or st.hist is None  # nothing cached yet: compute
+        dev = next(iter(self.model.parameters())).device if st.counts is None else st.counts.device
+        if st.plan_dx is None or st.plan_dx.device != dev:
+            st.plan_dx = torch.zeros(1, dtype=torch.float32, device=dev)
+            st.plan_first = torch.zeros(1, dtype=torch.bool, device=dev)
+            st.plan_k = torch.zeros(1, dtype=torch.long, device=dev)
+            st.plan_store = torch.zeros((), dtype=torch.bool, device=dev)
+        last = st.host_last[0] if st.host_last else 0
+        st.plan_dx.fill_(float(s - last))
+        st.plan_first.fill_(s == 0)
+        st.plan_k.fill_(self.config.order_at(s))
+        st.plan_store.fill_(compute)
+        st.host_timeline.append(compute)
+        if compute:
+            st.host_last = [s] * self.K
+        st.planned = compute
+
+    def run_stack(self, st: ScheduleState, runner, head, call, timestep):
+        if st.planned is None:
+            return super().run_stack(st, runner, head, call, timestep)
+        streams = {n: call.get(n) for n in self.spec.streams}
+        self._ensure(st, streams)
+        L = self.layout.num_blocks
+        c = float(st.planned)
+        st.counts.add_(torch.tensor([c, 1.0 - c, 0.0, 1.0, L * c], device=st.counts.device))
+        if st.planned:
+            ex = _TraceExecutor(self, True, None, None, 0.0)
+            out = run_blocks(self.layout, call, dict(streams), ex)
+            fs = [ex.outputs[i] for i in range(self.K)]
+            if st.hist is None:
+                self._alloc_hist(st, fs)
+            # a second call inside the same announced step (e.g. a Heun corrector) computes
+            # again but leaves the history as it is (plan_store cleared by the first)
+            self._update(st, fs, st.plan_dx, st.plan_first, st.plan_store)
+            st.plan_store.fill_(False)
+            return out
+        if st.hist is None:
+            raise RuntimeError(
+                "fastcache: the schedule planned a forecast but nothing is cached (the inputs changed shape, dtype "
+                "or device within the run); start the run again from step 0"
+            )
+        ex = _TraceExecutor(self, False, self._forecast_order(st, st.plan_dx, st.plan_k), None, 0.0)
+        return run_blocks(self.layout, call, dict(streams), ex)
+
     def host_compute(self, step: StepInfo) -> bool:
         self._check_steps(step.num_steps)
         return self.config.computes(step.index)
-
-    def _host_taylor_step(self, st: ScheduleState, call, streams, s: int):
-        st.order_now = self.config.order_at(s)
-        try:
-            return super()._host_taylor_step(st, call, streams, s)
-        finally:
-            st.order_now = None
 
     # -- device tables --------------------------------------------------------------
     def _device_mask(self, dev) -> torch.Tensor:
@@ -89,16 +156,17 @@ class SchedulePolicy(TaylorSeerPolicy):
         return o
 
     def _forecast(self, st: ScheduleState, dx: torch.Tensor) -> list[torch.Tensor]:
-        if st.order_now is not None:  # host path: the step's order is known
-            k = st.order_now
-            return [ops.taylor_forecast(h[: k + 1], dx) for h in st.hist]
-        if len(self.orders_used) <= 1:
-            k = self.orders_used[0] if self.orders_used else 0
-            return [ops.taylor_forecast(h[: k + 1], dx) for h in st.hist]
         # device step (the decision op has counted this call): its order from the table
         table = self._device_orders(dx.device)
         s_raw = (st.state[STEP : STEP + 1] - 1).clamp(min=0, max=table.numel() - 1).to(torch.long)
-        k_now = table.index_select(0, s_raw)
+        return self._forecast_order(st, dx, table.index_select(0, s_raw))
+
+    def _forecast_order(self, st: ScheduleState, dx: torch.Tensor, k_now: torch.Tensor) -> list[torch.Tensor]:
+        """Every slot's forecast with the order ``k_now`` ((1,) long, on the device): one
+        forecast per order the plan uses, selected with ``torch.where``."""
+        if len(self.orders_used) <= 1:
+            k = self.orders_used[0] if self.orders_used else 0
+            return [ops.taylor_forecast(h[: k + 1], dx) for h in st.hist]
         out = []
         for h in st.hist:
             f = ops.taylor_forecast(h[: self.orders_used[-1] + 1], dx)

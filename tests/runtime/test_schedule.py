@@ -1,0 +1,323 @@
+"""Searched static schedules (docs/methods.md section 12): ScheduleConfig and its policy,
+the proxy of the schedule search, and the search itself.
+
+* the config: validation, derived fields, dict round trip, ``from_steps``;
+* a uniform-order plan is bitwise TaylorSeer with the same ``compute_steps`` (every
+  family); a mixed-order plan forecasts each step with its own order (fixed inputs per
+  step, so the history is the same whatever the plan: step s equals the uniform plan of
+  its order);
+* the step announced by the caller (planned on the host) gives bitwise the device
+  schedule's outputs and timeline (every family); 0 host reads eager; under
+  torch.compile(fullgraph) no cond, no recompilation across steps and runs, and 0 host
+  reads from fastcache or inductor's generated code under inductor;
+* the proxy: its error of a plan equals the teacher-forced error of the real
+  taylor ops on recorded features; the DP is the optimum of the proxy (brute force);
+* the search: budget met, the plan replays exactly, stored in the profile and loaded
+  back; refusals with clear messages.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_host_reads import HostReadMode
+from torch._dynamo.testing import CompileCounterWithBackend
+from zoo import CASES, reference_dit_case
+
+import fastcache
+from fastcache import ScheduleConfig, ops
+from fastcache import scheduling as S
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_validation_and_fields():
+    c = ScheduleConfig(plan="cc1C20c1")
+    assert c.plan == "CC1C20C1" and c.num_steps == 8 and c.budget == 4 and c.order == 2
+    assert c.compute_steps == (0, 1, 3, 6)
+    assert [c.computes(s) for s in range(10)] == [True, True, False, True, False, False, True, False, True, True]
+    assert [c.order_at(s) for s in range(8)] == [0, 0, 1, 0, 2, 0, 0, 1]
+    assert fastcache.CacheConfig.from_dict(c.to_dict()) == c
+    assert ScheduleConfig.from_steps((0, 2, 5), 7, order=2).plan == "C2C22C2"
+    for bad, msg in (
+        ("", "non-empty"),
+        ("1CC", "must start with 'C'"),
+        ("CX1", "holds 'X'"),
+        ("C15", "holds '5'"),
+        (None, "non-empty"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            ScheduleConfig(plan=bad)
+    with pytest.raises(ValueError, match="lie in"):
+        ScheduleConfig.from_steps((0, 9), 5)
+    assert ScheduleConfig(plan="C").order == 0  # all computed
+
+
+def _direct(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)]
+    ts = [torch.full((2,), 999.0 - 110 * s) for s in range(n)]
+    return xs, ts
+
+
+def test_mixed_orders_forecast_each_step_with_its_own_order():
+    """Fixed inputs per step: the computed steps see the same inputs whatever the plan,
+    so the history is the same, and a step forecast with order k equals the uniform
+    order-k plan at that step."""
+    m = reference_dit_case().model
+    y = torch.tensor([1, 2])
+    xs, ts = _direct(9)
+    plan = "CC1C20C21"
+    outs = {}
+    with torch.no_grad():
+        for p in [plan] + [ScheduleConfig.from_steps((0, 1, 3, 6), 9, k).plan for k in (0, 1, 2)]:
+            with fastcache.patched(m, ScheduleConfig(plan=p)):
+                outs[p] = [m(x, t, y) for x, t in zip(xs, ts)]
+    for s, c in enumerate(plan):
+        ref = outs[ScheduleConfig.from_steps((0, 1, 3, 6), 9, 0 if c == "C" else int(c)).plan][s]
+        assert torch.equal(outs[plan][s], ref), s
+    assert not torch.equal(outs[plan][4], outs["CC1C11C11"][4])  # order 2 differs from order 1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_uniform_plan_is_taylorseer_and_the_planned_step_equals_the_device_step(name):
+    case = CASES[name]()
+    m = case.model
+    cs = (0, 1, 3, 6)
+    with fastcache.patched(m, fastcache.TaylorSeerConfig(compute_steps=cs, order=1)):
+        ts = case.sample(steps=8)
+    with fastcache.patched(m, ScheduleConfig.from_steps(cs, 8, 1)):
+        uni = case.sample(steps=8)
+    assert torch.equal(uni, ts)
+    plan = "CC1C20C1"
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        dev = case.sample(steps=8)
+        tl_dev = fastcache.stats(m)["contexts"]["default"]["timeline"]
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        host = case.sample(steps=8, context=lambda i: fastcache.context(m, "default", step_index=i))
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert torch.equal(host, dev)
+    assert tl_dev == st["timeline"] == [c == "C" for c in plan]
+    assert st["computed"] == 4 and st["skipped"] == 4 and st["plan"] == plan
+    assert not torch.equal(dev, uni)
+
+
+def test_host_reads_planned_none_device_one_flag_per_step():
+    case = reference_dit_case()
+    m = case.model
+    for announce, expected in ((True, 0), (False, 8)):
+        with fastcache.patched(m, ScheduleConfig(plan="CC1C20C1")):
+            mode = HostReadMode()
+            ctx = (lambda i: fastcache.context(m, "default", step_index=i)) if announce else None
+            with mode:
+                case.sample(steps=8, context=ctx)
+        ours = [r for r in mode.reads if r is not None]
+        assert len(ours) == expected, ours
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_planned_steps_no_cond_no_recompiles(name):
+    case = CASES[name]()
+    m = case.model
+    ctx = lambda i: fastcache.context(m, "default", step_index=i)  # noqa: E731
+    with fastcache.patched(m, ScheduleConfig(plan="CC1C20C1")):
+        eager = case.sample(steps=8, context=ctx)
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(m, fullgraph=True, backend=cnt)
+        frames = []
+        mode = HostReadMode()
+        with mode:
+            out = case.sample(model=compiled, steps=8, context=ctx, per_step=lambda i, o: frames.append(cnt.frame_count))
+            case.sample(model=compiled, steps=8, context=ctx, per_step=lambda i, o: frames.append(cnt.frame_count))
+        tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
+    # the first call (allocates the history), a computed step, a forecast step: 3 graphs
+    assert max(frames) == 3 and frames[2:] == [3] * 14, frames
+    assert not mode.conds
+    assert tl == [c == "C" for c in "CC1C20C1"] * 2
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.compile
+def test_inductor_planned_steps_read_nothing():
+    case = reference_dit_case()
+    m = case.model
+    ctx = lambda i: fastcache.context(m, "default", step_index=i)  # noqa: E731
+    with fastcache.patched(m, ScheduleConfig(plan="CC1C20C1")):
+        eager = case.sample(steps=8, context=ctx)
+        torch._dynamo.reset()
+        compiled = torch.compile(m, fullgraph=True)
+        case.sample(model=compiled, steps=8, context=ctx)  # compile outside the counted run
+        # without the announcement: one cond per step, lowered to a read; the first call
+        # after a reset allocates the history and has none
+        for announce, expected in ((True, 0), (False, 7)):
+            fastcache.reset(m)
+            mode = HostReadMode()
+            with mode:
+                out = case.sample(model=compiled, steps=8, context=ctx if announce else None)
+            ours = [r for r in mode.reads if r is not None]
+            assert len(ours) == expected, ours
+            assert all(r.startswith("inductor:") for r in ours), ours
+            torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_step_count_refused_past_the_end_computed_repeated_call_keeps_history():
+    case = reference_dit_case()
+    m = case.model
+    y = torch.tensor([1, 2])
+    xs, ts = _direct(6)
+    with fastcache.patched(m, ScheduleConfig(plan="CC1C1")):
+        with pytest.raises(ValueError, match="plans 5 steps but the run has 7"):
+            with fastcache.context(m, "default", step_index=0, num_steps=7):
+                pass
+        with pytest.raises(ValueError, match="plans 5 steps"):
+            fastcache.get_patch(m).set_num_steps(9)
+    with fastcache.patched(m, ScheduleConfig(plan="CC1C1")):
+        with torch.no_grad():
+            once = []
+            for i in range(6):
+                with fastcache.context(m, "default", step_index=i):
+                    once.append(m(xs[i], ts[i], y))
+            fastcache.reset(m)
+            twice = []
+            for i in range(6):
+                with fastcache.context(m, "default", step_index=i):
+                    a = m(xs[i], ts[i], y)
+                    b = m(xs[i], ts[i], y)  # a second evaluation of the same step (Heun)
+                assert torch.equal(a, b), i
+                twice.append(a)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert all(torch.equal(a, b) for a, b in zip(once, twice))
+    assert st["timeline"][-1] is True  # step 5: past the plan's end, computed
+
+
+# ----------------------------------------------------------------------------- proxy
+@pytest.fixture(scope="module")
+def small_profile():
+    case = reference_dit_case()
+    prof = fastcache.calibrate(case.model, lambda: [case.sample(steps=7, seed=s) for s in (1, 2)], progress=False)
+    return case, prof
+
+
+def test_proxy_equals_the_teacher_forced_error_of_the_taylor_ops():
+    """plan_cost's quadratic forms in the Gram against forecasting recorded features with
+    the real ops (exact Gram: every slot is smaller than gram_dim)."""
+    case = reference_dit_case()
+    from fastcache.calibration import CalibrationConfig
+
+    feats = []
+    h = fastcache.patch(case.model, CalibrationConfig(priors=True))
+    orig = h.policy._accumulate
+    h.policy._accumulate = lambda st, outs: (feats.append([f.detach().double().clone() for f in outs]), orig(st, outs))
+    try:
+        case.sample(steps=7)
+    finally:
+        h.remove()
+    prof = fastcache.calibrate(case.model, lambda: case.sample(steps=7), progress=False)
+    W = S.step_weights(prof.step_gram.numpy(), "relative")
+    for plan in ("CC1C21C", "C0000C2", "C12C120", "CC2C2C2"):
+        hist = [torch.zeros((3, *f.shape), dtype=torch.float64) for f in feats[0]]
+        valid = torch.zeros(1)
+        last, err = 0, 0.0
+        for s, c in enumerate(plan):
+            dx = torch.tensor([float(s - last)])
+            if c == "C":
+                for hk, f in zip(hist, feats[s]):
+                    ops.taylor_update(hk, f, dx, valid, torch.ones((), dtype=torch.bool))
+                valid = (valid + 1).clamp(max=3)
+                last = s
+            else:
+                k = int(c)
+                for hk, f in zip(hist, feats[s]):
+                    fh = ops.taylor_forecast(hk[: k + 1], dx)
+                    err += float((fh - f).pow(2).sum() / f.pow(2).sum()) / len(feats[s])
+        assert math.isclose(S.plan_cost(W, plan), err, rel_tol=1e-6), plan
+
+
+def test_dp_is_the_proxy_optimum(small_profile):
+    _, prof = small_profile
+    W = S.step_weights(prof.step_gram.numpy(), "relative")
+    solve = S._dp(W, [0, 1, 2], 4)
+    for K in (2, 3, 4):
+        best = math.inf
+        for comp in itertools.combinations(range(1, 7), K - 1):
+            for orders in itertools.product("012", repeat=7 - K):
+                it = iter(orders)
+                plan = "".join("C" if s == 0 or s in comp else next(it) for s in range(7))
+                best = min(best, S.plan_cost(W, plan))
+        plan, cost = solve(K)
+        assert plan.count("C") == K and plan[0] == "C"
+        assert math.isclose(cost, best, rel_tol=1e-9) and math.isclose(S.plan_cost(W, plan), cost, rel_tol=1e-9)
+    cfg, cost = S.schedule_from_profile(prof, speedup=2.0, methods=("taylor1",))
+    assert cfg.budget == 4 and set(cfg.plan) <= {"C", "1"}
+
+
+def test_fixed_interval_plan():
+    assert S.fixed_interval_plan(10, 50, 1)[:3] == "CCC" and S.fixed_interval_plan(10, 50, 1)[-1] == "C"
+    for K in (1, 3, 10, 13, 17, 25, 50):
+        assert S.fixed_interval_plan(K, 50, 2).count("C") == K
+    assert S.fixed_interval_plan(4, 5, 0) == "CCC0C"
+
+
+# ----------------------------------------------------------------------------- search
+def test_search_replays_is_stored_and_loads_back(small_profile, tmp_path):
+    case, prof = small_profile
+    runs = [lambda s=s: case.sample(steps=7, seed=s) for s in (1, 2)]
+    res = fastcache.search_schedule(case.model, runs, 3, profile=prof, max_evals=6, progress=False)
+    assert res.budget == 3 and res.config.budget == 3 and res.num_steps == 7
+    assert len(res.trace) <= 6 and res.chosen.psnr_db == max(e.psnr_db for e in res.trace)
+    assert res.model_calls == 7 * 2 * (1 + len(res.trace))
+    assert all(e.timelines_match for e in res.trace)
+    psnr, ok = S.evaluate_schedule(case.model, res.config, runs)
+    assert ok and math.isclose(psnr, res.calibration_psnr, rel_tol=1e-12)  # replays exactly
+    assert "of 7 steps computed" in str(res) and "<- chosen" in str(res)
+    back = fastcache.Profile.load(res.store(prof).save(tmp_path / "p.safetensors"))
+    assert back.schedule(3) == res.config and torch.equal(back.step_gram, prof.step_gram)
+    assert back.schedules[3]["calibration_psnr_db"] == round(res.calibration_psnr, 4)
+    with pytest.raises(KeyError, match="no schedule for 5 computed steps"):
+        back.schedule(5)
+    # the proxy alone, from the profile
+    alone = fastcache.search_schedule(back, budget=3)
+    assert alone.config.budget == 3 and alone.model_calls == 0
+
+
+def test_search_without_a_profile_calibrates_and_beats_nothing_worse_than_its_starts():
+    case = reference_dit_case()
+    runs = [lambda: case.sample(steps=7, seed=4)]
+    res = fastcache.search_schedule(
+        case.model, runs, speedup=2.0, methods=("reuse", "taylor1"), max_evals=5, progress=False
+    )
+    assert res.budget == 4 and set(res.plan) <= {"C", "0", "1"}
+    starts = [e for e in res.trace if e.source != "move"]
+    assert S.fixed_interval_plan(4, 7, 1) in {e.plan for e in starts}  # TaylorSeer's usual placement
+    assert res.chosen.psnr_db >= max(e.psnr_db for e in starts)
+
+
+def test_search_refusals(small_profile):
+    case, prof = small_profile
+    run = lambda: case.sample(steps=7)  # noqa: E731
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        fastcache.search_schedule(case.model, run, progress=False)
+    with pytest.raises(ValueError, match=r"budget=9 must be an integer in \[1, 7\]"):
+        fastcache.search_schedule(case.model, run, 9, profile=prof, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'eoc'"):
+        fastcache.search_schedule(case.model, run, 3, methods=("eoc",), profile=prof, progress=False)
+    with pytest.raises(ValueError, match="runs is required"):
+        fastcache.search_schedule(case.model, None, 3)
+    with pytest.raises(ValueError, match="pass runs=None"):
+        fastcache.search_schedule(prof, run, 3)
+    old = fastcache.Profile(prof.prior, prof.slots, prof.meta)  # as a format-2 file loads
+    with pytest.raises(ValueError, match="no step_gram"):
+        fastcache.search_schedule(old, budget=3)
+    with pytest.raises(ValueError, match="no step_gram"):
+        fastcache.search_schedule(case.model, run, 3, profile=old, progress=False)
+    with pytest.raises(TypeError, match="must return its output tensor"):
+        fastcache.search_schedule(case.model, lambda: None, 3, profile=prof, progress=False)
+    from fastcache.models import DiT
+
+    other = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match="profile was made for"):
+        fastcache.search_schedule(other, run, 3, profile=prof, progress=False)
