@@ -19,7 +19,6 @@ the proxy of the schedule search, and the search itself.
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 from test_host_reads import HostReadMode
@@ -130,9 +129,10 @@ def test_compiled_planned_steps_no_cond_no_recompiles(name):
         compiled = torch.compile(m, fullgraph=True, backend=cnt)
         frames = []
         mode = HostReadMode()
+        count = lambda i, o: frames.append(cnt.frame_count)  # noqa: E731
         with mode:
-            out = case.sample(model=compiled, steps=8, context=ctx, per_step=lambda i, o: frames.append(cnt.frame_count))
-            case.sample(model=compiled, steps=8, context=ctx, per_step=lambda i, o: frames.append(cnt.frame_count))
+            out = case.sample(model=compiled, steps=8, context=ctx, per_step=count)
+            case.sample(model=compiled, steps=8, context=ctx, per_step=count)
         tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
     # the first call (allocates the history), a computed step, a forecast step: 3 graphs
     assert max(frames) == 3 and frames[2:] == [3] * 14, frames
