@@ -4,11 +4,22 @@
         --out digits50.safetensors --plot digits50.png
     python -m fastcache.calibrate --factory mypkg.calib:make --method first_block --target-speedup 2
 
-``--factory module:function`` names your code: ``function(steps)`` returns ``(model, runs)``,
-the transformer and a list of callables, each one seeded sampling run returning its output
-tensor (the final images or latents). ``--model digits`` is the shipped digits DiT
-(DDIM, batched CFG). The command records a :class:`fastcache.Profile` over the runs
-(:func:`fastcache.calibrate`), searches the threshold (:func:`fastcache.search_threshold`),
+    python -m fastcache.calibrate --model digits --steps 50 --budget 17 --out digits50.safetensors \\
+        --plot schedule17.png
+
+``--factory module:function`` names your code: ``function(steps)`` returns ``(model, runs)``
+or ``(model, runs, held_out_runs)``, the transformer and lists of callables, each one
+seeded sampling run returning its output tensor (the final images or latents).
+
+``--budget K`` searches a static schedule of K computed steps
+(:func:`fastcache.search_schedule`), prints it as a timeline with the search's trace and
+cost, checks it on held-out runs (other seeds and labels) next to TaylorSeer's
+fixed-interval placement at the same K, stores it in the profile
+(``Profile.load(path).schedule(K)``) and plots both timelines and the search trace.
+
+``--model digits`` is the shipped digits DiT (DDIM, batched CFG). The command records a
+:class:`fastcache.Profile` over the runs (:func:`fastcache.calibrate`), then either searches
+the threshold (:func:`fastcache.search_threshold`),
 prints the trace and the chosen config, and writes the profile (safetensors + JSON) and a
 PNG: the TeaCache input-vs-output relative-L1 scatter with the fitted polynomial and its
 R², the per-block change heat map when the profile holds one, and the decision timeline of
@@ -37,22 +48,33 @@ class _CallableModule(types.ModuleType):
         return _calibrate(*args, **kwargs)
 
 
-def _digits(steps: int, n_runs: int, batch: int):
+def digits_runs(model, steps: int, n_runs: int, batch: int, held_out: bool = False):
+    """Seeded digits sampling runs (DDIM, batched CFG): calibration runs use seeds 1000+k
+    and labels shifted by 3k+1; held-out runs use seeds 2000+k and labels shifted by 3k+5."""
     import torch
 
-    from .models import load_digits_dit, sample_digits
+    from .models import sample_digits
 
-    model = load_digits_dit()
     labels = torch.arange(batch) % 10
-    runs = [
+    seed0, shift = (2000, 5) if held_out else (1000, 1)
+    return [
         (
             lambda k=k: sample_digits(
-                model, (labels + 3 * k + 1) % 10, num_steps=steps, generator=torch.Generator().manual_seed(1000 + k)
+                model,
+                (labels + 3 * k + shift) % 10,
+                num_steps=steps,
+                generator=torch.Generator().manual_seed(seed0 + k),
             )
         )
         for k in range(n_runs)
     ]
-    return model, runs
+
+
+def _digits(steps: int, n_runs: int, batch: int):
+    from .models import load_digits_dit
+
+    model = load_digits_dit()
+    return model, digits_runs(model, steps, n_runs, batch), digits_runs(model, steps, n_runs, batch, held_out=True)
 
 
 def _factory(spec: str, steps: int):
@@ -63,9 +85,9 @@ def _factory(spec: str, steps: int):
         made = getattr(importlib.import_module(mod), fn)(steps)
     except (ImportError, AttributeError) as e:
         raise SystemExit(f"--factory {spec!r}: {e}") from None
-    if not (isinstance(made, tuple) and len(made) == 2):
-        raise SystemExit(f"--factory {spec!r} must return (model, runs), got {type(made).__name__}")
-    return made
+    if not (isinstance(made, tuple) and len(made) in (2, 3)):
+        raise SystemExit(f"--factory {spec!r} must return (model, runs) or (model, runs, held_out_runs)")
+    return made if len(made) == 3 else (*made, None)
 
 
 def r_squared(x, y, coeffs) -> float:
@@ -132,6 +154,85 @@ def plot(profile, result, timeline, path: Path) -> Path:
     return path
 
 
+def plot_schedule(result, path: Path, fixed: str | None = None, held_out: dict | None = None) -> Path:
+    """PNG of a schedule search: the chosen plan's timeline (bar height = forecast
+    order, full bars = computed steps) against TaylorSeer's fixed-interval placement, and
+    the PSNR of every evaluated plan in search order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    ax = axes[0]
+    rows = [("searched", result.plan)] + ([("fixed interval", fixed)] if fixed else [])
+    colors = {"C": "tab:green", "0": "tab:gray", "1": "tab:blue", "2": "tab:purple", "3": "tab:orange"}
+    for r, (name, plan) in enumerate(rows):
+        y0 = len(rows) - 1 - r
+        for s, c in enumerate(plan):
+            ax.add_patch(plt.Rectangle((s, y0 + 0.1), 0.9, 0.8, color=colors.get(c, "tab:red")))
+            if c != "C":
+                ax.text(s + 0.45, y0 + 0.5, c, ha="center", va="center", fontsize=6, color="white")
+        label = name
+        if held_out and name in held_out:
+            label += f"\nheld-out {held_out[name]:.1f} dB"
+        ax.text(-0.5, y0 + 0.5, label, ha="right", va="center", fontsize=8)
+    ax.set_xlim(-0.2, len(result.plan))
+    ax.set_ylim(0, len(rows))
+    ax.set_yticks([])
+    ax.set_xlabel("step (green: computed; digit: Taylor order of the forecast, 0 = reuse)")
+    ax.set_title(f"{result.budget} of {result.num_steps} steps computed")
+    ax = axes[1]
+    ps = np.asarray([e.psnr_db for e in result.trace])
+    ax.plot(np.arange(len(ps)), ps, "o-", ms=3)
+    ax.plot(np.arange(len(ps)), np.maximum.accumulate(ps), color="tab:red", label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("PSNR vs uncached, calibration runs (dB)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"search: {result.model_calls} model calls, {result.seconds:.0f} s")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _budget(a, model, runs, held, prof) -> int:
+    from .scheduling import METHODS, evaluate_schedule, fixed_interval_plan, search_schedule
+
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    res = search_schedule(
+        model, runs, a.budget, methods=methods, profile=prof, max_evals=a.max_evals or 32, progress=not a.no_progress
+    )
+    print(res)
+    from .config import ScheduleConfig
+
+    top = max(METHODS[m] for m in methods)
+    fixed = fixed_interval_plan(res.budget, res.num_steps, top if top > 0 else 0)
+    scores = None
+    if held:
+        refs = [r() for r in held]
+        scores = {
+            "searched": evaluate_schedule(model, res.config, held, refs)[0],
+            "fixed interval": evaluate_schedule(model, ScheduleConfig(plan=fixed), held, refs)[0],
+        }
+        print(
+            f"held-out runs ({len(held)}): searched {scores['searched']:.2f} dB (calibration "
+            f"{res.calibration_psnr:.2f} dB); fixed interval {fixed} {scores['fixed interval']:.2f} dB"
+        )
+    res.store(prof)
+    if scores:
+        prof.schedules[res.budget]["held_out_psnr_db"] = round(scores["searched"], 4)
+    print(f"config: {res.config}")
+    if a.out:
+        prof.save(a.out)
+        print(f"wrote {a.out} (schedule stored: Profile.load(path).schedule({res.budget}))")
+    if a.plot:
+        print(f"wrote {plot_schedule(res, a.plot, fixed, scores)}")
+    return 0
+
+
 def main(argv=None) -> int:
     from .runtime import patched
     from .search import SEARCH_METHODS, search_threshold
@@ -149,17 +250,26 @@ def main(argv=None) -> int:
     tgt = ap.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-fraction", type=float, help="computed fraction of the block work, e.g. 0.4")
     tgt.add_argument("--target-speedup", type=float, help="measured speedup (process CPU time), e.g. 2.0")
-    ap.add_argument("--max-evals", type=int, default=10)
+    tgt.add_argument("--budget", type=int, help="search a static schedule with this many computed steps")
+    ap.add_argument(
+        "--methods", default="reuse,taylor1,taylor2", help="with --budget: what may fill a cached step (comma list)"
+    )
+    ap.add_argument("--held-out", type=int, default=2, help="with --budget: held-out runs to check on (digits)")
+    ap.add_argument("--max-evals", type=int, default=None, help="evaluations (default 10; 32 with --budget)")
     ap.add_argument("--out", type=Path, help="write the profile here (.safetensors + .json)")
     ap.add_argument("--plot", type=Path, help="write the PNG here")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.steps < 2:
         ap.error("--steps must be >= 2")
-    model, runs = _factory(a.factory, a.steps) if a.factory else _digits(a.steps, a.runs, a.batch)
+    model, runs, held = _factory(a.factory, a.steps) if a.factory else _digits(a.steps, a.runs, a.batch)
+    if a.budget is not None and not a.factory:
+        held = held[: a.held_out]
 
     prof = _calibrate(model, lambda: [r() for r in runs], progress=not a.no_progress)
     print(prof)
+    if a.budget is not None:
+        return _budget(a, model, runs, held, prof)
     res = search_threshold(
         model,
         runs,
@@ -167,7 +277,7 @@ def main(argv=None) -> int:
         target_fraction=a.target_fraction,
         target_speedup=a.target_speedup,
         profile=prof,
-        max_evals=a.max_evals,
+        max_evals=a.max_evals or 10,
         progress=not a.no_progress,
         num_steps=a.steps,
     )

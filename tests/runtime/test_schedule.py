@@ -321,3 +321,22 @@ def test_search_refusals(small_profile):
     other = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
     with pytest.raises(ValueError, match="profile was made for"):
         fastcache.search_schedule(other, run, 3, profile=prof, progress=False)
+
+
+def test_command_line_budget_prints_stores_and_plots(tmp_path, capsys):
+    import importlib
+
+    cli = importlib.import_module("fastcache.calibrate")  # the `python -m fastcache.calibrate` module
+    out, png = tmp_path / "p.safetensors", tmp_path / "s.png"
+    rc = cli.main(
+        ["--steps", "8", "--runs", "1", "--batch", "2", "--budget", "4", "--held-out", "1", "--max-evals", "3"]
+        + ["--methods", "reuse,taylor1", "--out", str(out), "--plot", str(png), "--no-progress"]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "4 of 8 steps computed" in text and "held-out runs (1): searched" in text and "<- chosen" in text
+    prof = fastcache.Profile.load(out)
+    cfg = prof.schedule(4)
+    assert cfg.budget == 4 and set(cfg.plan) <= {"C", "0", "1"} and f"plan='{cfg.plan}'" in text
+    assert math.isfinite(prof.schedules[4]["held_out_psnr_db"])
+    assert png.stat().st_size > 10_000
