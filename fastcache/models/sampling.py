@@ -68,6 +68,7 @@ def sample_digits(
     generator: torch.Generator | None = None,
     scheduler=None,
     callback: StepCallback | None = None,
+    step_context=None,
 ) -> torch.Tensor:
     """Sample ``len(labels)`` images with DDIM (eta = 0) and batched CFG.
 
@@ -82,6 +83,9 @@ def sample_digits(
             ``set_timesteps(num_steps)`` is called on it.
         callback: ``callback(step_index, timestep, sample)`` after every step, with the
             updated ``(B, C, H, W)`` sample.
+        step_context: ``step_context(step_index)`` returns a context manager entered
+            around each model call, e.g. ``lambda i: fastcache.context(model, "default",
+            step_index=i, num_steps=num_steps)`` to announce the step to a static schedule.
 
     Returns:
         ``(B, C, H, W)`` float32 images clamped to ``[-1, 1]``.
@@ -114,7 +118,11 @@ def sample_digits(
         model_in = torch.cat([x, x]) if guided else x
         model_in = scheduler.scale_model_input(model_in, t)
         t_batch = torch.full((model_in.shape[0],), int(t), device=device, dtype=torch.long)
-        eps = model(model_in.to(dtype), t_batch, y).float()
+        if step_context is None:
+            eps = model(model_in.to(dtype), t_batch, y).float()
+        else:
+            with step_context(i):
+                eps = model(model_in.to(dtype), t_batch, y).float()
         if guided:
             eps_cond, eps_uncond = eps.chunk(2)
             eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
