@@ -211,7 +211,8 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
                     evaluations=len(res.trace),
                 )
             rows.append(row)
-            print(f"  {method:<36} K {row['computed_steps']:>5}  held-out {row['held_out_psnr_db']:6.2f} dB", flush=True)
+            k, p = row["computed_steps"], row["held_out_psnr_db"]
+            print(f"  {method:<36} K {k:>5}  held-out {p:6.2f} dB", flush=True)
         tc = _teacache(model, cal, held, refs_h, K, S, prof)
         rows.append(dict(K=K, provider="fastcache", method="teacache (threshold searched)", **tc))
         print(f"  teacache {tc}", flush=True)
