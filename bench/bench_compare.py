@@ -217,6 +217,20 @@ def _fastcache_rows(steps):
             ),
             probe=i == 0,
         )
+    # schedules searched by bench/bench_schedule.py (calibration seeds 1000+k; this run's
+    # seed differs, so these rows are held out from the search)
+    sched = RESULTS / "digits50.schedules.json"
+    if steps != 50 or not sched.is_file():
+        why = "searched for 50 steps" if steps != 50 else "run bench/bench_schedule.py first"
+        rows.append(Row("fastcache", "schedule (searched)", "-", None, skip=why))
+    else:
+        for i, (k, v) in enumerate(sorted(json.loads(sched.read_text()).items(), key=lambda kv: int(kv[0]))):
+            add(
+                "schedule (searched)",
+                f"K={k}",
+                lambda ctx, plan=v["plan"]: fastcache.ScheduleConfig(plan=plan),
+                probe=i == 0,
+            )
     for method, make in _EXTRA_FASTCACHE.items():
         cls = getattr(fastcache, make[0], None)
         if cls is None:

@@ -203,7 +203,7 @@ def _budget(a, model, runs, held, prof) -> int:
 
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     res = search_schedule(
-        model, runs, a.budget, methods=methods, profile=prof, max_evals=a.max_evals or 32, progress=not a.no_progress
+        model, runs, a.budget, methods=methods, profile=prof, max_evals=a.max_evals or 40, progress=not a.no_progress
     )
     print(res)
     from .config import ScheduleConfig
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         "--methods", default="reuse,taylor1,taylor2", help="with --budget: what may fill a cached step (comma list)"
     )
     ap.add_argument("--held-out", type=int, default=2, help="with --budget: held-out runs to check on (digits)")
-    ap.add_argument("--max-evals", type=int, default=None, help="evaluations (default 10; 32 with --budget)")
+    ap.add_argument("--max-evals", type=int, default=None, help="evaluations (default 10; 40 with --budget)")
     ap.add_argument("--out", type=Path, help="write the profile here (.safetensors + .json)")
     ap.add_argument("--plot", type=Path, help="write the PNG here")
     ap.add_argument("--no-progress", action="store_true")

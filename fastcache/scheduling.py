@@ -23,14 +23,16 @@ How (two stages, both over the same calibration runs):
    placement and per-step order of least summed error for each K, exactly for this
    proxy. The proxy is teacher-forced (it forecasts the uncached features), so it
    ignores how an error early in the run moves the later steps.
-2. **End-to-end refinement.** The proxy's plans (two weightings of the slots) run on the
-   calibration runs and are scored by PSNR against the uncached outputs; then a local
-   search moves one computed step by one step, or changes the order of one gap of
-   forecast steps, trying the neighbours in order of their proxy cost and keeping a move
-   when the measured PSNR rises, up to ``max_evals`` evaluations.
+2. **End-to-end refinement.** The proxy's plans (two weightings of the slots),
+   TaylorSeer's fixed-interval placement and evenly spaced plans after other warm-up
+   patterns (steps 0, 2 / 0, 2, 4 / 0, 1) run on the calibration runs and are scored by
+   PSNR against the uncached outputs; then a local search moves one computed step by one
+   or two steps, or changes the order of one gap of forecast steps (or of all), trying the
+   neighbours in order of their proxy cost and keeping a move when the measured PSNR
+   rises, up to ``max_evals`` evaluations.
 
 Cost: one calibration pass (R runs x S model calls, all steps computed) plus
-``max_evals`` evaluations of R runs with K of S steps computed.
+``max_evals`` (default 40) evaluations of R runs with K of S steps computed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "ScheduleSearchResult",
     "evaluate_schedule",
     "fixed_interval_plan",
+    "spaced_plan",
     "plan_timeline",
     "schedule_from_profile",
     "search_schedule",
@@ -199,16 +202,28 @@ def _dp(W: np.ndarray, orders: Sequence[int], max_budget: int):
 def fixed_interval_plan(budget: int, num_steps: int, order: int = 1, warmup: int = 3) -> str:
     """TaylorSeer's usual placement at exactly ``budget`` computed steps: the first
     ``warmup`` steps, then the rest spread evenly up to the last step (which computes)."""
+    return spaced_plan(tuple(range(max(1, min(int(warmup), int(budget))))), budget, num_steps, order)
+
+
+def spaced_plan(head: Sequence[int], budget: int, num_steps: int, order: int = 1) -> str:
+    """``budget`` computed steps: the steps in ``head`` (must hold 0), then the rest spread
+    evenly from the last of them to the last step; every other step forecast with
+    ``order``."""
     K, S = int(budget), int(num_steps)
-    w = max(1, min(warmup, K))
-    rest = K - w
-    pts = sorted({int(round(v)) for v in np.linspace(w - 1, S - 1, rest + 1)[1:]}) if rest else []
-    cs = set(range(w)) | set(pts)
+    head = sorted({int(h) for h in head})[:K]
+    rest = K - len(head)
+    pts = sorted({int(round(v)) for v in np.linspace(head[-1], S - 1, rest + 1)[1:]}) if rest else []
+    cs = set(head) | set(pts)
     for s in range(S - 1, -1, -1):  # rounding collisions (tiny S): fill from the end
         if len(cs) >= K:
             break
         cs.add(s)
     return "".join("C" if s in cs else str(order) for s in range(S))
+
+
+# warm-up patterns tried as starts besides TaylorSeer's (0, 1, 2): where the first computed
+# steps fall moves PSNR by several dB at the same budget (docs/methods.md section 8)
+START_HEADS = ((0, 2), (0, 2, 4), (0, 1))
 
 
 def plan_timeline(plan: str, width: int = 100) -> str:
@@ -434,7 +449,7 @@ def search_schedule(
     speedup: float | None = None,
     methods=("reuse", "taylor1", "taylor2"),
     profile: Profile | None = None,
-    max_evals: int = 24,
+    max_evals: int = 40,
     data_range: float = 2.0,
     spec=None,
     progress: bool = True,
@@ -502,6 +517,8 @@ def search_schedule(
     for k in orders:
         if k > 0 or len(orders) == 1:
             starts.append((fixed_interval_plan(K, S, k), f"interval-o{k}"))
+    for head in START_HEADS:
+        starts.append((spaced_plan(head, K, S, orders[-1]), "head-" + "".join(map(str, head))))
     starts = list({p: (p, src) for p, src in reversed(starts)}.values())[::-1]  # unique, first source kept
     proxy_s = time.perf_counter() - t0
     W = Ws["relative"]

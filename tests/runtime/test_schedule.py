@@ -340,3 +340,20 @@ def test_command_line_budget_prints_stores_and_plots(tmp_path, capsys):
     assert cfg.budget == 4 and set(cfg.plan) <= {"C", "0", "1"} and f"plan='{cfg.plan}'" in text
     assert math.isfinite(prof.schedules[4]["held_out_psnr_db"])
     assert png.stat().st_size > 10_000
+
+
+def test_copy_and_pickle_keep_the_plan():
+    import copy
+    import pickle
+
+    case = reference_dit_case()
+    m = case.model
+    plan = "CC1C20C1"
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        ref = case.sample(steps=8, context=lambda i: fastcache.context(m, "default", step_index=i))
+        twins = [copy.deepcopy(m), pickle.loads(pickle.dumps(m))]
+    for twin in twins:
+        assert fastcache.get_patch(twin).config.plan == plan
+        out = case.sample(model=twin, steps=8, context=lambda i, t=twin: fastcache.context(t, "default", step_index=i))
+        assert torch.equal(out, ref)
+        assert fastcache.stats(twin)["contexts"]["default"]["timeline"][-8:] == [c == "C" for c in plan]
