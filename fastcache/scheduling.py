@@ -49,6 +49,7 @@ from torch import nn
 from .config import ScheduleConfig
 from .profile import Profile
 from .runtime import patch
+from .search import _psnr
 
 __all__ = [
     "METHODS",
@@ -291,13 +292,6 @@ def schedule_from_profile(
 
 
 # -- end-to-end evaluation ----------------------------------------------------------------
-def _psnr(outs, refs, data_range: float) -> float:
-    err = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
-    n = sum(r.numel() for r in refs)
-    mse = err / n
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
 def _run_all(runs, who: str, tick=None) -> list[torch.Tensor]:
     outs = []
     for r in runs:
