@@ -246,31 +246,11 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
 
 def dit_s2_case(B=2):
     """diffusers' DiTTransformer2DModel at DiT-S/2 width and depth (12 layers, 6 heads x
-    64) on 16x16x4 latents (64 tokens), random weights (zero-initialised layers randomised as in
-    tests/runtime/zoo.py), DDIM."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
-    from zoo import Case, _randomize_zero_init
+    64) on 16x16x4 latents (64 tokens), random weights (tests/runtime/zoo.py), DDIM."""
+    from zoo import dit_case
 
-    torch.manual_seed(0)
-    m = DiTTransformer2DModel(
-        num_attention_heads=6,
-        attention_head_dim=64,
-        in_channels=4,
-        out_channels=4,
-        num_layers=12,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-    ).eval()
-    _randomize_zero_init(m)
-    labels = torch.arange(B) % 10
-    return Case(
-        "diffusers-dit-s2",
-        m,
-        inputs=lambda x, t: dict(hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=labels[: x.shape[0]]),
-        latents=lambda g: torch.randn(B, 4, 16, 16, generator=g),
-        scheduler=DDIMScheduler,
-        batch=B,
+    return dit_case(
+        B, num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16, num_embeds_ada_norm=1000
     )
 
 

@@ -22,6 +22,7 @@ import math
 import pytest
 import torch
 from test_host_reads import HostReadMode
+from test_taylorseer import _direct
 from torch._dynamo.testing import CompileCounterWithBackend
 from zoo import CASES, reference_dit_case
 
@@ -51,13 +52,6 @@ def test_config_validation_and_fields():
     with pytest.raises(ValueError, match="lie in"):
         ScheduleConfig.from_steps((0, 9), 5)
     assert ScheduleConfig(plan="C").order == 0  # all computed
-
-
-def _direct(n, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)]
-    ts = [torch.full((2,), 999.0 - 110 * s) for s in range(n)]
-    return xs, ts
 
 
 def test_mixed_orders_forecast_each_step_with_its_own_order():

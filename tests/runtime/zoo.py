@@ -54,9 +54,10 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def dit_case(B=2) -> Case:
+def dit_case(B=2, **config) -> Case:
+    """``config`` overrides the tiny defaults (e.g. a DiT-S-sized model for a benchmark)."""
     torch.manual_seed(0)
-    m = DiTTransformer2DModel(
+    cfg = dict(
         num_attention_heads=2,
         attention_head_dim=16,
         in_channels=4,
@@ -65,14 +66,17 @@ def dit_case(B=2) -> Case:
         sample_size=8,
         patch_size=2,
         num_embeds_ada_norm=10,
-    ).eval()
+    )
+    cfg.update(config)
+    m = DiTTransformer2DModel(**cfg).eval()
     _randomize_zero_init(m)
     labels = torch.arange(B) % 10
+    n = cfg["sample_size"]
     return Case(
         "diffusers-dit",
         m,
         inputs=lambda x, t: dict(hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=labels[: x.shape[0]]),
-        latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
+        latents=lambda g: torch.randn(B, 4, n, n, generator=g),
         scheduler=DDIMScheduler,
         batch=B,
     )
