@@ -22,7 +22,7 @@ from .config import (
     TGateConfig,
 )
 from .profile import Profile
-from .runtime import Patch, context, get_patch, patch, patched, reset, stats, unpatch
+from .runtime import Patch, announce_steps, context, get_patch, patch, patched, reset, stats, unpatch
 from .scheduling import ScheduleSearchResult, search_schedule
 from .search import search_threshold
 from .specs import ModelSpec, register
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockCacheConfig",
+    "announce_steps",
     "CacheConfig",
     "DeltaDiTConfig",
     "MagCacheConfig",

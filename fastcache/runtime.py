@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -159,6 +160,8 @@ class Patch:
 
     ``contexts`` maps a context name to the policy's state for it; ``stats()`` keeps
     working after ``remove()`` (it returns the statistics taken at removal)."""
+
+    announcer = None  # a StepAnnouncer (fastcache.announce_steps); never copied
 
     def __init__(self, model: nn.Module, config: CacheConfig, spec: ModelSpec, group=None):
         self.model = model
@@ -333,6 +336,12 @@ class Patch:
         return any(p.requires_grad for p in self._params)
 
     def _model_forward(self, args, kwargs):
+        a = self.announcer
+        if a is not None and a.index is not None and not is_tracing():
+            clock = self.clocks[self.current_context]
+            if clock.step_index is None:  # the scheduler's step, announced for this call
+                with self.context(self.current_context, step_index=a.index, num_steps=a.num_steps):
+                    return self._model_forward(args, kwargs)
         spec = self.spec
         call = self._model_binder(args, kwargs)
         for name in spec.refuse_args:
@@ -412,6 +421,9 @@ class Patch:
         if not isinstance(name, str) or not name:
             raise ValueError(f"context name must be a non-empty string, got {name!r}")
         self._ensure_runtime()
+        a = self.announcer
+        if step_index is None and a is not None and a.index is not None:
+            step_index, num_steps = a.index, num_steps or a.num_steps
         if name not in self.contexts:
             self.contexts[name] = self.policy.new_state()
             self.clocks[name] = _Clock()
@@ -575,6 +587,82 @@ def stats(model: nn.Module) -> dict:
 def reset(model: nn.Module) -> None:
     """Forget every cached tensor and decision state of ``model`` (in place)."""
     get_patch(model).reset()
+
+
+class StepAnnouncer:
+    """Counts a diffusers scheduler's steps on the host and announces them to a patched
+    transformer (:func:`announce_steps`). ``set_timesteps`` starts a run (step 0, ``num_steps
+    = len(scheduler.timesteps)``); every ``step`` call moves to the next step. A sampling
+    loop calls the transformer for step i before ``scheduler.step`` of step i, so the count
+    is the loop index, for repeated timesteps (Heun) too: they are separate entries of
+    ``timesteps``. Nothing here reads the device."""
+
+    def __init__(self, scheduler, patch: Patch):
+        for attr in ("set_timesteps", "step"):
+            if not callable(getattr(scheduler, attr, None)):
+                raise TypeError(
+                    f"announce_steps: {type(scheduler).__name__} has no {attr}() method; pass a diffusers pipeline "
+                    "or scheduler (or announce the steps yourself with fastcache.context(model, name, step_index=i))"
+                )
+        if patch.announcer is not None:
+            raise ValueError("announce_steps: this model's steps are already announced; remove() that one first")
+        self.scheduler, self.patch = scheduler, patch
+        self.index: int | None = None
+        self.num_steps: int | None = None
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+        @functools.wraps(set_timesteps)  # pipelines inspect its signature (custom timesteps / sigmas)
+        def set_timesteps_(*args, **kwargs):
+            out = set_timesteps(*args, **kwargs)
+            self.index, self.num_steps = 0, len(scheduler.timesteps)
+            return out
+
+        @functools.wraps(step)
+        def step_(*args, **kwargs):
+            out = step(*args, **kwargs)
+            if self.index is not None:
+                self.index += 1
+            return out
+
+        scheduler.set_timesteps, scheduler.step = set_timesteps_, step_
+        patch.announcer = self
+
+    def remove(self) -> None:
+        for attr in ("set_timesteps", "step"):
+            self.scheduler.__dict__.pop(attr, None)
+        if self.patch.announcer is self:
+            self.patch.announcer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def announce_steps(pipe, model: nn.Module | None = None) -> StepAnnouncer:
+    """Announce a diffusers pipeline's steps to its patched transformer, so static
+    schedules (``ScheduleConfig``, FORA, TaylorSeer, Δ-DiT, T-GATE, MagCache, Block
+    Caching) place every step on the host — 0 host reads per step in eager mode — without
+    changing the pipeline::
+
+        fastcache.patch(pipe.transformer, fastcache.ScheduleConfig(plan=...))
+        fastcache.announce_steps(pipe)          # .remove() to stop
+        images = pipe(...)
+
+    ``pipe``: a pipeline (its ``scheduler`` and ``transformer`` are used) or a scheduler,
+    with ``model`` the patched transformer. Pipelines that wrap the transformer call in
+    ``cache_context`` (Flux, ...) get the step at context entry, outside any compiled
+    region, so a compiled transformer runs the announced path too; others get it at the
+    start of each eager call."""
+    scheduler = getattr(pipe, "scheduler", pipe)
+    model = model if model is not None else getattr(pipe, "transformer", None)
+    if model is None:
+        raise TypeError("announce_steps(pipe): pass a pipeline with a transformer, or announce_steps(scheduler, model)")
+    p = _find(model)
+    if p is None or not p.active:
+        raise ValueError(f"announce_steps: {type(model).__name__} is not patched; fastcache.patch(model, config) first")
+    return StepAnnouncer(scheduler, p)
 
 
 def context(model: nn.Module, name: str, step_index: int | None = None, num_steps: int | None = None):

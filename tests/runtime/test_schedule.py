@@ -351,3 +351,67 @@ def test_copy_and_pickle_keep_the_plan():
         out = case.sample(model=twin, steps=8, context=lambda i, t=twin: fastcache.context(t, "default", step_index=i))
         assert torch.equal(out, ref)
         assert fastcache.stats(twin)["contexts"]["default"]["timeline"][-8:] == [c == "C" for c in plan]
+
+
+def _dit_pipeline():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from zoo import dit_case
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), norm_num_groups=4, layers_per_block=1
+    ).eval()
+    return DiTPipeline(transformer=dit_case(num_embeds_ada_norm=1000).model, vae=vae, scheduler=DDIMScheduler())
+
+
+def test_announce_steps_on_a_diffusers_pipeline_reads_nothing():
+    """diffusers' DiTPipeline, unchanged: announced, the schedule reads nothing inside the
+    transformer calls and gives bitwise the device schedule's images; removal restores
+    the scheduler and the one flag per step."""
+    pipe = _dit_pipeline()
+    m = pipe.transformer
+    plan = "CC1C20C1"
+
+    def sample():
+        mode, n = HostReadMode(), [0]
+
+        def pre(*_):
+            mode.__enter__()
+            n[0] += 1
+
+        hooks = [m.register_forward_pre_hook(pre), m.register_forward_hook(lambda *_: mode.__exit__(None, None, None))]
+        try:
+            out = pipe(
+                class_labels=[1, 2],
+                num_inference_steps=8,
+                guidance_scale=4.0,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            ).images
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, [r for r in mode.reads if r is not None], n[0]
+
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        dev, dev_reads, calls = sample()
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        with fastcache.announce_steps(pipe) as ann:
+            with pytest.raises(ValueError, match="already announced"):
+                fastcache.announce_steps(pipe)
+            host, host_reads, _ = sample()
+            host2, _, _ = sample()  # a second pipeline call: set_timesteps starts the run again
+            st = fastcache.stats(m)["contexts"]["default"]
+            assert ann.index == 8 and ann.num_steps == 8
+        assert "step" not in pipe.scheduler.__dict__ and fastcache.get_patch(m).announcer is None
+        again, again_reads, _ = sample()
+    assert calls == 8 and len(dev_reads) == 8 and host_reads == [] and len(again_reads) == 8
+    assert torch.equal(host, dev) and torch.equal(host2, dev) and torch.equal(again, dev)
+    assert st["timeline"] == [c == "C" for c in plan] * 2
+    with pytest.raises(ValueError, match="is not patched"):
+        fastcache.announce_steps(pipe)
+    # every static schedule places announced steps on the host: FORA, TaylorSeer
+    for cfg in (fastcache.FORAConfig(interval=3), fastcache.TaylorSeerConfig(interval=2, order=1)):
+        with fastcache.patched(m, cfg), fastcache.announce_steps(pipe):
+            _, reads, _ = sample()
+            assert reads == [] and not all(fastcache.stats(m)["contexts"]["default"]["timeline"])
