@@ -272,6 +272,8 @@ class Patch:
             return
         self._ensure_runtime()
         self._final_stats = self.stats()
+        if self.announcer is not None:  # the scheduler gets its own methods back
+            self.announcer.remove()
         for module, fwd in reversed(self._saved):
             cur = _instance_attr(module, "forward")
             if isinstance(cur, _Forward) and cur.patch is self:

@@ -410,6 +410,10 @@ def test_announce_steps_on_a_diffusers_pipeline_reads_nothing():
     assert st["timeline"] == [c == "C" for c in plan] * 2
     with pytest.raises(ValueError, match="is not patched"):
         fastcache.announce_steps(pipe)
+    # removing the patch removes the announcer too
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        fastcache.announce_steps(pipe)
+    assert "step" not in pipe.scheduler.__dict__ and "set_timesteps" not in pipe.scheduler.__dict__
     # every static schedule places announced steps on the host: FORA, TaylorSeer
     for cfg in (fastcache.FORAConfig(interval=3), fastcache.TaylorSeerConfig(interval=2, order=1)):
         with fastcache.patched(m, cfg), fastcache.announce_steps(pipe):
