@@ -338,8 +338,11 @@ class Patch:
         return any(p.requires_grad for p in self._params)
 
     def _model_forward(self, args, kwargs):
-        a = self.announcer
-        if a is not None and a.index is not None and not is_tracing():
+        # is_tracing() first: a traced read of the host step count would be guarded on and
+        # recompile every step (compiled calls get the step at context entry, or count on
+        # the device)
+        a = None if is_tracing() else self.announcer
+        if a is not None and a.index is not None:
             clock = self.clocks[self.current_context]
             if clock.step_index is None:  # the scheduler's step, announced for this call
                 with self.context(self.current_context, step_index=a.index, num_steps=a.num_steps):

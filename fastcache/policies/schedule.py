@@ -60,6 +60,12 @@ class SchedulePolicy(TaylorSeerPolicy):
         self.order = config.order
         self.orders_used = sorted({int(c) for c in config.plan if c != "C"})
         self._orders: dict[torch.device, torch.Tensor] = {}
+        # the device tables for the model's device now, not lazily inside a traced call
+        # (a table created there is a dict miss dynamo guards on: one recompilation more)
+        p = next(iter(model.parameters()), None)
+        if p is not None:
+            self._device_mask(p.device)
+            self._device_orders(p.device)
 
     def new_state(self) -> ScheduleState:
         return ScheduleState(self.config.history)
@@ -73,8 +79,9 @@ class SchedulePolicy(TaylorSeerPolicy):
 
     def set_num_steps(self, num_steps: int | None) -> None:
         self._check_steps(num_steps)
-        super().set_num_steps(num_steps or self.config.num_steps)
-        self._orders.clear()
+        # the plan fixes the run length: the device tables stay valid (TaylorSeer's own
+        # set_num_steps rebuilds its mask for the forced last step)
+        super(TaylorSeerPolicy, self).set_num_steps(num_steps or self.config.num_steps)
 
     def reset_state(self, st: ScheduleState) -> None:
         super().reset_state(st)

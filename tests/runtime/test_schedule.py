@@ -16,6 +16,7 @@ the proxy of the schedule search, and the search itself.
   back; refusals with clear messages.
 """
 
+import contextlib
 import itertools
 import math
 
@@ -419,3 +420,65 @@ def test_announce_steps_on_a_diffusers_pipeline_reads_nothing():
         with fastcache.patched(m, cfg), fastcache.announce_steps(pipe):
             _, reads, _ = sample()
             assert reads == [] and not all(fastcache.stats(m)["contexts"]["default"]["timeline"])
+
+
+@pytest.mark.compile
+def test_announced_cache_context_reaches_a_compiled_transformer():
+    """A Flux-style loop (the transformer call inside ``cache_context``, the scheduler's
+    steps announced): the step is planned at context entry, outside the compiled region,
+    so an inductor-compiled transformer runs with 0 host reads and no recompilation."""
+    from zoo import flux_case
+
+    case = flux_case()
+    m = case.model
+    plan = "CC1C20C1"
+
+    def loop(model, sch, mode=None):
+        sch.set_timesteps(8)
+        x = case.latents(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for t in sch.timesteps:
+                kw = case.inputs(x, t)
+                with m.cache_context("cond"), mode or contextlib.nullcontext():  # count the model calls only
+                    out = case.output(model(**kw))
+                x = sch.step(out, t, x).prev_sample
+        return x
+
+    with fastcache.patched(m, ScheduleConfig(plan=plan)):
+        sch = case.scheduler()
+        with fastcache.announce_steps(sch, m):
+            eager = loop(m, sch)
+            torch._dynamo.reset()
+            cnt = CompileCounterWithBackend("inductor")
+            compiled = torch.compile(m, fullgraph=True, backend=cnt)
+            loop(compiled, sch, HostReadMode())  # compile outside the counted run (same dispatch-mode guards)
+            fastcache.reset(m)
+            mode = HostReadMode()
+            out = loop(compiled, sch, mode)
+            st = fastcache.stats(m)["contexts"]["cond"]
+    ours = [r for r in mode.reads if r is not None]
+    assert ours == [] and not mode.conds, ours
+    assert cnt.frame_count <= 3
+    assert st["timeline"] == [c == "C" for c in plan]
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.compile
+def test_announced_pipeline_without_cache_context_compiles_once():
+    """DiTPipeline calls a compiled transformer outside any context: the announcement is
+    not read in traced code (it would be guarded on and recompile every step), the
+    device schedule runs: one cond per step, no recompilation across steps."""
+    pipe = _dit_pipeline()
+    m = pipe.transformer
+    with fastcache.patched(m, ScheduleConfig(plan="CC1C20C1")), fastcache.announce_steps(pipe.scheduler, m):
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        pipe.transformer = torch.compile(m, fullgraph=True, backend=cnt)
+        try:
+            for _ in range(2):
+                pipe(class_labels=[1, 2], num_inference_steps=8, output_type="pt")
+        finally:
+            pipe.transformer = m
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert cnt.frame_count <= 2, cnt.frame_count  # the first call (allocation) and the cond step
+    assert st["timeline"][-8:] == [c == "C" for c in "CC1C20C1"]
