@@ -43,11 +43,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "runtime"))
 
 import fastcache  # noqa: E402
-from fastcache import ScheduleConfig  # noqa: E402
 from fastcache.calibrate import digits_runs  # noqa: E402
 from fastcache.models import load_digits_dit, sample_digits  # noqa: E402
 from fastcache.models.convert import DiffusersDiT  # noqa: E402
-from fastcache.scheduling import _psnr, evaluate_schedule, fixed_interval_plan, schedule_from_profile  # noqa: E402
+from fastcache.scheduling import (  # noqa: E402
+    _config,
+    _psnr,
+    evaluate_schedule,
+    fixed_interval_plan,
+    schedule_from_profile,
+)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -126,10 +131,9 @@ def _diffusers_taylorseer(ref, held_specs, refs_h, K, S):
     return out
 
 
-def _speed(model, plan, held, S, repeats):
+def _speed(model, cfg, held, S, repeats):
     """Best-of CPU seconds of one held-out run: uncached, announced, device schedule."""
     r = held[0]
-    cfg = ScheduleConfig(plan=plan)
 
     def announced():
         return sample_digits_like(r, model, S)
@@ -167,7 +171,7 @@ def _runs(model, S, n, batch, held_out):
     return runs, specs
 
 
-def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
+def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("reuse", "taylor1", "taylor2")):
     torch.set_num_threads(2)
     model = load_digits_dit()
     cal, _ = _runs(model, S, n_cal, batch, False)
@@ -180,16 +184,18 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
     rows, searched = [], {}
     for K in budgets:
         print(f"K={K}: searching ...", flush=True)
-        res = fastcache.search_schedule(model, cal, K, profile=prof, max_evals=max_evals, progress=False)
+        res = fastcache.search_schedule(
+            model, cal, K, methods=methods, profile=prof, max_evals=max_evals, progress=False
+        )
         res.store(prof)
         print(res, flush=True)
         searched[K] = res
 
         def held_psnr(plan):
-            return round(evaluate_schedule(model, ScheduleConfig(plan=plan), held, refs_h)[0], 2)
+            return round(evaluate_schedule(model, _config(plan, prof), held, refs_h)[0], 2)
 
         def cal_psnr(plan):
-            return round(evaluate_schedule(model, ScheduleConfig(plan=plan), cal, refs_c)[0], 2)
+            return round(evaluate_schedule(model, _config(plan, prof), cal, refs_c)[0], 2)
 
         dp_plan = schedule_from_profile(prof, K)[0].plan
         plans = [
@@ -229,7 +235,7 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
                 print(f"  diffusers taylorseer {dt}", flush=True)
         except ImportError as e:
             rows.append(dict(K=K, provider="diffusers", method="taylorseer hook", skipped=str(e)))
-        t = _speed(model, res.plan, held, S, repeats)
+        t = _speed(model, res.config, held, S, repeats)
         rows[first].update(
             cpu_s_uncached=round(t["uncached"], 3),
             cpu_s_announced=round(t["announced"], 3),
@@ -239,8 +245,9 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats):
             ideal_speedup=round(S / K, 2),
         )
         print(f"  speed {rows[first]}", flush=True)
-    prof_path = RESULTS / "digits50.schedules.json"
-    prof_path.write_text(json.dumps({str(k): v for k, v in sorted(prof.schedules.items())}, indent=1) + "\n")
+    if methods == ("reuse", "taylor1", "taylor2"):  # the plans bench_compare.py runs
+        prof_path = RESULTS / "digits50.schedules.json"
+        prof_path.write_text(json.dumps({str(k): v for k, v in sorted(prof.schedules.items())}, indent=1) + "\n")
     return rows, searched, calib_s
 
 
@@ -349,13 +356,15 @@ def main(argv=None):
     ap.add_argument("--max-evals", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-family", action="store_true")
+    ap.add_argument("--methods", default="reuse,taylor1,taylor2", help="fillers the search may use (add eoc)")
     ap.add_argument("--out", default="schedule")
     a = ap.parse_args(argv)
     from common import environment
 
     budgets = [int(k) for k in a.budgets.split(",")]
     t0 = time.perf_counter()
-    rows, searched, calib_s = run_digits(budgets, a.steps, a.runs, a.held_out, a.batch, a.max_evals, a.repeats)
+    methods = tuple(m for m in a.methods.split(",") if m)
+    rows, searched, calib_s = run_digits(budgets, a.steps, a.runs, a.held_out, a.batch, a.max_evals, a.repeats, methods)
     family = None if a.no_family else run_family(a.steps, 17, 12, a.repeats)
     RESULTS.mkdir(parents=True, exist_ok=True)
     fields = []

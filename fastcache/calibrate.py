@@ -208,7 +208,7 @@ def _budget(a, model, runs, held, prof) -> int:
     print(res)
     from .config import ScheduleConfig
 
-    top = max(METHODS[m] for m in methods)
+    top = max((METHODS[m] for m in methods if m in METHODS), default=0)
     fixed = fixed_interval_plan(res.budget, res.num_steps, top if top > 0 else 0)
     scores = None
     if held:
@@ -252,7 +252,9 @@ def main(argv=None) -> int:
     tgt.add_argument("--target-speedup", type=float, help="measured speedup (process CPU time), e.g. 2.0")
     tgt.add_argument("--budget", type=int, help="search a static schedule with this many computed steps")
     ap.add_argument(
-        "--methods", default="reuse,taylor1,taylor2", help="with --budget: what may fill a cached step (comma list)"
+        "--methods",
+        default="reuse,taylor1,taylor2",
+        help="with --budget: what may fill a cached step (comma list of reuse, taylor1, taylor2, eoc)",
     )
     ap.add_argument("--held-out", type=int, default=2, help="with --budget: held-out runs to check on (digits)")
     ap.add_argument("--max-evals", type=int, default=None, help="evaluations (default 10; 40 with --budget)")

@@ -798,7 +798,9 @@ def block_schedule(change, delta: float) -> tuple[tuple[bool, ...], ...]:
 
 
 # --- Schedule ---
-SCHEDULE_CODES = "C01234"  # "C": computed; a digit: forecast with the Taylor series to that order (0 = reuse)
+# "C": computed; a digit: forecast with the Taylor series to that order (0 = reuse);
+# "E": reuse corrected by EOC's trend (docs/methods.md section 4, Eq. E4), needs a profile
+SCHEDULE_CODES = "C01234E"
 
 
 @config_type
@@ -811,8 +813,10 @@ class ScheduleConfig(CacheConfig):
 
     ``plan`` has one character per step of the run: ``"C"`` computes the step; a digit
     ``k`` forecasts it with the Taylor series to order ``k`` from the history of the last
-    computed steps (``"0"`` = reuse the last computed step's outputs). Example, 10 steps,
-    4 computed: ``"CC11C112C1"``.
+    computed steps (``"0"`` = reuse the last computed step's outputs); ``"E"`` reuses them
+    corrected by EOC's trend, ``f * (1 + eoc_weight * (P[s] - P[c]))`` with ``P`` the
+    ``profile``'s prior and ``c`` the last computed step (section 4, Eq. E4). Example, 10
+    steps, 4 computed: ``"CC11C1E2C1"``.
 
     The run length is ``len(plan)``; a pipeline announcing another step count is refused,
     and steps past the plan's end are computed. The schedule never reads the model's
@@ -827,9 +831,13 @@ class ScheduleConfig(CacheConfig):
     kind: ClassVar[str] = "schedule"
 
     plan: str = ""
+    profile: Any = None
+    eoc_weight: float = 1.0
     history: int = 1024
 
     def __post_init__(self) -> None:
+        from .profile import Profile
+
         p = self.plan
         if not isinstance(p, str) or not p:
             raise ValueError(
@@ -840,13 +848,42 @@ class ScheduleConfig(CacheConfig):
         bad = sorted({c for c in p if c not in SCHEDULE_CODES})
         if bad:
             raise ValueError(
-                f"plan holds {''.join(bad)!r}; use 'C' for a computed step and a digit 0-4 for the forecast order "
-                f"of a cached step (0 = reuse), got {self.plan!r}"
+                f"plan holds {''.join(bad)!r}; use 'C' for a computed step, a digit 0-4 for the forecast order "
+                f"of a cached step (0 = reuse) and 'E' for an EOC-corrected reuse, got {self.plan!r}"
             )
         if p[0] != "C":
             raise ValueError(f"plan must start with 'C': step 0 has nothing cached, got {self.plan!r}")
         _set(self, "plan", p)
         _set(self, "history", _check_int("history", self.history, 1))
+        _set(self, "eoc_weight", _check_float("eoc_weight", self.eoc_weight, 0))
+        prof = self.profile
+        if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
+            prof = Profile.load(prof)
+        if prof is not None and not isinstance(prof, Profile):
+            raise ValueError(
+                f"ScheduleConfig.profile must be a fastcache.Profile or a path to one, got {type(prof).__name__}"
+            )
+        if "E" in p:
+            if prof is None:
+                raise ValueError(
+                    "plan holds 'E' (EOC-corrected reuse): give the model's profile, ScheduleConfig(plan=..., "
+                    "profile=fastcache.calibrate(model, run)), whose prior gives the trend"
+                )
+            if prof.num_steps != len(p):
+                raise ValueError(
+                    f"ScheduleConfig: the plan has {len(p)} steps but the profile was recorded over "
+                    f"{prof.num_steps}-step runs; calibrate with {len(p)}-step runs"
+                )
+        _set(self, "profile", prof)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "plan": self.plan,
+            "profile": None if self.profile is None else self.profile.describe(),
+            "eoc_weight": self.eoc_weight,
+            "history": self.history,
+        }
 
     @property
     def num_steps(self) -> int:
@@ -859,7 +896,7 @@ class ScheduleConfig(CacheConfig):
     @property
     def order(self) -> int:
         """The highest forecast order the plan uses (the history kept)."""
-        return max((int(c) for c in self.plan if c != "C"), default=0)
+        return max((int(c) for c in self.plan if c not in "CE"), default=0)
 
     @property
     def budget(self) -> int:
@@ -870,8 +907,12 @@ class ScheduleConfig(CacheConfig):
         return step >= len(self.plan) or self.plan[step] == "C"
 
     def order_at(self, step: int) -> int:
-        """The forecast order of a cached step (0 for computed steps and past the end)."""
-        return 0 if self.computes(step) else int(self.plan[step])
+        """The forecast order of a cached step (0 for computed, EOC-corrected and past-the-end steps)."""
+        return 0 if self.computes(step) or self.plan[step] == "E" else int(self.plan[step])
+
+    def corrects(self, step: int) -> bool:
+        """Is step ``step`` an EOC-corrected reuse?"""
+        return step < len(self.plan) and self.plan[step] == "E"
 
     @classmethod
     def from_steps(cls, compute_steps, num_steps: int, order: int = 1, **kw) -> ScheduleConfig:

@@ -225,7 +225,8 @@ class Profile:
                 f"this profile holds no schedule for {budget} computed steps (it holds: {have}); search one with "
                 "fastcache.search_schedule(model, runs, budget, profile=profile) and store it"
             )
-        return ScheduleConfig(plan=self.schedules[int(budget)]["plan"])
+        plan = self.schedules[int(budget)]["plan"]
+        return ScheduleConfig(plan=plan, profile=self if "E" in plan else None)
 
     def require(self, curve: str, method: str) -> torch.Tensor:
         """The calibrated curve ``curve`` ("mag_ratios" or "block_change"), or a clear error

@@ -129,7 +129,8 @@ def plan_cost(W: np.ndarray, plan: str) -> float:
             comp.append(s)
             continue
         last = ([-1, -1] + comp)[-3:]
-        a = _coefficients(np.float64(last[0]), np.float64(last[1]), np.float64(last[2]), float(s - last[2]), int(c))
+        k = 0 if c == "E" else int(c)  # EOC's correction is not modelled: counted as the reuse it corrects
+        a = _coefficients(np.float64(last[0]), np.float64(last[1]), np.float64(last[2]), float(s - last[2]), k)
         total += float(_error(W[s], s, last, a))
     return total
 
@@ -240,20 +241,30 @@ def plan_timeline(plan: str, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def _orders(methods) -> list[int]:
+def _orders(methods) -> tuple[list[int], bool]:
+    """(Taylor orders allowed, whether EOC-corrected reuse is). With "eoc" alone, order 0
+    stands in for it in the proxy (which does not model the correction) and in the starts."""
     if isinstance(methods, str):
         methods = (methods,)
-    out = []
+    out, eoc = [], False
     for m in methods:
+        if m == "eoc":
+            eoc = True
+            continue
         if m not in METHODS:
             raise ValueError(
-                f"search_schedule: unknown method {m!r}; the methods that fill a cached step are {sorted(METHODS)} "
-                "(reuse = the last computed step's outputs, taylorN = TaylorSeer's forecast of order N)"
+                f"search_schedule: unknown method {m!r}; the methods that fill a cached step are "
+                f"{sorted(METHODS) + ['eoc']} (reuse = the last computed step's outputs, taylorN = TaylorSeer's "
+                "forecast of order N, eoc = reuse corrected by EOC's trend from the profile's prior)"
             )
         out.append(METHODS[m])
-    if not out:
-        raise ValueError("search_schedule: methods is empty; give at least one of " + ", ".join(METHODS))
-    return sorted(set(out))
+    if not out and not eoc:
+        raise ValueError("search_schedule: methods is empty; give at least one of " + ", ".join([*METHODS, "eoc"]))
+    return (sorted(set(out)) or [0]), eoc
+
+
+def _config(plan: str, profile: Profile | None) -> ScheduleConfig:
+    return ScheduleConfig(plan=plan, profile=profile if "E" in plan else None)
 
 
 def _check_budget(budget, speedup, S: int) -> int:
@@ -287,8 +298,15 @@ def schedule_from_profile(
     S = int(gram.shape[1])
     K = _check_budget(budget, speedup, S)
     W = step_weights(gram.numpy(), weighting)  # host-read-ok: offline search
-    plan, cost = _dp(W, _orders(methods), K)(K)
-    return ScheduleConfig(plan=plan), cost
+    orders, eoc = _orders(methods)
+    plan, cost = _dp(W, orders, K)(K)
+    if eoc and set(_method_names(methods)) == {"eoc"}:
+        plan = plan.replace("0", "E")
+    return _config(plan, profile), cost
+
+
+def _method_names(methods) -> tuple[str, ...]:
+    return (methods,) if isinstance(methods, str) else tuple(methods)
 
 
 # -- end-to-end evaluation ----------------------------------------------------------------
@@ -401,14 +419,15 @@ class ScheduleSearchResult:
         return "\n".join(lines)
 
 
-def _neighbours(plan: str, orders: Sequence[int]) -> list[str]:
+def _neighbours(plan: str, codes: Sequence[str]) -> list[str]:
     """Plans one move away: a computed step (not step 0) moved by one or two steps, one
-    gap of forecast steps given another order, or every forecast step given one order."""
+    gap of forecast steps given another filler (``codes``: "0", "1", "2", "E"), or every
+    forecast step given one filler."""
     out = set()
     p = list(plan)
     S = len(p)
-    for k in orders:
-        out.add("".join(c if c == "C" else str(k) for c in p))
+    for k in codes:
+        out.add("".join(c if c == "C" else k for c in p))
     for s in range(1, S):
         if p[s] != "C":
             continue
@@ -425,10 +444,10 @@ def _neighbours(plan: str, orders: Sequence[int]) -> list[str]:
         e = s
         while e < S and p[e] != "C":
             e += 1
-        for k in orders:
-            if any(p[i] != str(k) for i in range(s, e)):
+        for k in codes:
+            if any(p[i] != k for i in range(s, e)):
                 q = p.copy()
-                q[s:e] = [str(k)] * (e - s)
+                q[s:e] = [k] * (e - s)
                 out.add("".join(q))
         s = e
     out.discard(plan)
@@ -460,15 +479,20 @@ def search_schedule(
         budget: computed steps K, 1 <= K <= S (step 0 is always one of them).
         speedup: instead of ``budget``: K = ceil(S / speedup) (block work; the measured
             speedup is lower by the per-step overhead and the parts outside the blocks).
-        methods: what may fill a cached step: "reuse", "taylor1", "taylor2".
+        methods: what may fill a cached step: "reuse", "taylor1", "taylor2", "eoc" (reuse
+            corrected by EOC's trend, ``f * (1 + (P[s] - P[c]))`` from the profile's prior;
+            the proxy counts it as the reuse it corrects, so only the end-to-end stage
+            places it).
         profile: a profile of these runs with a step Gram (skips the calibration pass;
             the uncached outputs are then computed by running ``runs``).
         max_evals: end-to-end evaluations (each = every run once, patched) at most, >= 1.
         data_range: of the outputs, for PSNR (2 for images in [-1, 1]).
     """
     t_start = time.perf_counter()
-    orders = _orders(methods)
-    names = tuple(m for m in METHODS if METHODS[m] in orders)
+    orders, eoc = _orders(methods)
+    given = set(_method_names(methods))
+    names = tuple(m for m in [*METHODS, "eoc"] if m in given)
+    codes = [str(k) for k in orders if given != {"eoc"}] + (["E"] if eoc else [])
     if isinstance(model, Profile):
         if runs is not None:
             raise ValueError("search_schedule: with a profile (no model) there is nothing to run; pass runs=None")
@@ -513,6 +537,8 @@ def search_schedule(
             starts.append((fixed_interval_plan(K, S, k), f"interval-o{k}"))
     for head in START_HEADS:
         starts.append((spaced_plan(head, K, S, orders[-1]), "head-" + "".join(map(str, head))))
+    if given == {"eoc"}:  # order 0 stood in for the EOC-corrected reuse
+        starts = [(p.replace("0", "E"), src) for p, src in starts]
     starts = list({p: (p, src) for p, src in reversed(starts)}.values())[::-1]  # unique, first source kept
     proxy_s = time.perf_counter() - t0
     W = Ws["relative"]
@@ -523,7 +549,7 @@ def search_schedule(
 
     def evaluate(plan: str, source: str) -> PlanScore:
         nonlocal calls, computed
-        psnr, ok = evaluate_schedule(model, ScheduleConfig(plan=plan), runs, refs, data_range=data_range, spec=spec)
+        psnr, ok = evaluate_schedule(model, _config(plan, profile), runs, refs, data_range=data_range, spec=spec)
         calls += S * len(runs)
         computed += plan.count("C") * len(runs)
         bar()
@@ -545,7 +571,7 @@ def search_schedule(
         improved = True
         while improved and len(trace) < max_evals:
             improved = False
-            cands = [q for q in _neighbours(best.plan, orders) if q not in seen]
+            cands = [q for q in _neighbours(best.plan, codes) if q not in seen]
             cands.sort(key=lambda q: plan_cost(W, q))
             for q in cands:
                 if len(trace) >= max_evals:
@@ -557,5 +583,5 @@ def search_schedule(
     finally:
         bar.close()
     total_s = time.perf_counter() - t_start
-    cfg = ScheduleConfig(plan=best.plan)
+    cfg = _config(best.plan, profile)
     return ScheduleSearchResult(K, S, cfg, best, trace, names, calls, computed, total_s, proxy_s)

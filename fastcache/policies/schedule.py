@@ -49,6 +49,7 @@ class ScheduleState(TaylorState):
         self.plan_first: torch.Tensor | None = None  # (1,) bool: step 0 of a run
         self.plan_k: torch.Tensor | None = None  # (1,) long: the forecast order
         self.plan_store: torch.Tensor | None = None  # () bool: a computed step updates the history once
+        self.plan_trend: torch.Tensor | None = None  # (K, ...) EOC trend of the step (zeros: none)
 
 
 @register_policy(ScheduleConfig)
@@ -58,14 +59,23 @@ class SchedulePolicy(TaylorSeerPolicy):
     def __init__(self, config: ScheduleConfig, spec, model):
         super().__init__(config, spec, model)
         self.order = config.order
-        self.orders_used = sorted({int(c) for c in config.plan if c != "C"})
+        S = config.num_steps
+        self.orders_used = sorted({config.order_at(s) for s in range(S) if not config.computes(s)})
         self._orders: dict[torch.device, torch.Tensor] = {}
+        # EOC-corrected steps ("E"): the profile's prior P (S, K, D) gives the trend
+        self.eoc = "E" in config.plan
+        self.eoc_weight = float(config.eoc_weight)
+        self._prior: dict[torch.device, tuple] = {}
+        if self.eoc:
+            config.profile.check(model, self.layout.describe())
         # the device tables for the model's device now, not lazily inside a traced call
         # (a table created there is a dict miss dynamo guards on: one recompilation more)
         p = next(iter(model.parameters()), None)
         if p is not None:
             self._device_mask(p.device)
             self._device_orders(p.device)
+            if self.eoc:
+                self._device_prior(p.device)
 
     def new_state(self) -> ScheduleState:
         return ScheduleState(self.config.history)
@@ -111,6 +121,14 @@ class SchedulePolicy(TaylorSeerPolicy):
         st.plan_first.fill_(s == 0)
         st.plan_k.fill_(self.config.order_at(s))
         st.plan_store.fill_(compute)
+        if self.eoc:
+            P = self._device_prior(dev)[0]
+            if st.plan_trend is None or st.plan_trend.device != dev:
+                st.plan_trend = torch.zeros_like(P[0])
+            if self.config.corrects(s) and not compute:
+                torch.sub(P[s], P[last], out=st.plan_trend)  # device ops outside any traced region; no read
+            else:
+                st.plan_trend.zero_()
         st.host_timeline.append(compute)
         if compute:
             st.host_last = [s] * self.K
@@ -140,8 +158,8 @@ class SchedulePolicy(TaylorSeerPolicy):
                 "fastcache: the schedule planned a forecast but nothing is cached (the inputs changed shape, dtype "
                 "or device within the run); start the run again from step 0"
             )
-        ex = _TraceExecutor(self, False, self._forecast_order(st, st.plan_dx, st.plan_k), None, 0.0)
-        return run_blocks(self.layout, call, dict(streams), ex)
+        cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
+        return run_blocks(self.layout, call, dict(streams), _TraceExecutor(self, False, cache, None, 0.0))
 
     def host_compute(self, step: StepInfo) -> bool:
         self._check_steps(step.num_steps)
@@ -162,23 +180,40 @@ class SchedulePolicy(TaylorSeerPolicy):
             o = self._orders[dev] = torch.tensor(rows + [0], dtype=torch.long, device=dev)
         return o
 
+    def _device_prior(self, dev):
+        """(P (S, K, ...), EOC-step mask (S+1,) fp32, slot index (K,)) on ``dev``."""
+        got = self._prior.get(dev)
+        if got is None:
+            P = self.config.profile.prior.to(dev)
+            rows = [float(self.config.corrects(s)) for s in range(self.config.num_steps)]
+            got = self._prior[dev] = (P, torch.tensor(rows + [0.0], device=dev), torch.arange(self.K, device=dev))
+        return got
+
     def _forecast(self, st: ScheduleState, dx: torch.Tensor) -> list[torch.Tensor]:
         # device step (the decision op has counted this call): its order from the table
         table = self._device_orders(dx.device)
         s_raw = (st.state[STEP : STEP + 1] - 1).clamp(min=0, max=table.numel() - 1).to(torch.long)
-        return self._forecast_order(st, dx, table.index_select(0, s_raw))
+        trend = None
+        if self.eoc:  # EOC's trend from each slot's last computed step (as the EOC policy)
+            P, is_e, ar = self._device_prior(dx.device)
+            s_c = s_raw.clamp(max=P.shape[0] - 1)
+            T = P.index_select(0, s_c)[0] - P[st.last.clamp(max=P.shape[0] - 1), ar]
+            trend = T * is_e.index_select(0, s_raw).reshape((1,) * T.dim())
+        return self._forecast_order(st, dx, table.index_select(0, s_raw), trend)
 
-    def _forecast_order(self, st: ScheduleState, dx: torch.Tensor, k_now: torch.Tensor) -> list[torch.Tensor]:
+    def _forecast_order(
+        self, st: ScheduleState, dx: torch.Tensor, k_now: torch.Tensor, trend: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Every slot's forecast with the order ``k_now`` ((1,) long, on the device): one
-        forecast per order the plan uses, selected with ``torch.where``."""
-        if len(self.orders_used) <= 1:
-            k = self.orders_used[0] if self.orders_used else 0
-            return [ops.taylor_forecast(h[: k + 1], dx) for h in st.hist]
+        forecast per order the plan uses, selected with ``torch.where``; then, with
+        ``trend`` ((K, ...) fp32, zero rows = no correction), EOC's ``f * (1 + w T)``."""
         out = []
-        for h in st.hist:
-            f = ops.taylor_forecast(h[: self.orders_used[-1] + 1], dx)
+        for i, h in enumerate(st.hist):
+            f = ops.taylor_forecast(h[: self.orders_used[-1] + 1 if self.orders_used else 1], dx)
             for k in self.orders_used[:-1]:
                 f = torch.where(k_now == k, ops.taylor_forecast(h[: k + 1], dx), f)
+            if trend is not None:
+                f = (f * (1.0 + self.eoc_weight * trend[i])).to(f.dtype)
             out.append(f)
         return out
 

@@ -298,8 +298,8 @@ def test_search_refusals(small_profile):
         fastcache.search_schedule(case.model, run, progress=False)
     with pytest.raises(ValueError, match=r"budget=9 must be an integer in \[1, 7\]"):
         fastcache.search_schedule(case.model, run, 9, profile=prof, progress=False)
-    with pytest.raises(ValueError, match="unknown method 'eoc'"):
-        fastcache.search_schedule(case.model, run, 3, methods=("eoc",), profile=prof, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'taylor3'"):
+        fastcache.search_schedule(case.model, run, 3, methods=("taylor3",), profile=prof, progress=False)
     with pytest.raises(ValueError, match="runs is required"):
         fastcache.search_schedule(case.model, None, 3)
     with pytest.raises(ValueError, match="pass runs=None"):
@@ -482,3 +482,40 @@ def test_announced_pipeline_without_cache_context_compiles_once():
         st = fastcache.stats(m)["contexts"]["default"]
     assert cnt.frame_count <= 2, cnt.frame_count  # the first call (allocation) and the cond step
     assert st["timeline"][-8:] == [c == "C" for c in "CC1C20C1"]
+
+
+# ----------------------------------------------------------------------------- EOC filler
+def test_eoc_steps_equal_eoc_on_fora_and_mix_with_taylor(small_profile):
+    """ "E" = EOC's corrected reuse (Eq. E4) from the last computed step: a plan of C/E
+    on FORA's timeline is bitwise EOCConfig(FORA, w=1, every reused block corrected);
+    a mixed plan gives the same images announced and on the device schedule."""
+    case, _ = small_profile
+    m = case.model
+    prof = fastcache.calibrate(m, lambda: [case.sample(steps=8, seed=s) for s in (1, 2)], progress=False)
+    eoc = fastcache.EOCConfig(
+        base=fastcache.FORAConfig(interval=2), profile=prof, weight=1.0, regulation=0, threshold=0
+    )
+    with fastcache.patched(m, eoc):
+        ref = case.sample(steps=8, seed=5)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert st["corrected"] > 0
+    plan = "".join("C" if c else "E" for c in st["timeline"])
+    with fastcache.patched(m, ScheduleConfig(plan=plan, profile=prof)):
+        assert torch.equal(case.sample(steps=8, seed=5), ref)
+    with fastcache.patched(m, ScheduleConfig(plan=plan.replace("E", "0"))):
+        assert not torch.equal(case.sample(steps=8, seed=5), ref)  # the correction does something
+    mixed = "CC1CE0C2"
+    with fastcache.patched(m, ScheduleConfig(plan=mixed, profile=prof)):
+        dev = case.sample(steps=8, seed=5)
+    with fastcache.patched(m, ScheduleConfig(plan=mixed, profile=prof)):
+        host = case.sample(steps=8, seed=5, context=lambda i: fastcache.context(m, "default", step_index=i))
+    assert torch.equal(dev, host)
+    with pytest.raises(ValueError, match="give the model's profile"):
+        ScheduleConfig(plan="CCE")
+    with pytest.raises(ValueError, match="recorded over 8-step runs"):
+        ScheduleConfig(plan="CCE", profile=prof)
+    # the search may place it (the end-to-end stage: the proxy counts it as reuse)
+    runs = [lambda: case.sample(steps=8, seed=4)]
+    res = fastcache.search_schedule(m, runs, 3, methods=("eoc",), profile=prof, max_evals=4, progress=False)
+    assert set(res.plan) <= {"C", "E"} and res.config.profile is prof and res.methods == ("eoc",)
+    assert S.evaluate_schedule(m, res.config, runs)[1]
