@@ -241,26 +241,28 @@ def plan_timeline(plan: str, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def _orders(methods) -> tuple[list[int], bool]:
-    """(Taylor orders allowed, whether EOC-corrected reuse is). With "eoc" alone, order 0
-    stands in for it in the proxy (which does not model the correction) and in the starts."""
-    if isinstance(methods, str):
-        methods = (methods,)
-    out, eoc = [], False
-    for m in methods:
-        if m == "eoc":
-            eoc = True
-            continue
-        if m not in METHODS:
-            raise ValueError(
-                f"search_schedule: unknown method {m!r}; the methods that fill a cached step are "
-                f"{sorted(METHODS) + ['eoc']} (reuse = the last computed step's outputs, taylorN = TaylorSeer's "
-                "forecast of order N, eoc = reuse corrected by EOC's trend from the profile's prior)"
-            )
-        out.append(METHODS[m])
-    if not out and not eoc:
+def _fillers(methods) -> tuple[list[int], list[str], tuple[str, ...]]:
+    """(Taylor orders the proxy solves with, plan codes the search may place, method names).
+    With "eoc" and no plain reuse, order 0 stands in for the EOC-corrected reuse in the
+    proxy (which does not model the correction): see :func:`_from_proxy`."""
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    unknown = [m for m in names if m not in METHODS and m != "eoc"]
+    if unknown:
+        raise ValueError(
+            f"search_schedule: unknown method {unknown[0]!r}; the methods that fill a cached step are "
+            f"{sorted(METHODS) + ['eoc']} (reuse = the last computed step's outputs, taylorN = TaylorSeer's "
+            "forecast of order N, eoc = reuse corrected by EOC's trend from the profile's prior)"
+        )
+    if not names:
         raise ValueError("search_schedule: methods is empty; give at least one of " + ", ".join([*METHODS, "eoc"]))
-    return (sorted(set(out)) or [0]), eoc
+    orders = sorted({METHODS[m] for m in names if m in METHODS})
+    codes = [str(k) for k in orders] + (["E"] if "eoc" in names else [])
+    return orders or [0], codes, tuple(m for m in [*METHODS, "eoc"] if m in names)
+
+
+def _from_proxy(plan: str, codes: Sequence[str]) -> str:
+    """A proxy plan in the allowed codes (order 0 stood in for "E" when reuse is not allowed)."""
+    return plan if "0" in codes else plan.replace("0", "E")
 
 
 def _config(plan: str, profile: Profile | None) -> ScheduleConfig:
@@ -298,15 +300,9 @@ def schedule_from_profile(
     S = int(gram.shape[1])
     K = _check_budget(budget, speedup, S)
     W = step_weights(gram.numpy(), weighting)  # host-read-ok: offline search
-    orders, eoc = _orders(methods)
+    orders, codes, _ = _fillers(methods)
     plan, cost = _dp(W, orders, K)(K)
-    if eoc and set(_method_names(methods)) == {"eoc"}:
-        plan = plan.replace("0", "E")
-    return _config(plan, profile), cost
-
-
-def _method_names(methods) -> tuple[str, ...]:
-    return (methods,) if isinstance(methods, str) else tuple(methods)
+    return _config(_from_proxy(plan, codes), profile), cost
 
 
 # -- end-to-end evaluation ----------------------------------------------------------------
@@ -489,10 +485,7 @@ def search_schedule(
         data_range: of the outputs, for PSNR (2 for images in [-1, 1]).
     """
     t_start = time.perf_counter()
-    orders, eoc = _orders(methods)
-    given = set(_method_names(methods))
-    names = tuple(m for m in [*METHODS, "eoc"] if m in given)
-    codes = [str(k) for k in orders if given != {"eoc"}] + (["E"] if eoc else [])
+    orders, codes, names = _fillers(methods)
     if isinstance(model, Profile):
         if runs is not None:
             raise ValueError("search_schedule: with a profile (no model) there is nothing to run; pass runs=None")
@@ -537,8 +530,7 @@ def search_schedule(
             starts.append((fixed_interval_plan(K, S, k), f"interval-o{k}"))
     for head in START_HEADS:
         starts.append((spaced_plan(head, K, S, orders[-1]), "head-" + "".join(map(str, head))))
-    if given == {"eoc"}:  # order 0 stood in for the EOC-corrected reuse
-        starts = [(p.replace("0", "E"), src) for p, src in starts]
+    starts = [(_from_proxy(p, codes), src) for p, src in starts]
     starts = list({p: (p, src) for p, src in reversed(starts)}.values())[::-1]  # unique, first source kept
     proxy_s = time.perf_counter() - t0
     W = Ws["relative"]

@@ -34,7 +34,7 @@ from .. import ops
 from ..config import ScheduleConfig
 from ..interior import run_blocks
 from ..ops.reference import STEP
-from .base import StepInfo, register_policy
+from .base import StepInfo, is_tracing, register_policy
 from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
@@ -50,6 +50,8 @@ class ScheduleState(TaylorState):
         self.plan_k: torch.Tensor | None = None  # (1,) long: the forecast order
         self.plan_store: torch.Tensor | None = None  # () bool: a computed step updates the history once
         self.plan_trend: torch.Tensor | None = None  # (K, ...) EOC trend of the step (zeros: none)
+        self.plan_order = 0  # the same order and correction on the host, for eager calls
+        self.plan_corrects = False
 
 
 @register_policy(ScheduleConfig)
@@ -57,8 +59,7 @@ class SchedulePolicy(TaylorSeerPolicy):
     """Runs a :class:`fastcache.ScheduleConfig`; see the module docstring."""
 
     def __init__(self, config: ScheduleConfig, spec, model):
-        super().__init__(config, spec, model)
-        self.order = config.order
+        super().__init__(config, spec, model)  # self.order = config.order: the history kept
         S = config.num_steps
         self.orders_used = sorted({config.order_at(s) for s in range(S) if not config.computes(s)})
         self._orders: dict[torch.device, torch.Tensor] = {}
@@ -119,13 +120,15 @@ class SchedulePolicy(TaylorSeerPolicy):
         last = st.host_last[0] if st.host_last else 0
         st.plan_dx.fill_(float(s - last))
         st.plan_first.fill_(s == 0)
-        st.plan_k.fill_(self.config.order_at(s))
+        st.plan_order = self.config.order_at(s)
+        st.plan_corrects = self.config.corrects(s) and not compute
+        st.plan_k.fill_(st.plan_order)
         st.plan_store.fill_(compute)
         if self.eoc:
             P = self._device_prior(dev)[0]
             if st.plan_trend is None or st.plan_trend.device != dev:
                 st.plan_trend = torch.zeros_like(P[0])
-            if self.config.corrects(s) and not compute:
+            if st.plan_corrects:
                 torch.sub(P[s], P[last], out=st.plan_trend)  # device ops outside any traced region; no read
             else:
                 st.plan_trend.zero_()
@@ -158,7 +161,13 @@ class SchedulePolicy(TaylorSeerPolicy):
                 "fastcache: the schedule planned a forecast but nothing is cached (the inputs changed shape, dtype "
                 "or device within the run); start the run again from step 0"
             )
-        cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
+        if is_tracing():  # order and correction as device values: one graph for every forecast step
+            cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
+        else:  # eager: the host knows the step's order, so one forecast per slot
+            k = st.plan_order
+            cache = [ops.taylor_forecast(h[: k + 1], st.plan_dx) for h in st.hist]
+            if st.plan_corrects:
+                cache = self._correct(cache, st.plan_trend)
         return run_blocks(self.layout, call, dict(streams), _TraceExecutor(self, False, cache, None, 0.0))
 
     def host_compute(self, step: StepInfo) -> bool:
@@ -208,14 +217,16 @@ class SchedulePolicy(TaylorSeerPolicy):
         forecast per order the plan uses, selected with ``torch.where``; then, with
         ``trend`` ((K, ...) fp32, zero rows = no correction), EOC's ``f * (1 + w T)``."""
         out = []
-        for i, h in enumerate(st.hist):
+        for h in st.hist:
             f = ops.taylor_forecast(h[: self.orders_used[-1] + 1 if self.orders_used else 1], dx)
             for k in self.orders_used[:-1]:
                 f = torch.where(k_now == k, ops.taylor_forecast(h[: k + 1], dx), f)
-            if trend is not None:
-                f = (f * (1.0 + self.eoc_weight * trend[i])).to(f.dtype)
             out.append(f)
-        return out
+        return out if trend is None else self._correct(out, trend)
+
+    def _correct(self, fs: list[torch.Tensor], trend: torch.Tensor) -> list[torch.Tensor]:
+        """EOC's Eq. E4 on every slot: ``f * (1 + w T)`` (a zero row leaves ``f`` as it is)."""
+        return [(f * (1.0 + self.eoc_weight * t)).to(f.dtype) for f, t in zip(fs, trend)]
 
     def state_stats(self, st: ScheduleState) -> dict:
         out = super().state_stats(st)
