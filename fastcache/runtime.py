@@ -32,7 +32,9 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -149,10 +151,13 @@ class _Clock:
 
     calls: int = 0
     step_index: int | None = None  # from the pipeline, for the current call only
-    num_steps: int | None = None  # from the pipeline's context
+    num_steps: int | None = None  # given by the caller (fastcache.context(..., num_steps=n))
+    run_steps: int | None = None  # announced by the sampler, for the current call only
+    last_index: int | None = None  # the previous call's announced step (None: unannounced)
 
     def info(self, configured: int | None) -> StepInfo:
-        return StepInfo(index=self.step_index, num_steps=self.num_steps or configured, call=self.calls)
+        n = self.num_steps or configured
+        return StepInfo(index=self.step_index, num_steps=n, call=self.calls, run_steps=self.run_steps or n)
 
 
 class Patch:
@@ -177,21 +182,33 @@ class Patch:
 
     # -- derived runtime objects (rebuilt after copy / unpickling) ----------------------
     def _runtime(self) -> None:
+        self._build_policy()
+        self.clocks: dict[str, _Clock] = {DEFAULT_CONTEXT: _Clock()}
+        self.current_context = DEFAULT_CONTEXT
+        self.num_steps: int | None = getattr(self.config, "num_steps", None)
+        # grad_bypassed_calls: calls run uncached under autograd; new_runs: runs the host
+        # started (the reason: "set_timesteps", "step 0", "weights", "blocks")
+        self.counters = {"grad_bypassed_calls": 0, "new_runs": {}}
+        self._timestep: torch.Tensor | None = None
+        self._step: StepInfo | None = None
+        self._bypass = False
+        self._warned: set[str] = set()
+        self._pending_warnings: list[str] = []  # noticed in traced code, warned on the next eager call
+        self._originals: list[list] | None = None
+        self._lock = threading.Lock()  # one model call at a time (see _dispatch)
+        self._owner: int | None = None  # the thread inside the current model call
+        self._structure_changed = False  # a module or parameter was registered inside the model
+        self._weights_version: int | None = None
+
+    def _build_policy(self) -> None:
+        """The policy, the block list it runs and fresh per-context state (at patch time,
+        after a copy, and when the model's blocks were replaced: :meth:`_follow_blocks`)."""
         self.policy = policy_for(self.config)(self.config, self.spec, self.model)
         self.policy.group = getattr(self, "group", None)
         check_policy(self.policy, self.policy.group)
         self.segments = self.spec.blocks(self.model)
         self.head = self.segments[0][0]
         self.contexts: dict[str, object] = {DEFAULT_CONTEXT: self.policy.new_state()}
-        self.clocks: dict[str, _Clock] = {DEFAULT_CONTEXT: _Clock()}
-        self.current_context = DEFAULT_CONTEXT
-        self.num_steps: int | None = getattr(self.config, "num_steps", None)
-        self.counters = {"grad_bypassed_calls": 0}
-        self._timestep: torch.Tensor | None = None
-        self._step: StepInfo | None = None
-        self._bypass = False
-        self._warned: set[str] = set()
-        self._originals: list[list] | None = None
 
     def _bind(self) -> None:
         """Resolve the original forwards and argument binders (after install / copy)."""
@@ -201,7 +218,12 @@ class Patch:
         self._model_binder = _Binder(self._model_fwd)
         self._block_binders = [_Binder(seg[0]) for seg in self._originals]
         self._runner = StackRunner(self.spec, self._originals)
-        self._params = [p for seg in self.segments for p in seg.parameters()]
+        # the blocks patched (segments may be the model's live ModuleLists: ids, not the lists)
+        self._block_ids = [[id(b) for b in seg] for seg in self.segments]
+        self._params = list(self.model.parameters())
+        self._weights_version = _params_version(self._params)
+        self._structure_changed = False
+        _watch(self.model, self)
 
     def __getstate__(self):
         # Cache buffers and bound methods are not copied: a copy starts with empty state.
@@ -250,6 +272,16 @@ class Patch:
     def _install(self) -> None:
         self._saved.append((self.model, _instance_attr(self.model, "forward")))
         _set_instance_attr(self.model, "forward", _Forward(self, "model", (0, 0)))
+        self._install_blocks()
+        if callable(getattr(type(self.model), "cache_context", None)):
+            self._has_cache_context = True
+            self._saved_cache_context = _instance_attr(self.model, "cache_context")
+            _set_instance_attr(self.model, "cache_context", _CacheContextMethod(self))
+        self._bind()
+        self._hook_state_dict()
+        self.active = True
+
+    def _install_blocks(self) -> None:
         block_kind = self.policy.granularity
         if block_kind not in ("stack", "block"):
             raise ValueError(f"policy granularity must be 'stack' or 'block', got {block_kind!r}")
@@ -258,12 +290,24 @@ class Patch:
                 self._saved.append((blk, _instance_attr(blk, "forward")))
                 kind = "block" if block_kind == "block" else ("head" if (i, j) == (0, 0) else "pass")
                 _set_instance_attr(blk, "forward", _Forward(self, kind, (i, j)))
-        if callable(getattr(type(self.model), "cache_context", None)):
-            self._has_cache_context = True
-            self._saved_cache_context = _instance_attr(self.model, "cache_context")
-            _set_instance_attr(self.model, "cache_context", _CacheContextMethod(self))
-        self._bind()
-        self.active = True
+
+    def _restore_forwards(self, keep_model: bool = False) -> None:
+        """Put back every patched ``forward`` (the blocks' only, with ``keep_model``)."""
+        kept = self._saved[:1] if keep_model else []
+        for module, fwd in reversed(self._saved[len(kept) :]):
+            cur = _instance_attr(module, "forward")
+            if isinstance(cur, _Forward) and cur.patch is self:
+                _set_instance_attr(module, "forward", fwd)
+            # else: a wrapper was set on top of ours after patching; keep it (our object
+            # under it forwards to the original from now on).
+        self._saved = kept
+
+    def _hook_state_dict(self) -> None:
+        # load_state_dict changes the weights: the caches were made with the old ones. The
+        # hook is a host event (no per-step cost) and reaches compiled models too, whose
+        # calls never run the eager weight-version check. A module-level function that
+        # finds the patch on the module, so a copy of the model invalidates its own patch.
+        self.model.register_load_state_dict_post_hook(_on_load_state_dict)
 
     def remove(self) -> None:
         """Restore every patched attribute and drop the cache buffers (stats are kept on
@@ -274,13 +318,11 @@ class Patch:
         self._final_stats = self.stats()
         if self.announcer is not None:  # the scheduler gets its own methods back
             self.announcer.remove()
-        for module, fwd in reversed(self._saved):
-            cur = _instance_attr(module, "forward")
-            if isinstance(cur, _Forward) and cur.patch is self:
-                _set_instance_attr(module, "forward", fwd)
-            # else: a wrapper was set on top of ours after patching; keep it (our object
-            # under it forwards to the original from now on).
-        self._saved.clear()
+        self._restore_forwards()
+        hooks = self.model._load_state_dict_post_hooks
+        for k in [k for k, h in hooks.items() if h is _on_load_state_dict]:
+            del hooks[k]
+        _unwatch(self)
         if self._has_cache_context:
             cur = _instance_attr(self.model, "cache_context")
             if isinstance(cur, _CacheContextMethod) and cur.patch is self:
@@ -298,7 +340,9 @@ class Patch:
                 return self._model_fwd(*args, **kwargs)
             return self._originals[index[0]][index[1]](*args, **kwargs)
         if kind == "model":
-            return self._model_forward(args, kwargs)
+            if is_tracing():
+                return self._model_forward(args, kwargs)
+            return self._one_call_at_a_time(args, kwargs)
         if kind == "pass":
             call = self._block_binders[index[0]](args, kwargs)
             return self.spec.pack({n: call.get(n) for n in self.spec.returns})
@@ -329,23 +373,98 @@ class Patch:
         streams = {n: call.get(n) for n in self.spec.streams}
         return self.spec.pack(self._runner.run(call, streams))
 
+    def _one_call_at_a_time(self, args, kwargs):
+        """An eager model call, refused while another thread is inside one: the call state
+        (timestep, step, context) and the cache state are the patch's, not the thread's,
+        so two overlapping calls would read each other's. Re-entry from the same thread
+        (a model calling itself) is let through."""
+        me = threading.get_ident()
+        if self._lock.acquire(blocking=False):
+            self._owner = me
+            try:
+                return self._model_forward(args, kwargs)
+            finally:
+                self._owner = None
+                self._lock.release()
+        if self._owner == me:
+            return self._model_forward(args, kwargs)
+        raise RuntimeError(
+            f"fastcache: the patched {type(self.model).__name__} was called from a second thread while another "
+            "call was running. A patched model is not thread-safe: its cache state belongs to the sampling run, "
+            "not to a thread. Give each thread its own copy (copy.deepcopy(model) of the patched model is an "
+            "independent patched copy with empty caches), or run the sampling loops one after another."
+        )
+
     def _needs_grad(self, call: dict) -> bool:
         if not torch.is_grad_enabled():
             return False
         for v in call.values():
             if isinstance(v, torch.Tensor) and v.requires_grad:
                 return True
-        return any(p.requires_grad for p in self._params)
+        # every parameter the model has now (one added after patching included), not a
+        # list taken at patch time
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def _check_model_unchanged(self) -> None:
+        """Eager, before the step: the caches were made by these blocks and these weights.
+        Blocks replaced since the last call are followed (:meth:`_follow_blocks`); a module
+        or parameter added anywhere in the model, or a parameter changed in place (its
+        version counter: ``load_state_dict``, ``copy_``, an optimizer step), starts a new
+        run, so nothing computed with the old weights is reused."""
+        if self._structure_changed:
+            self._follow_blocks()
+        v = _params_version(self._params)
+        if v != self._weights_version:
+            self._weights_version = v
+            self.begin_run("weights")
+
+    def _follow_blocks(self) -> None:
+        self._structure_changed = False
+        segments = self.spec.blocks(self.model)
+        if [[id(b) for b in seg] for seg in segments] != self._block_ids:
+            # new blocks: patch them, give the old ones back their forward, start afresh
+            self._restore_forwards(keep_model=True)
+            self._build_policy()
+            if self.num_steps != getattr(self.config, "num_steps", None):
+                self.policy.set_num_steps(self.num_steps)
+            for name in self.clocks:
+                self.contexts.setdefault(name, self.policy.new_state())
+            self._install_blocks()
+            self._bind()
+            self._count_run("blocks")
+            return
+        # a module or parameter added inside the model (an adapter, a new trainable weight)
+        self._params = list(self.model.parameters())
+        self._weights_version = _params_version(self._params)
+        _watch(self.model, self)
+        self.begin_run("weights")
+
+    def begin_run(self, reason: str, context: str | None = None) -> None:
+        """The next call starts a new sampling run, in every context (or in ``context``):
+        nothing cached before reaches it (:meth:`Policy.new_run`; new weights or blocks
+        also drop the caches: :meth:`Policy.invalidate`). Host and device writes only;
+        counted in ``stats()['new_runs'][reason]``."""
+        names = list(self.contexts) if context is None else [context]
+        for name in names:
+            if reason in ("weights", "blocks"):  # computed with the old weights: dropped now
+                self.policy.invalidate(self.contexts[name])
+            self.policy.new_run(self.contexts[name])
+        self._count_run(reason)
+
+    def _count_run(self, reason: str) -> None:
+        runs = self.counters["new_runs"]
+        runs[reason] = runs.get(reason, 0) + 1
 
     def _model_forward(self, args, kwargs):
         # is_tracing() first: a traced read of the host step count would be guarded on and
         # recompile every step (compiled calls get the step at context entry, or count on
         # the device)
         a = None if is_tracing() else self.announcer
-        if a is not None and a.index is not None:
+        if a is not None:
             clock = self.clocks[self.current_context]
-            if clock.step_index is None:  # the scheduler's step, announced for this call
-                with self.context(self.current_context, step_index=a.index, num_steps=a.num_steps):
+            cur = a.current()
+            if cur is not None and clock.step_index is None:  # the scheduler's step, announced for this call
+                with self.context(self.current_context, _announced=cur):
                     return self._model_forward(args, kwargs)
         spec = self.spec
         call = self._model_binder(args, kwargs)
@@ -356,8 +475,18 @@ class Patch:
                     "values between blocks; a cached block stack cannot honour it. Remove the cache "
                     "(handle.remove()) for this call."
                 )
-        if not is_tracing():
+        if is_tracing():
+            if self._structure_changed:
+                raise RuntimeError(
+                    f"fastcache: a module or parameter was added to, or a block replaced in, the patched "
+                    f"{type(self.model).__name__} while it is compiled. Re-patch it (fastcache.unpatch(model); "
+                    "fastcache.patch(model, config)) and compile again, or make one eager call first "
+                    "(the patch follows the model's new blocks then)."
+                )
+        else:
             self._check_block_hooks()
+            self._check_model_unchanged()
+            self._flush_warnings()
         if self._needs_grad(call):
             # A skipped step would return no gradient to the input or the blocks: run the
             # model uncached (and leave the cache state untouched, except that the next
@@ -365,13 +494,11 @@ class Patch:
             self.counters["grad_bypassed_calls"] += 1
             if "grad" not in self._warned:  # host-side only: no device value is read
                 self._warned.add("grad")
-                warnings.warn(
+                self._warn(
                     f"fastcache: {type(self.model).__name__} was called with autograd on (grad enabled and an input "
                     "or parameter requires grad), so the call runs uncached: a skipped step would drop gradients. "
                     "For sampling, wrap the loop in torch.no_grad() or torch.inference_mode() (diffusers pipelines "
-                    "do). Counted in fastcache.stats(model)['grad_bypassed_calls'].",
-                    RuntimeWarning,
-                    stacklevel=4,
+                    "do). Counted in fastcache.stats(model)['grad_bypassed_calls']."
                 )
             self.policy.invalidate(self.contexts[self.current_context])
             self._bypass = True
@@ -395,6 +522,8 @@ class Patch:
         else:
             step = clock.info(self.num_steps)
             clock.calls += 1
+            if clock.step_index is None:
+                clock.last_index = None  # an unannounced call: a later announced step 0 starts a run
         self._timestep = t
         self._step = step
         self.policy.begin_step(self.contexts[self.current_context], t, step)
@@ -403,6 +532,18 @@ class Patch:
         finally:
             self._timestep = None
             self._step = None
+
+    def _warn(self, msg: str) -> None:
+        """A RuntimeWarning now, or, in traced code (dynamo cannot trace ``warnings.warn``),
+        at the next eager call or ``stats()``."""
+        if is_tracing():
+            self._pending_warnings.append(msg)
+        else:
+            warnings.warn(msg, RuntimeWarning, stacklevel=8)  # the caller of model(...)
+
+    def _flush_warnings(self) -> None:
+        while self._pending_warnings:
+            warnings.warn(self._pending_warnings.pop(0), RuntimeWarning, stacklevel=3)
 
     def _check_block_hooks(self) -> None:
         if self.policy.granularity != "stack":
@@ -419,26 +560,41 @@ class Patch:
 
     # -- contexts and state -------------------------------------------------------------
     @contextlib.contextmanager
-    def context(self, name: str, step_index: int | None = None, num_steps: int | None = None) -> Iterator[None]:
+    def context(
+        self, name: str, step_index: int | None = None, num_steps: int | None = None, _announced=None
+    ) -> Iterator[None]:
         """Route calls inside the block to the cache context ``name`` (e.g. "cond" and
         "uncond" when classifier-free guidance runs the two branches as separate calls).
-        ``step_index`` / ``num_steps``: where the sampling loop is, when the caller knows."""
+        ``step_index`` / ``num_steps``: where the sampling loop is, when the caller knows;
+        ``num_steps`` has the meaning of the config's (the last step is forced where the
+        method forces it). Step 0 after any other step (or after unannounced calls)
+        starts a new run in this context. ``_announced``: ``(index, run_steps)`` from the
+        sampler's announcer (:func:`announce_steps`), for placement and checks only."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"context name must be a non-empty string, got {name!r}")
         self._ensure_runtime()
-        a = self.announcer
-        if step_index is None and a is not None and a.index is not None:
-            step_index, num_steps = a.index, num_steps or a.num_steps
+        run_steps = None
+        if step_index is None:
+            cur = _announced if _announced is not None else (self.announcer.current() if self.announcer else None)
+            if cur is not None:
+                step_index, run_steps = cur
         if name not in self.contexts:
             self.contexts[name] = self.policy.new_state()
             self.clocks[name] = _Clock()
         clock = self.clocks[name]
-        prev = (self.current_context, clock.step_index, clock.num_steps)
+        prev = (self.current_context, clock.step_index, clock.run_steps)
         self.current_context = name
         clock.step_index = _opt_int("step_index", step_index, 0)
+        clock.run_steps = run_steps
         if num_steps is not None:
             clock.num_steps = _opt_int("num_inference_steps", num_steps, 1)
         state = self.contexts[name]
+        if clock.step_index == 0 and clock.last_index != 0:
+            # the host knows a run starts here: an interrupted run's cache must not reach it,
+            # whatever its timesteps (an img2img run may start below where the last one stopped)
+            self.policy.new_run(state)
+            self._count_run("step 0")
+        clock.last_index = clock.step_index
         if clock.step_index is not None:
             self.policy.plan_step(state, clock.info(self.num_steps))
         try:
@@ -446,7 +602,7 @@ class Patch:
         finally:
             if clock.step_index is not None:
                 self.policy.plan_step(state, None)
-            self.current_context, clock.step_index, _ = prev
+            self.current_context, clock.step_index, clock.run_steps = prev
 
     def set_num_steps(self, num_steps: int | None) -> None:
         """Steps per sampling run (forces the last one to compute); None = unknown."""
@@ -469,11 +625,13 @@ class Patch:
         if not self.active and self._final_stats is not None:
             return self._final_stats
         self._ensure_runtime()
+        self._flush_warnings()
         out = {
             "policy": self.config.kind,
             "model": self.spec.name,
             "config": self.config.to_dict(),
-            **self.counters,
+            "grad_bypassed_calls": self.counters["grad_bypassed_calls"],
+            "new_runs": dict(self.counters["new_runs"]),
             "contexts": {name: self.policy.state_stats(st) for name, st in self.contexts.items()},
         }
         if self.group is not None:  # multi-device: which group, and whether decisions are reduced over it
@@ -496,6 +654,63 @@ class Patch:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _params_version(params) -> int | None:
+    """The sum of the parameters' version counters: every in-place change of a parameter
+    (``load_state_dict``, ``copy_``, an optimizer step) raises it. A host-side read of
+    counters, no device value (about 0.1 us per parameter). None where versions are not
+    tracked (inference tensors)."""
+    try:
+        return sum(p._version for p in params)
+    except RuntimeError:
+        return None
+
+
+# Modules of patched models -> their patches. torch's global registration hooks tell a
+# patch when a submodule or parameter is assigned anywhere inside its model (a block
+# replaced, an adapter or a trainable weight added): a host event, no per-step cost.
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HOOKS_INSTALLED = [False]
+
+
+def _on_registration(module, name, value):
+    patches = _WATCHED.get(module)
+    if patches:
+        for p in list(patches):
+            p._structure_changed = True
+    return None
+
+
+def _watch(model: nn.Module, patch: Patch) -> None:
+    if not _HOOKS_INSTALLED[0]:
+        from torch.nn.modules.module import (
+            register_module_module_registration_hook,
+            register_module_parameter_registration_hook,
+        )
+
+        register_module_module_registration_hook(_on_registration)
+        register_module_parameter_registration_hook(_on_registration)
+        _HOOKS_INSTALLED[0] = True
+    for m in model.modules():
+        patches = _WATCHED.get(m)
+        if patches is None:
+            patches = _WATCHED[m] = weakref.WeakSet()
+        patches.add(patch)
+
+
+def _unwatch(patch: Patch) -> None:
+    for m in patch.model.modules():
+        patches = _WATCHED.get(m)
+        if patches is not None:
+            patches.discard(patch)
+
+
+def _on_load_state_dict(module, incompatible_keys) -> None:
+    p = module.__dict__.get(PATCH_ATTR)
+    if p is not None and p.active:
+        p.begin_run("weights")
+        p._weights_version = _params_version(p._params)  # counted once, not again at the next call
 
 
 def _opt_int(name: str, v, lo: int):
@@ -594,15 +809,71 @@ def reset(model: nn.Module) -> None:
     get_patch(model).reset()
 
 
+class _MethodHooks:
+    """Callbacks run after an object's methods (a scheduler's ``set_timesteps`` / ``step``, a
+    pipeline's ``maybe_free_model_hooks``), one wrapper per method however many listen: two
+    pipelines sharing one scheduler each add a listener, and removing one leaves the other's.
+    The wrapper is an instance attribute; when the last listener of a method goes, whatever
+    instance attribute was there before is put back."""
+
+    ATTR = "_fastcache_method_hooks"
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.methods: dict[str, tuple[object, list]] = {}  # name -> (saved instance attr, callbacks)
+
+    @classmethod
+    def on(cls, obj, name: str, callback) -> None:
+        hooks = obj.__dict__.get(cls.ATTR)
+        if hooks is None:
+            hooks = obj.__dict__[cls.ATTR] = cls(obj)
+        if name not in hooks.methods:
+            saved = _instance_attr(obj, name)
+            original = getattr(obj, name)
+            callbacks: list = []
+
+            @functools.wraps(original)  # pipelines inspect set_timesteps' signature (custom timesteps / sigmas)
+            def wrapper(*args, **kwargs):
+                out = original(*args, **kwargs)
+                for cb in list(callbacks):
+                    cb(obj)
+                return out
+
+            obj.__dict__[name] = wrapper
+            hooks.methods[name] = (saved, callbacks)
+        hooks.methods[name][1].append(callback)
+
+    @classmethod
+    def off(cls, obj, name: str, callback) -> None:
+        hooks = obj.__dict__.get(cls.ATTR)
+        if hooks is None or name not in hooks.methods:
+            return
+        saved, callbacks = hooks.methods[name]
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            _set_instance_attr(obj, name, saved)
+            del hooks.methods[name]
+        if not hooks.methods:
+            del obj.__dict__[cls.ATTR]
+
+
 class StepAnnouncer:
     """Counts a diffusers scheduler's steps on the host and announces them to a patched
-    transformer (:func:`announce_steps`). ``set_timesteps`` starts a run (step 0, ``num_steps
-    = len(scheduler.timesteps)``); every ``step`` call moves to the next step. A sampling
-    loop calls the transformer for step i before ``scheduler.step`` of step i, so the count
-    is the loop index, for repeated timesteps (Heun) too: they are separate entries of
-    ``timesteps``. Nothing here reads the device."""
+    transformer (:func:`announce_steps`). Nothing here reads the device.
 
-    def __init__(self, scheduler, patch: Patch):
+    A run is the scheduler's: it starts at ``set_timesteps`` (step 0, ``len(timesteps)``
+    steps; every context of the model starts a new run: :meth:`Patch.begin_run`), moves
+    one step per ``step`` call, and ends after its last step, or when the pipeline call
+    returns (``maybe_free_model_hooks``, which every diffusers pipeline calls last). Only
+    calls made inside that run are announced: a later call the scheduler does not drive
+    (another pipeline sharing the transformer, the user's own loop, a swapped
+    ``pipe.scheduler``) gets no step and decides on the device as an unannounced call. A
+    sampling loop calls the transformer for step i before ``scheduler.step`` of step i,
+    so the count is the loop index, for repeated timesteps (Heun) too: they are separate
+    entries of ``timesteps``."""
+
+    def __init__(self, scheduler, patch: Patch, pipe=None):
         for attr in ("set_timesteps", "step"):
             if not callable(getattr(scheduler, attr, None)):
                 raise TypeError(
@@ -611,30 +882,57 @@ class StepAnnouncer:
                 )
         if patch.announcer is not None:
             raise ValueError("announce_steps: this model's steps are already announced; remove() that one first")
-        self.scheduler, self.patch = scheduler, patch
-        self.index: int | None = None
+        self.patch, self.pipe = patch, pipe
+        self.scheduler = None
+        self.index: int | None = None  # the step of the run in progress; None between runs
         self.num_steps: int | None = None
-        set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-        @functools.wraps(set_timesteps)  # pipelines inspect its signature (custom timesteps / sigmas)
-        def set_timesteps_(*args, **kwargs):
-            out = set_timesteps(*args, **kwargs)
-            self.index, self.num_steps = 0, len(scheduler.timesteps)
-            return out
-
-        @functools.wraps(step)
-        def step_(*args, **kwargs):
-            out = step(*args, **kwargs)
-            if self.index is not None:
-                self.index += 1
-            return out
-
-        scheduler.set_timesteps, scheduler.step = set_timesteps_, step_
+        self._listen(scheduler)
+        if pipe is not None and callable(getattr(pipe, "maybe_free_model_hooks", None)):
+            _MethodHooks.on(pipe, "maybe_free_model_hooks", self._end)
         patch.announcer = self
 
+    def _listen(self, scheduler) -> None:
+        if self.scheduler is not None:
+            _MethodHooks.off(self.scheduler, "set_timesteps", self._start)
+            _MethodHooks.off(self.scheduler, "step", self._advance)
+        self.scheduler = scheduler
+        self.index = None
+        _MethodHooks.on(scheduler, "set_timesteps", self._start)
+        _MethodHooks.on(scheduler, "step", self._advance)
+
+    def _start(self, scheduler) -> None:
+        self.index, self.num_steps = 0, len(scheduler.timesteps)
+        self.patch.begin_run("set_timesteps")
+
+    def _advance(self, scheduler) -> None:
+        if self.index is not None:
+            self.index += 1
+            if self.index >= self.num_steps:
+                self.index = None  # the run is over
+
+    def _end(self, pipe) -> None:
+        self.index = None
+
+    def current(self) -> tuple[int, int] | None:
+        """``(step, steps in the run)`` for a call made now, or None: no run in progress,
+        or the pipeline's scheduler is no longer the one counted (its next run is)."""
+        pipe = self.pipe
+        if pipe is not None:
+            sch = getattr(pipe, "scheduler", None)
+            if sch is not self.scheduler and callable(getattr(sch, "set_timesteps", None)):
+                self._listen(sch)  # swapped: its run in progress was not counted, so not announced
+                return None
+        if self.index is None:
+            return None
+        return self.index, self.num_steps
+
     def remove(self) -> None:
-        for attr in ("set_timesteps", "step"):
-            self.scheduler.__dict__.pop(attr, None)
+        if self.scheduler is not None:
+            _MethodHooks.off(self.scheduler, "set_timesteps", self._start)
+            _MethodHooks.off(self.scheduler, "step", self._advance)
+        if self.pipe is not None:
+            _MethodHooks.off(self.pipe, "maybe_free_model_hooks", self._end)
+        self.index = None
         if self.patch.announcer is self:
             self.patch.announcer = None
 
@@ -661,13 +959,14 @@ def announce_steps(pipe, model: nn.Module | None = None) -> StepAnnouncer:
     region, so a compiled transformer runs the announced path too; others get it at the
     start of each eager call."""
     scheduler = getattr(pipe, "scheduler", pipe)
+    pipeline = pipe if scheduler is not pipe else None
     model = model if model is not None else getattr(pipe, "transformer", None)
     if model is None:
         raise TypeError("announce_steps(pipe): pass a pipeline with a transformer, or announce_steps(scheduler, model)")
     p = _find(model)
     if p is None or not p.active:
         raise ValueError(f"announce_steps: {type(model).__name__} is not patched; fastcache.patch(model, config) first")
-    return StepAnnouncer(scheduler, p)
+    return StepAnnouncer(scheduler, p, pipeline)
 
 
 def context(model: nn.Module, name: str, step_index: int | None = None, num_steps: int | None = None):

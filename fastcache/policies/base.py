@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..ops.reference import PREV_T
 from ..specs import ModelSpec
 
 _FORCE_COND = [False]
@@ -97,6 +99,12 @@ class StepInfo:
     index: int | None
     num_steps: int | None
     call: int | None
+    #: the run's length as announced by the sampler (``fastcache.announce_steps``) or given by
+    #: the caller, else ``num_steps``: for checks and host planning only (ScheduleConfig's run
+    #: length, MagCache's schedule). Announcing a run never changes what a policy computes:
+    #: the forced last step and the other run-length semantics follow ``num_steps`` (the
+    #: config, ``handle.set_num_steps`` or ``fastcache.context(..., num_steps=n)``).
+    run_steps: int | None = None
 
 
 class StackRunner:
@@ -202,6 +210,17 @@ class Policy:
         """The model ran uncached outside the policy (autograd bypass): whatever is
         cached must not be reused by the next call. Default: forget everything."""
         self.reset_state(state)
+
+    def new_run(self, state) -> None:
+        """The host knows that the next call starts a new sampling run (the sampler's
+        ``set_timesteps``, an announced step 0; the runtime's ``Patch.begin_run``): the
+        device decision state is told so (``PREV_T = -inf``: the next call is step 0 of a
+        new run whatever its timestep, so it computes and refills every cache). An in-place
+        write: no Python state changes, so a compiled model does not recompile for it. Host
+        paths need nothing more: every config computes step 0 (validated)."""
+        s = getattr(state, "state", None)
+        if isinstance(s, torch.Tensor) and s.numel() > PREV_T:
+            s[PREV_T : PREV_T + 1].fill_(-math.inf)
 
     def set_num_steps(self, num_steps: int | None) -> None:
         """Steps per sampling run changed (``handle.set_num_steps``)."""

@@ -169,6 +169,11 @@ class InteriorCachePolicy(Policy):
         if st.counts is not None:
             st.counts.zero_()
 
+    def invalidate(self, st: InteriorState) -> None:
+        # Fresh buffers at the next call, which computes and refills them; the statistics,
+        # counted over all runs, are kept.
+        st.signature = None
+
     def begin_step(self, st: InteriorState, timestep, step: StepInfo) -> None:
         st.step = step
 

@@ -95,8 +95,9 @@ class MagCachePolicy(Policy):
 
     def begin_step(self, st: MagCacheState, timestep, step: StepInfo) -> None:
         st.step = step
-        if step.num_steps and step.num_steps != self.S and not is_tracing():
-            self._set_schedule(step.num_steps)  # the pipeline's num_inference_steps
+        n = step.run_steps or step.num_steps
+        if n and n != self.S and not is_tracing():
+            self._set_schedule(n)  # the pipeline's num_inference_steps (announced or given)
         st.num_steps = self.S
 
     def reset_state(self, st: MagCacheState) -> None:

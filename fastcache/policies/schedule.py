@@ -108,7 +108,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         if step is None or step.index is None:
             st.planned = None
             return
-        self._check_steps(step.num_steps)
+        self._check_steps(step.run_steps or step.num_steps)
         s = step.index
         compute = self.config.computes(s) or st.hist is None  # nothing cached yet: compute
         dev = next(iter(self.model.parameters())).device if st.counts is None else st.counts.device
@@ -171,7 +171,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         return run_blocks(self.layout, call, dict(streams), _TraceExecutor(self, False, cache, None, 0.0))
 
     def host_compute(self, step: StepInfo) -> bool:
-        self._check_steps(step.num_steps)
+        self._check_steps(step.run_steps or step.num_steps)
         return self.config.computes(step.index)
 
     # -- device tables --------------------------------------------------------------
