@@ -239,3 +239,69 @@ def test_a_run_at_other_timesteps_is_reported_and_warned_naming_both(case_prof):
         case.sample(steps=4)
         st, msgs = _stats_warnings(m)
     assert st["profile_timestep_mismatches"] >= 1 and msgs
+
+
+# ----------------------------------------------------------------------------- batch changes
+def _inputs(n, batches, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(b, 4, 8, 8, generator=g) for b in batches]
+    ts = [torch.full((b,), 999.0 - 110 * s) for s, b in zip(range(n), batches)]
+    ys = [torch.tensor([1, 2][:b]) for b in batches]
+    return xs, ts, ys
+
+
+def test_an_announced_schedule_survives_a_batch_alternating_between_2_and_1():
+    """Every call changes the batch: fresh buffers each time, so every call computes and
+    equals the uncached model's output; the planned forecasts computed instead are
+    counted in stats. Never an error."""
+    case = reference_dit_case()
+    m = case.model
+    plan = "CC1C20C1"
+    batches = [2, 1] * 4
+    xs, ts, ys = _inputs(8, batches)
+    with torch.no_grad():
+        fresh = [m(x, t, y) for x, t, y in zip(xs, ts, ys)]
+        with fastcache.patched(m, ScheduleConfig(plan=plan)):
+            for _ in range(2):  # twice: the second run starts from a batch-1 history
+                for i in range(8):
+                    with fastcache.context(m, "default", step_index=i, num_steps=8):
+                        out = m(xs[i], ts[i], ys[i])
+                    assert torch.equal(out, fresh[i]), i
+            st = fastcache.stats(m)["contexts"]["default"]
+    # every planned forecast computed instead: order 0 steps on fresh buffers, the others
+    # already at planning, the history holding one computed step where they need two or three
+    forced = st["forced_computes"]
+    assert forced == {"fresh_buffers": 2 * plan.count("0"), "short_history": 2 * (plan.count("1") + plan.count("2"))}
+    assert st["timeline"][-8:] == [True] * 8 and st["computed"] == 16
+
+
+def test_an_announced_schedule_continues_its_plan_after_a_batch_change():
+    """Batch 2 for steps 0-2, then 1: step 3 (planned C) computes on fresh buffers, step 4
+    (planned order 2, which needs three computed steps) computes instead: the history holds
+    one; step 5 (order 0) is forecast from step 4 as planned; steps 6-7 follow the plan.
+    Each forced step equals a fresh computation."""
+    case = reference_dit_case()
+    m = case.model
+    plan = "CC1C20C1"
+    batches = [2, 2, 2, 1, 1, 1, 1, 1]
+    xs, ts, ys = _inputs(8, batches)
+    with torch.no_grad():
+        fresh = [m(x, t, y) for x, t, y in zip(xs, ts, ys)]
+        outs = []
+        with fastcache.patched(m, ScheduleConfig(plan=plan)):
+            for i in range(8):
+                with fastcache.context(m, "default", step_index=i, num_steps=8):
+                    outs.append(m(xs[i], ts[i], ys[i]))
+            st = fastcache.stats(m)["contexts"]["default"]
+        # steps 3.. on batch 1 alone, with the plan's step 4 as a computed step: the same history
+        with fastcache.patched(m, ScheduleConfig(plan="CC1CC0C1")):
+            want = []
+            for i in range(8):
+                with fastcache.context(m, "default", step_index=i, num_steps=8):
+                    want.append(m(xs[i], ts[i], ys[i]))
+    assert st["timeline"] == [True, True, False, True, True, False, True, False]
+    assert st["forced_computes"] == {"fresh_buffers": 0, "short_history": 1}
+    for i in (3, 4, 6):
+        assert torch.equal(outs[i], fresh[i]), i
+    for i in (5, 7):
+        assert torch.equal(outs[i], want[i]) and not torch.equal(outs[i], fresh[i]), i
