@@ -459,7 +459,9 @@ class Profile:
             try:
                 v = json.loads(md[name])
             except json.JSONDecodeError as e:
-                raise ValueError(f"profile {path}: the metadata field {name!r} is not valid JSON ({e}); {remake}") from None
+                raise ValueError(
+                    f"profile {path}: the metadata field {name!r} is not valid JSON ({e}); {remake}"
+                ) from None
             if kind is not None and not isinstance(v, kind):
                 raise ValueError(
                     f"profile {path}: the metadata field {name!r} must be a JSON {kind.__name__}, got "

@@ -305,3 +305,79 @@ def test_an_announced_schedule_continues_its_plan_after_a_batch_change():
         assert torch.equal(outs[i], fresh[i]), i
     for i in (5, 7):
         assert torch.equal(outs[i], want[i]) and not torch.equal(outs[i], fresh[i]), i
+
+
+# ----------------------------------------------------------------------------- search and CLI: checked before any work
+def test_search_refuses_a_bad_budget_before_calibrating_and_runs_of_another_step_count(case_prof):
+    case, prof = case_prof
+    m = case.model
+    calls = []
+    hook = m.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for bad in (0, -3, 2.5):
+            with pytest.raises(ValueError, match=rf"budget={bad!r} must be an integer >= 1"):
+                fastcache.search_schedule(m, lambda: case.sample(steps=6), bad, progress=False)
+        with pytest.raises(ValueError, match="speedup=0.5 must be a number >= 1"):
+            fastcache.search_schedule(m, lambda: case.sample(steps=6), speedup=0.5, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before the calibration pass
+    runs = [lambda: case.sample(steps=4, seed=2)]
+    with pytest.raises(ValueError, match=r"the runs have \[4\] steps but the profile was recorded over 6-step runs"):
+        fastcache.search_schedule(m, runs, 3, profile=prof, max_evals=2, progress=False)
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("fastcache.calibrate")
+
+    def no_work(*a, **k):
+        raise AssertionError("the command did work before checking its arguments")
+
+    monkeypatch.setattr(mod, "_digits", no_work)
+    monkeypatch.setattr(mod, "_calibrate", no_work)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--budget", "4", "--max-evals", "0"], "--max-evals 0: must be >= 1"),
+        (["--target-fraction", "0.4", "--max-evals", "1"], "--max-evals 1: must be >= 2"),
+        (["--budget", "4", "--held-out", "-1"], "--held-out -1: must be >= 0"),
+        (["--budget", "0"], r"--budget 0: must be in \[1, 8\]"),
+        (["--budget", "9"], r"--budget 9: must be in \[1, 8\]"),
+        (["--budget", "4", "--methods", "reuse,taylor7"], "--methods 'reuse,taylor7': unknown method 'taylor7'"),
+        (["--budget", "4", "--methods", ","], "--methods ',': methods is empty"),
+        (["--budget", "4", "--runs", "0"], "--runs 0: must be >= 1"),
+        (["--budget", "4", "--batch", "0"], "--batch 0: must be >= 1"),
+        (["--target-fraction", "1.5"], r"--target-fraction 1.5: must be in \(0, 1\]"),
+        (["--target-fraction", "nan"], r"--target-fraction nan: must be in \(0, 1\]"),
+        (["--target-speedup", "1"], "--target-speedup 1.0: must be > 1"),
+    ],
+)
+def test_command_line_rejects_bad_arguments_before_any_work(cli, capsys, args, msg):
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--steps", "8", "--no-progress", *args])
+    assert e.value.code == 2
+    assert re.search(msg, capsys.readouterr().err)
+
+
+def test_command_line_rejects_an_unwritable_out_before_any_work(cli, capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for flag, path, msg in (
+        ("--out", tmp_path, "is a directory"),
+        ("--out", a_file / "p.safetensors", "is a file, not a directory"),
+        ("--out", a_file / "sub" / "p.safetensors", "is a file, not a directory"),
+        ("--plot", tmp_path, "is a directory"),
+        ("--plot", a_file / "s.png", "is a file, not a directory"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["--steps", "8", "--budget", "4", "--no-progress", flag, str(path)])
+        err = capsys.readouterr().err
+        assert f"{flag} {path}: " in err and msg in err, err
