@@ -290,18 +290,20 @@ def _check_budget(budget, speedup, S: int | None) -> int | None:
     return int(budget)
 
 
-def _steps_per_run(model, runs, who: str, spec=None) -> tuple[list[torch.Tensor], list[int]]:
-    """The runs' outputs and their step counts, counted as :func:`fastcache.calibrate`
-    counts them (a rising timestep starts a run), so they compare with a profile's."""
+def _steps_per_run(model, runs, who: str, spec=None):
+    """The runs' outputs, step counts and timesteps, recorded as :func:`fastcache.calibrate`
+    records them (a rising timestep starts a run), so they compare with a profile's."""
     from .calibration import CalibrationConfig
 
     h = patch(model, CalibrationConfig(), spec)
     try:
         outs = _run_all(runs, who)
-        lengths = [n for st in h.contexts.values() if st.step >= 0 for n in st.run_lengths + [st.step + 1]]
+        states = [st for st in h.contexts.values() if st.step >= 0]
+        lengths = [n for st in states for n in st.run_lengths + [st.step + 1]]
+        timesteps = [ts for st in states for ts in st.timesteps]
     finally:
         h.remove()
-    return outs, lengths
+    return outs, lengths, timesteps
 
 
 def schedule_from_profile(
@@ -539,13 +541,15 @@ def search_schedule(
     else:
         profile.validate()
         profile.check_fits(model, uses_prior="eoc" in names, method="search_schedule")
-        refs, lengths = _steps_per_run(model, runs, "search_schedule", spec)
+        refs, lengths, timesteps = _steps_per_run(model, runs, "search_schedule", spec)
         if set(lengths) != {profile.num_steps}:
             raise ValueError(
                 f"search_schedule: the runs have {sorted(set(lengths))} steps but the profile was recorded over "
                 f"{profile.num_steps}-step runs, so no plan of it can replay on them; give runs with "
                 f"{profile.num_steps} steps, or profile=None to calibrate these runs"
             )
+        for ts in timesteps:  # the step Gram is indexed by step: other timesteps are warned about (once)
+            profile.check_fits(timesteps=ts, method="search_schedule")
     S = profile.num_steps
     calls += S * len(runs)
     computed += S * len(runs)

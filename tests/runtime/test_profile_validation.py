@@ -186,8 +186,8 @@ def test_a_token_profile_of_another_resolution_is_refused_at_the_first_call_befo
             fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=other),
             ScheduleConfig(plan="CECECE", profile=other),
         ):
-            with fastcache.patched(m, cfg), pytest.raises(ValueError, match=r"tokens x width \(N, D\) \(4, 32\) .*"
-                                                          r"stream 'x' has \(16, 32\) .*calibrate at this resolution"):
+            want = r"tokens x width \(N, D\) \(4, 32\) .*stream 'x' has \(16, 32\) .*calibrate at this resolution"
+            with fastcache.patched(m, cfg), pytest.raises(ValueError, match=want):
                 case.sample(steps=6)
         assert ran == []  # refused before any block ran
         with fastcache.patched(m, fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=tok)):
@@ -381,3 +381,17 @@ def test_command_line_rejects_an_unwritable_out_before_any_work(cli, capsys, tmp
             cli.main(["--steps", "8", "--budget", "4", "--no-progress", flag, str(path)])
         err = capsys.readouterr().err
         assert f"{flag} {path}: " in err and msg in err, err
+
+
+def test_search_warns_when_the_runs_timesteps_are_not_the_profiles(case_prof):
+    case, prof = case_prof
+    trailing = dataclasses.replace(case, scheduler=lambda: DDIMScheduler(timestep_spacing="trailing"))
+    with pytest.warns(RuntimeWarning, match=r"search_schedule: the run's timesteps \[999, .* not those the profile"):
+        fastcache.search_schedule(
+            case.model, [lambda: trailing.sample(steps=6)], 3, profile=prof, max_evals=1, progress=False
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # its own timesteps: no warning
+        fastcache.search_schedule(
+            case.model, [lambda: case.sample(steps=6)], 3, profile=prof, max_evals=1, progress=False
+        )
