@@ -24,6 +24,12 @@ Where the step is decided (nothing here reads a value the model computed):
 
 Past the plan's end every step is computed (never forecast from a schedule that did not
 plan it); a run announcing another step count is refused.
+
+Inputs that change shape, batch, dtype or device within an announced run get fresh
+buffers: that call computes (nothing cached fits it) and the plan continues from there. A
+later forecast whose planned order needs more computed steps than the history holds since
+then (``min(order + 1, the plan's computed steps so far)``) computes too, so nothing stale
+or short is ever forecast from; ``stats`` counts both (``forced_computes``).
 """
 
 from __future__ import annotations
