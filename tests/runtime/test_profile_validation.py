@@ -17,7 +17,6 @@ calibration CLI / schedule search checked before any work (docs/profiles.md):
 
 import dataclasses
 import json
-import math
 import warnings
 
 import pytest
