@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import types
 from pathlib import Path
 
 from .calibration import calibrate as _calibrate
+from .profile import atomic_path
 
 
 class _CallableModule(types.ModuleType):
@@ -88,6 +90,63 @@ def _factory(spec: str, steps: int):
     if not (isinstance(made, tuple) and len(made) in (2, 3)):
         raise SystemExit(f"--factory {spec!r} must return (model, runs) or (model, runs, held_out_runs)")
     return made if len(made) == 3 else (*made, None)
+
+
+def _save_figure(fig, path) -> Path:
+    """``fig`` written to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    return path
+
+
+def _writable_file(ap, flag: str, path: Path | None) -> None:
+    """``path`` can be written: not a directory, and its folder (or the nearest existing
+    folder above it, where the rest is created) is a writable directory."""
+    if path is None:
+        return
+    if path.is_dir():
+        example = path / ("profile.safetensors" if flag == "--out" else "plot.png")
+        ap.error(f"{flag} {path}: is a directory; give a file path, e.g. {example}")
+    up = path.parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        ap.error(f"{flag} {path}: {up} is a file, not a directory, so nothing can be written under it; choose another")
+    if not os.access(up, os.W_OK | os.X_OK):
+        ap.error(f"{flag} {path}: the directory {up} is not writable; choose another path")
+
+
+def _check_args(ap, a) -> None:
+    """Every argument checked before any work (loading the model, calibrating, searching):
+    a mistake costs a message, not the minutes of a calibration pass."""
+    from .scheduling import _fillers
+
+    if a.steps < 2:
+        ap.error("--steps must be >= 2 (a one-step run has nothing to cache)")
+    if a.runs < 1:
+        ap.error(f"--runs {a.runs}: must be >= 1 (calibration runs)")
+    if a.batch < 1:
+        ap.error(f"--batch {a.batch}: must be >= 1 (labels per run)")
+    if a.held_out < 0:
+        ap.error(f"--held-out {a.held_out}: must be >= 0 (held-out runs to check the schedule on; 0 = no check)")
+    if a.budget is not None:
+        if not 1 <= a.budget <= a.steps:
+            ap.error(f"--budget {a.budget}: must be in [1, {a.steps}] (computed steps of the --steps {a.steps} run)")
+        if a.max_evals is not None and a.max_evals < 1:
+            ap.error(f"--max-evals {a.max_evals}: must be >= 1 (end-to-end evaluations of the schedule search)")
+    elif a.max_evals is not None and a.max_evals < 2:
+        ap.error(f"--max-evals {a.max_evals}: must be >= 2 (evaluations of the threshold search)")
+    try:
+        _fillers(tuple(m.strip() for m in a.methods.split(",") if m.strip()))
+    except ValueError as e:
+        ap.error(f"--methods {a.methods!r}: {str(e).replace('search_schedule: ', '')}")
+    if a.target_fraction is not None and not 0.0 < a.target_fraction <= 1.0:
+        ap.error(f"--target-fraction {a.target_fraction}: must be in (0, 1] (the computed fraction of the block work)")
+    if a.target_speedup is not None and not a.target_speedup > 1.0:
+        ap.error(f"--target-speedup {a.target_speedup}: must be > 1")
+    _writable_file(ap, "--out", a.out)
+    _writable_file(ap, "--plot", a.plot)
 
 
 def r_squared(x, y, coeffs) -> float:
@@ -148,8 +207,7 @@ def plot(profile, result, timeline, path: Path) -> Path:
         f"{result.method} threshold {result.chosen.threshold:.3g}: {result.chosen.computed_fraction:.2f} computed"
     )
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -192,8 +250,7 @@ def plot_schedule(result, path: Path, fixed: str | None = None, held_out: dict |
     ax.legend(fontsize=8)
     ax.set_title(f"search: {result.model_calls} model calls, {result.seconds:.0f} s")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    path = _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -203,7 +260,13 @@ def _budget(a, model, runs, held, prof) -> int:
 
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     res = search_schedule(
-        model, runs, a.budget, methods=methods, profile=prof, max_evals=a.max_evals or 40, progress=not a.no_progress
+        model,
+        runs,
+        a.budget,
+        methods=methods,
+        profile=prof,
+        max_evals=40 if a.max_evals is None else a.max_evals,
+        progress=not a.no_progress,
     )
     print(res)
     from .config import ScheduleConfig
@@ -262,8 +325,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", type=Path, help="write the PNG here")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    if a.steps < 2:
-        ap.error("--steps must be >= 2")
+    _check_args(ap, a)
     model, runs, held = _factory(a.factory, a.steps) if a.factory else _digits(a.steps, a.runs, a.batch)
     if a.budget is not None and not a.factory:
         held = held[: a.held_out]
@@ -279,7 +341,7 @@ def main(argv=None) -> int:
         target_fraction=a.target_fraction,
         target_speedup=a.target_speedup,
         profile=prof,
-        max_evals=a.max_evals or 10,
+        max_evals=10 if a.max_evals is None else a.max_evals,
         progress=not a.no_progress,
         num_steps=a.steps,
     )

@@ -185,7 +185,10 @@ def _dp(W: np.ndarray, orders: Sequence[int], max_budget: int):
         p2, p1, last = np.unravel_index(int(np.argmin(tot)), tot.shape)
         cost = float(tot[p2, p1, last])
         if not math.isfinite(cost) or cost >= 1e29:
-            raise ValueError(f"no schedule with {K} computed steps of {S}")
+            raise ValueError(
+                f"schedule search: no schedule with {K} computed steps of {S} has a finite proxy cost (the profile's "
+                "step_gram gives no reachable plan); calibrate again: profile = fastcache.calibrate(model, run)"
+            )
         states = [(p2, p1, last)]
         for layer in range(K - 1, 0, -1):
             a, b, c = states[-1]
@@ -269,16 +272,38 @@ def _config(plan: str, profile: Profile | None) -> ScheduleConfig:
     return ScheduleConfig(plan=plan, profile=profile if "E" in plan else None)
 
 
-def _check_budget(budget, speedup, S: int) -> int:
+def _check_budget(budget, speedup, S: int | None) -> int | None:
+    """The budget for ``S`` steps; with ``S`` None (not known yet: before calibrating) the
+    checks that do not need it, so a bad argument is refused before any work."""
     if (budget is None) == (speedup is None):
         raise ValueError("search_schedule: give exactly one of budget (computed steps, e.g. 17) or speedup (e.g. 2.5)")
     if speedup is not None:
         if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not speedup >= 1.0:
             raise ValueError(f"search_schedule: speedup={speedup!r} must be a number >= 1")
+        if S is None:
+            return None
         budget = max(1, math.ceil(S / float(speedup)))
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= int(budget) <= S:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or int(budget) < 1:
+        raise ValueError(f"search_schedule: budget={budget!r} must be an integer >= 1 (computed steps, step 0 counts)")
+    if S is not None and int(budget) > S:
         raise ValueError(f"search_schedule: budget={budget!r} must be an integer in [1, {S}] (computed steps of {S})")
     return int(budget)
+
+
+def _steps_per_run(model, runs, who: str, spec=None):
+    """The runs' outputs, step counts and timesteps, recorded as :func:`fastcache.calibrate`
+    records them (a rising timestep starts a run), so they compare with a profile's."""
+    from .calibration import CalibrationConfig
+
+    h = patch(model, CalibrationConfig(), spec)
+    try:
+        outs = _run_all(runs, who)
+        states = [st for st in h.contexts.values() if st.step >= 0]
+        lengths = [n for st in states for n in st.run_lengths + [st.step + 1]]
+        timesteps = [ts for st in states for ts in st.timesteps]
+    finally:
+        h.remove()
+    return outs, lengths, timesteps
 
 
 def schedule_from_profile(
@@ -297,6 +322,7 @@ def schedule_from_profile(
             "schedule search: this profile has no step_gram (made by an older fastcache, profile format < 3, or "
             "with gram_dim=0); calibrate again: profile = fastcache.calibrate(model, run)"
         )
+    profile.validate()  # a step_gram edited since the load: refused naming the field, not a failed DP
     S = int(gram.shape[1])
     K = _check_budget(budget, speedup, S)
     W = step_weights(gram.numpy(), weighting)  # host-read-ok: offline search
@@ -499,6 +525,7 @@ def search_schedule(
         raise TypeError("search_schedule: runs must be a callable or a non-empty sequence of callables")
     if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
         raise ValueError(f"search_schedule: max_evals={max_evals!r} must be an integer >= 1")
+    _check_budget(budget, speedup, None)  # before the calibration pass: what does not need the step count
 
     from .calibration import _Progress, calibrate
 
@@ -512,8 +539,17 @@ def search_schedule(
             )
         profile = calibrate(model, lambda: refs.extend(_run_all(runs, "search_schedule")), spec=spec, progress=progress)
     else:
-        profile.check(model)
-        refs = _run_all(runs, "search_schedule")
+        profile.validate()
+        profile.check_fits(model, uses_prior="eoc" in names, method="search_schedule")
+        refs, lengths, timesteps = _steps_per_run(model, runs, "search_schedule", spec)
+        if set(lengths) != {profile.num_steps}:
+            raise ValueError(
+                f"search_schedule: the runs have {sorted(set(lengths))} steps but the profile was recorded over "
+                f"{profile.num_steps}-step runs, so no plan of it can replay on them; give runs with "
+                f"{profile.num_steps} steps, or profile=None to calibrate these runs"
+            )
+        for ts in timesteps:  # the step Gram is indexed by step: other timesteps are warned about (once)
+            profile.check_fits(timesteps=ts, method="search_schedule")
     S = profile.num_steps
     calls += S * len(runs)
     computed += S * len(runs)

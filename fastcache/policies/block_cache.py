@@ -41,6 +41,7 @@ class BlockCachePolicy(EOCPolicy):
     decides_from_data = False  # a schedule fixed by the profile: identical on every rank of a process group
 
     def __init__(self, config: BlockCacheConfig, spec, model):
+        self.method = "BlockCacheConfig"
         eoc = EOCConfig(
             base=config.mask, weight=0.0, profile=config.profile, num_steps=config.num_steps, history=config.history
         )

@@ -45,6 +45,7 @@ import torch
 from .. import ops
 from ..config import EOCConfig, FORAConfig, TeaCacheConfig
 from ..interior import run_blocks
+from ..profile import TimestepWatch
 from .base import StepInfo, register_policy
 from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 
@@ -58,7 +59,12 @@ class EOCPolicy(InteriorCachePolicy):
     def __init__(self, config: EOCConfig, spec, model):
         super().__init__(config, spec, model)
         prof = config.profile
-        prof.check(model, self.layout.describe())
+        self.method = getattr(self, "method", "EOCConfig")
+        # the prior's width (and, at the first call, its token count) matter only where it
+        # corrects: Block Caching (weight 0) uses the profile's block_change curve alone
+        self.uses_prior = float(config.weight) != 0.0
+        prof.check_fits(model, slots=self.layout.describe(), uses_prior=self.uses_prior, method=self.method)
+        self.watch = TimestepWatch(prof, self.method)
         self.base = config.base
         self.decides_from_data = isinstance(self.base, TeaCacheConfig)  # per instance: what stats report
         self.weight = float(config.weight)
@@ -111,6 +117,15 @@ class EOCPolicy(InteriorCachePolicy):
                 "calibrate a profile for this step count"
             )
 
+    def begin_step(self, st, timestep, step: StepInfo) -> None:
+        # the run's step count, where the caller announces it (a pipeline's
+        # num_inference_steps, fastcache.context(..., num_steps=n)): refused before any work
+        # when the profile was recorded over another one (its prior is indexed by step)
+        if step.num_steps and step.num_steps != self.S:
+            self.config.profile.check_fits(num_steps=step.num_steps, method=self.method)
+        super().begin_step(st, timestep, step)
+        st.timestep = timestep  # watched against the profile's where the trend is used (device ops)
+
     # -- schedule -----------------------------------------------------------------------
     def host_compute(self, step: StepInfo):
         if step.index >= self.S:
@@ -127,6 +142,11 @@ class EOCPolicy(InteriorCachePolicy):
         return None
 
     def allocate(self, st: InteriorState, streams, dev) -> None:
+        # the first call of these shapes, before any work: the prior must fit the streams
+        # it corrects (width; token count at token granularity)
+        self.config.profile.check_fits(streams=streams, uses_prior=self.uses_prior, method=self.method)
+        if getattr(st, "ts_rec", None) is None or st.ts_rec.device != dev:
+            st.ts_rec = self.watch.new_record(dev) if self.uses_prior else None
         if isinstance(self.base, (FORAConfig, tuple)):
             FORAPolicy.allocate(self, st, streams, dev)
         elif isinstance(self.base, TeaCacheConfig):
@@ -194,6 +214,7 @@ class EOCPolicy(InteriorCachePolicy):
         if self.weight == 0.0:
             return None, None
         P, slot_block, ar = self._device_prior(s_idx.device)
+        self.watch.observe(getattr(st, "ts_rec", None), getattr(st, "timestep", None), s_idx)
         s_c = s_idx.clamp(max=self.S - 1)
         T = P.index_select(0, s_c)[0] - P[last.clamp(max=self.S - 1), ar]  # (K, D) or (K, N, D)
         e_k = T.abs().flatten(1).mean(1)
@@ -208,3 +229,11 @@ class EOCPolicy(InteriorCachePolicy):
         shape = (self.K,) + (1,) * (T.dim() - 1)
         T = T * corr.index_select(0, slot_block).to(T.dtype).reshape(shape)
         return T, corr.sum().to(torch.float32)
+
+    def state_stats(self, st) -> dict:
+        out = super().state_stats(st)
+        n, msg = self.watch.report(getattr(st, "ts_rec", None))
+        if n:
+            out["profile_timestep_mismatches"] = n
+            out.setdefault("warnings", []).append(msg)
+        return out

@@ -62,7 +62,7 @@ class MagCachePolicy(Policy):
     def __init__(self, config: MagCacheConfig, spec, model):
         super().__init__(config, spec, model)
         if config.profile is not None:
-            config.profile.check(model)
+            config.profile.check_fits(model, uses_prior=False, method="MagCacheConfig")
         self._set_schedule(config.num_steps)
 
     def _set_schedule(self, n: int) -> None:

@@ -24,6 +24,12 @@ Where the step is decided (nothing here reads a value the model computed):
 
 Past the plan's end every step is computed (never forecast from a schedule that did not
 plan it); a run announcing another step count is refused.
+
+Inputs that change shape, batch, dtype or device within an announced run get fresh
+buffers: that call computes (nothing cached fits it) and the plan continues from there. A
+later forecast whose planned order needs more computed steps than the history holds since
+then (``min(order + 1, the plan's computed steps so far)``) computes too, so nothing stale
+or short is ever forecast from; ``stats`` counts both (``forced_computes``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .. import ops
 from ..config import ScheduleConfig
 from ..interior import run_blocks
 from ..ops.reference import STEP
+from ..profile import TimestepWatch
 from .base import StepInfo, is_tracing, register_policy
 from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
@@ -52,6 +59,14 @@ class ScheduleState(TaylorState):
         self.plan_trend: torch.Tensor | None = None  # (K, ...) EOC trend of the step (zeros: none)
         self.plan_order = 0  # the same order and correction on the host, for eager calls
         self.plan_corrects = False
+        self.plan_s = 0  # the announced step (host) and, for the timestep watch, on the device
+        self.plan_s_dev: torch.Tensor | None = None
+        self.host_valid = 0  # computed steps in the history since step 0 or fresh buffers (capped)
+        # announced forecast steps computed instead: fresh buffers (the inputs changed shape,
+        # batch, dtype or device within the run) / a history too short for the planned order
+        self.forced = {"fresh_buffers": 0, "short_history": 0}
+        self.timestep: torch.Tensor | None = None
+        self.ts_rec: torch.Tensor | None = None
 
 
 @register_policy(ScheduleConfig)
@@ -67,8 +82,12 @@ class SchedulePolicy(TaylorSeerPolicy):
         self.eoc = "E" in config.plan
         self.eoc_weight = float(config.eoc_weight)
         self._prior: dict[torch.device, tuple] = {}
+        # the plan's computed steps before each step: what an uninterrupted run's history holds
+        self._computed_before = [config.plan[:s].count("C") for s in range(S + 1)]
+        self.method = "ScheduleConfig (plan steps 'E')"
         if self.eoc:
-            config.profile.check(model, self.layout.describe())
+            config.profile.check_fits(model, slots=self.layout.describe(), num_steps=S, method=self.method)
+            self.watch = TimestepWatch(config.profile, self.method)
         # the device tables for the model's device now, not lazily inside a traced call
         # (a table created there is a dict miss dynamo guards on: one recompilation more)
         p = next(iter(model.parameters()), None)
@@ -97,6 +116,20 @@ class SchedulePolicy(TaylorSeerPolicy):
     def reset_state(self, st: ScheduleState) -> None:
         super().reset_state(st)
         st.planned = None
+        st.host_valid = 0
+        st.forced = {k: 0 for k in st.forced}
+
+    def begin_step(self, st: ScheduleState, timestep, step: StepInfo) -> None:
+        self._check_steps(step.num_steps)
+        super().begin_step(st, timestep, step)
+        st.timestep = timestep
+
+    def allocate(self, st: ScheduleState, streams, dev) -> None:
+        if self.eoc:  # the first call of these shapes, before any work: the prior must fit the streams
+            self.config.profile.check_fits(streams=streams, method=self.method)
+            if st.ts_rec is None or st.ts_rec.device != dev:
+                st.ts_rec = self.watch.new_record(dev)
+        super().allocate(st, streams, dev)
 
     # -- a step announced by the caller: planned on the host, no decision in the call ----
     def plan_step(self, st: ScheduleState, step: StepInfo | None) -> None:
@@ -111,13 +144,23 @@ class SchedulePolicy(TaylorSeerPolicy):
         self._check_steps(step.run_steps or step.num_steps)
         s = step.index
         compute = self.config.computes(s) or st.hist is None  # nothing cached yet: compute
+        if not compute and st.host_valid < min(self.config.order_at(s) + 1, self._computed_before[s]):
+            # the history holds fewer computed steps than the plan's would here (fresh
+            # buffers earlier in the run): the planned forecast cannot be made, so compute
+            compute = True
+            st.forced["short_history"] += 1
+        if compute:
+            st.host_valid = 1 if s == 0 else min(st.host_valid + 1, self.order + 1)
         dev = next(iter(self.model.parameters())).device if st.counts is None else st.counts.device
         if st.plan_dx is None or st.plan_dx.device != dev:
             st.plan_dx = torch.zeros(1, dtype=torch.float32, device=dev)
             st.plan_first = torch.zeros(1, dtype=torch.bool, device=dev)
             st.plan_k = torch.zeros(1, dtype=torch.long, device=dev)
             st.plan_store = torch.zeros((), dtype=torch.bool, device=dev)
+            st.plan_s_dev = torch.zeros(1, dtype=torch.long, device=dev)
         last = st.host_last[0] if st.host_last else 0
+        st.plan_s = s
+        st.plan_s_dev.fill_(s)
         st.plan_dx.fill_(float(s - last))
         st.plan_first.fill_(s == 0)
         st.plan_order = self.config.order_at(s)
@@ -141,7 +184,16 @@ class SchedulePolicy(TaylorSeerPolicy):
         if st.planned is None:
             return super().run_stack(st, runner, head, call, timestep)
         streams = {n: call.get(n) for n in self.spec.streams}
+        sig = st.signature
         self._ensure(st, streams)
+        if st.signature != sig:
+            # Fresh buffers (the first call, or the inputs changed shape, batch, dtype or
+            # device within the run): nothing cached fits this call, so it computes and the
+            # plan continues from here (a Python branch: under torch.compile a new signature
+            # is a new graph anyway). A planned forecast computed instead says so in stats.
+            self._fresh(st)
+        if self.eoc:  # the prior is indexed by step: the run's timesteps against the profile's (device ops)
+            self.watch.observe(st.ts_rec, st.timestep, st.plan_s_dev)
         L = self.layout.num_blocks
         c = float(st.planned)
         st.counts.add_(torch.tensor([c, 1.0 - c, 0.0, 1.0, L * c], device=st.counts.device))
@@ -157,10 +209,7 @@ class SchedulePolicy(TaylorSeerPolicy):
             st.plan_store.fill_(False)
             return out
         if st.hist is None:
-            raise RuntimeError(
-                "fastcache: the schedule planned a forecast but nothing is cached (the inputs changed shape, dtype "
-                "or device within the run); start the run again from step 0"
-            )
+            raise RuntimeError("fastcache: internal error, a planned forecast with nothing cached")
         if is_tracing():  # order and correction as device values: one graph for every forecast step
             cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
         else:  # eager: the host knows the step's order, so one forecast per slot
@@ -169,6 +218,21 @@ class SchedulePolicy(TaylorSeerPolicy):
             if st.plan_corrects:
                 cache = self._correct(cache, st.plan_trend)
         return run_blocks(self.layout, call, dict(streams), _TraceExecutor(self, False, cache, None, 0.0))
+
+    def _fresh(self, st: ScheduleState) -> None:
+        """After fresh buffers the announced step computes and starts the history again
+        (host state and device flags written here; the call then branches on the bool)."""
+        s = st.plan_s
+        if not st.planned:
+            st.forced["fresh_buffers"] += 1
+            st.planned = True
+            st.plan_corrects = False
+            if st.host_timeline:
+                st.host_timeline[-1] = True
+        st.plan_store.fill_(True)  # the history is new: this step is its first entry
+        st.plan_dx.fill_(1.0)  # unused: a fresh history has no order to difference
+        st.host_last = [s] * self.K
+        st.host_valid = 1
 
     def host_compute(self, step: StepInfo) -> bool:
         self._check_steps(step.run_steps or step.num_steps)
@@ -205,6 +269,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         trend = None
         if self.eoc:  # EOC's trend from each slot's last computed step (as the EOC policy)
             P, is_e, ar = self._device_prior(dx.device)
+            self.watch.observe(st.ts_rec, st.timestep, s_raw)
             s_c = s_raw.clamp(max=P.shape[0] - 1)
             T = P.index_select(0, s_c)[0] - P[st.last.clamp(max=P.shape[0] - 1), ar]
             trend = T * is_e.index_select(0, s_raw).reshape((1,) * T.dim())
@@ -231,4 +296,16 @@ class SchedulePolicy(TaylorSeerPolicy):
     def state_stats(self, st: ScheduleState) -> dict:
         out = super().state_stats(st)
         out["plan"] = self.config.plan
+        if any(st.forced.values()):
+            out["forced_computes"] = dict(st.forced)
+            out["forced_computes_note"] = (
+                "planned forecast steps that computed instead: 'fresh_buffers' = the inputs changed shape, batch, "
+                "dtype or device within the run (nothing cached fits), 'short_history' = fewer computed steps in "
+                "the history since then than the planned order needs"
+            )
+        if self.eoc:
+            n, msg = self.watch.report(st.ts_rec)
+            if n:
+                out["profile_timestep_mismatches"] = n
+                out.setdefault("warnings", []).append(msg)
         return out
