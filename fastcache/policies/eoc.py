@@ -121,8 +121,9 @@ class EOCPolicy(InteriorCachePolicy):
         # the run's step count, where the caller announces it (a pipeline's
         # num_inference_steps, fastcache.context(..., num_steps=n)): refused before any work
         # when the profile was recorded over another one (its prior is indexed by step)
-        if step.num_steps and step.num_steps != self.S:
-            self.config.profile.check_fits(num_steps=step.num_steps, method=self.method)
+        n = step.run_steps or step.num_steps
+        if n and n != self.S:
+            self.config.profile.check_fits(num_steps=n, method=self.method)
         super().begin_step(st, timestep, step)
         st.timestep = timestep  # watched against the profile's where the trend is used (device ops)
 

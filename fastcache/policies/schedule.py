@@ -120,7 +120,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         st.forced = {k: 0 for k in st.forced}
 
     def begin_step(self, st: ScheduleState, timestep, step: StepInfo) -> None:
-        self._check_steps(step.num_steps)
+        self._check_steps(step.run_steps or step.num_steps)
         super().begin_step(st, timestep, step)
         st.timestep = timestep
 
