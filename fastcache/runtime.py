@@ -891,18 +891,34 @@ class StepAnnouncer:
             _MethodHooks.on(pipe, "maybe_free_model_hooks", self._end)
         patch.announcer = self
 
+    def _methods(self):
+        out = [("set_timesteps", self._start), ("step", self._advance)]
+        if callable(getattr(self.scheduler, "set_begin_index", None)):
+            out.append(("set_begin_index", self._begin_at))  # img2img: the run starts part-way
+        return out
+
     def _listen(self, scheduler) -> None:
-        if self.scheduler is not None:
-            _MethodHooks.off(self.scheduler, "set_timesteps", self._start)
-            _MethodHooks.off(self.scheduler, "step", self._advance)
+        self._unlisten()
         self.scheduler = scheduler
         self.index = None
-        _MethodHooks.on(scheduler, "set_timesteps", self._start)
-        _MethodHooks.on(scheduler, "step", self._advance)
+        for name, cb in self._methods():
+            _MethodHooks.on(scheduler, name, cb)
+
+    def _unlisten(self) -> None:
+        if self.scheduler is not None:
+            for name, cb in self._methods():
+                _MethodHooks.off(self.scheduler, name, cb)
 
     def _start(self, scheduler) -> None:
         self.index, self.num_steps = 0, len(scheduler.timesteps)
         self.patch.begin_run("set_timesteps")
+
+    def _begin_at(self, scheduler) -> None:
+        # img2img / inpainting pipelines start the loop at timesteps[begin_index]: the run
+        # has that many steps fewer, and its first step is step 0
+        b = getattr(scheduler, "begin_index", None)
+        if self.index == 0 and isinstance(b, int) and 0 <= b < len(scheduler.timesteps):
+            self.num_steps = len(scheduler.timesteps) - b
 
     def _advance(self, scheduler) -> None:
         if self.index is not None:
@@ -919,17 +935,18 @@ class StepAnnouncer:
         pipe = self.pipe
         if pipe is not None:
             sch = getattr(pipe, "scheduler", None)
-            if sch is not self.scheduler and callable(getattr(sch, "set_timesteps", None)):
-                self._listen(sch)  # swapped: its run in progress was not counted, so not announced
+            if sch is not self.scheduler:  # swapped: its run in progress was not counted, so not announced
+                if callable(getattr(sch, "set_timesteps", None)) and callable(getattr(sch, "step", None)):
+                    self._listen(sch)  # its next run is
+                else:
+                    self.index = None
                 return None
         if self.index is None:
             return None
         return self.index, self.num_steps
 
     def remove(self) -> None:
-        if self.scheduler is not None:
-            _MethodHooks.off(self.scheduler, "set_timesteps", self._start)
-            _MethodHooks.off(self.scheduler, "step", self._advance)
+        self._unlisten()
         if self.pipe is not None:
             _MethodHooks.off(self.pipe, "maybe_free_model_hooks", self._end)
         self.index = None

@@ -330,3 +330,52 @@ def test_fullgraph_compile_with_autograd_on_runs_uncached():
             st = fastcache.stats(m)
         assert st["grad_bypassed_calls"] >= 1
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_an_img2img_run_is_announced_from_its_begin_index():
+    """img2img pipelines call ``set_begin_index(t_start)`` after ``set_timesteps``: the run has
+    that many steps fewer, starts at step 0, and ends after its last step."""
+    from diffusers import EulerDiscreteScheduler
+
+    m = dit_case(num_embeds_ada_norm=1000).model
+    sch = EulerDiscreteScheduler()
+    x = torch.zeros(1)
+    with fastcache.patched(m, FORAConfig(interval=2)), fastcache.announce_steps(sch, m) as ann:
+        sch.set_timesteps(8)
+        sch.set_begin_index(5)
+        seen = [ann.current()]
+        for t in sch.timesteps[5:]:
+            sch.step(x, t, x)
+            seen.append(ann.current())
+    assert seen == [(0, 3), (1, 3), (2, 3), None]
+    assert not {"set_timesteps", "step", "set_begin_index"} & set(sch.__dict__)
+
+
+def test_an_announced_run_ends_with_its_pipeline_call():
+    """A pipeline call that stops early (interrupted, or an img2img loop shorter than the
+    scheduler's timesteps) ends its run when the call returns: diffusers pipelines call
+    ``maybe_free_model_hooks()`` last."""
+
+    class Pipe:
+        def __init__(self, transformer):
+            self.transformer, self.scheduler = transformer, DDIMScheduler()
+
+        def maybe_free_model_hooks(self):
+            pass
+
+        def __call__(self, stop):
+            self.scheduler.set_timesteps(8)
+            x = torch.zeros(1)
+            for t in self.scheduler.timesteps[:stop]:
+                self.scheduler.step(x, t, x)
+            self.maybe_free_model_hooks()
+
+    pipe = Pipe(dit_case(num_embeds_ada_norm=1000).model)
+    with fastcache.patched(pipe.transformer, FORAConfig(interval=2)), fastcache.announce_steps(pipe) as ann:
+        pipe.scheduler.set_timesteps(8)
+        pipe.scheduler.step(torch.zeros(1), pipe.scheduler.timesteps[0], torch.zeros(1))
+        mid = ann.current()
+        pipe(stop=3)
+        after = ann.current()
+    assert mid == (1, 8) and after is None
+    assert "maybe_free_model_hooks" not in pipe.__dict__
