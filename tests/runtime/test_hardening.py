@@ -411,7 +411,7 @@ def test_compiled_loop_does_not_recompile_across_steps():
     case = reference_dit_case()
     m = case.model
     with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.3, num_steps=8)):
-        case.sample(steps=1)  # allocate the cache buffers eagerly (see the README)
+        case.sample(steps=1)  # allocate the cache buffers eagerly (see docs/usage.md)
         fastcache.reset(m)
         torch._dynamo.reset()
         compiled = torch.compile(m, fullgraph=True)

@@ -1,4 +1,4 @@
-"""What a sampling run is, and what invalidates a cache (README "What fastcache guarantees").
+"""What a sampling run is, and what invalidates a cache (docs/guarantees.md).
 
 A cache may only be reused inside the run, the weights and the blocks that made it. A
 run is started by the sampler's ``set_timesteps`` (announced pipelines), an announced

@@ -1,0 +1,100 @@
+"""README.md's claims that a test can hold: the methods x models table, cell by cell (✓:
+``fastcache.patch`` and a 4-step sampling loop run, and the method cached something; —:
+``patch`` refuses with an error that says why), and the front page's size."""
+
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+import fastcache
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, os.path.join(HERE, "runtime"))
+from zoo import CASES  # noqa: E402
+
+README = os.path.join(HERE, "..", "README.md")
+COLUMNS = {  # README column -> zoo case
+    "DiT": "diffusers-dit",
+    "PixArt-α/Σ": "diffusers-pixart",
+    "Flux.1": "diffusers-flux",
+    "SD3 / 3.5": "diffusers-sd3",
+    "reference DiT": "fastcache-dit",
+}
+STEPS = 4
+
+
+def _table() -> dict[tuple[str, str], bool]:
+    lines = open(README, encoding="utf-8").read().split("## Methods x models", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:  # the first table of the section
+        if not ln.startswith("|"):
+            break
+        rows.append(ln)
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    out = {}
+    for row in rows[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        config = re.search(r"`(\w+Config)`", cells[0]).group(1)
+        for col, cell in zip(header[1:], cells[1:]):
+            assert cell in ("✓", "—"), f"README cell {config} x {col}: {cell!r}"
+            out[(config, COLUMNS[col])] = cell == "✓"
+    return out
+
+
+TABLE = _table()
+
+
+def _config(name: str, profile):
+    return {
+        "TeaCacheConfig": lambda: fastcache.TeaCacheConfig(threshold=2.0),
+        "FirstBlockCacheConfig": lambda: fastcache.FirstBlockCacheConfig(threshold=2.0),
+        "FORAConfig": lambda: fastcache.FORAConfig(interval=2),
+        "EOCConfig": lambda: fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=profile, weight=1.0),
+        "DeltaDiTConfig": lambda: fastcache.DeltaDiTConfig(interval=2, num_cached=1, boundary=2),
+        "TaylorSeerConfig": lambda: fastcache.TaylorSeerConfig(interval=2, order=1),
+        "TGateConfig": lambda: fastcache.TGateConfig(gate_step=2, warm_up=1, sp_interval=1, fi_interval=1),
+        "MagCacheConfig": lambda: fastcache.MagCacheConfig(threshold=1.0, max_skips=2, profile=profile),
+        "BlockCacheConfig": lambda: fastcache.BlockCacheConfig(delta=10.0, profile=profile),
+        "ScheduleConfig": lambda: fastcache.ScheduleConfig(plan="CC1C"),
+    }[name]()
+
+
+_CASES: dict = {}
+
+
+def _case(name):
+    if name not in _CASES:
+        case = CASES[name]()
+        profile = fastcache.calibrate(case.model, lambda: [case.sample(steps=STEPS, seed=1)], progress=False)
+        _CASES[name] = (case, profile)
+    return _CASES[name]
+
+
+def test_readme_is_a_front_page():
+    assert len(open(README, encoding="utf-8").read()) < 10_000
+    assert set(TABLE) == {(c, f) for c, _ in TABLE for f in COLUMNS.values()}  # every cell filled
+
+
+@pytest.mark.parametrize("family", sorted(COLUMNS.values()))
+def test_methods_by_models_table(family):
+    case, profile = _case(family)
+    m = case.model
+    for (config, fam), works in sorted(TABLE.items()):
+        if fam != family:
+            continue
+        cfg = _config(config, profile)
+        if not works:
+            with pytest.raises((ValueError, TypeError), match=r"\w+"):
+                fastcache.patch(m, cfg)
+            assert fastcache.runtime._find(m) is None, f"{config} on {family}: refused but left patched"
+            continue
+        with fastcache.patched(m, cfg):
+            out = case.sample(steps=STEPS, seed=2)
+            st = fastcache.stats(m)["contexts"]["default"]
+        assert torch.isfinite(out).all(), f"{config} on {family}"
+        reused = st.get("skipped", 0) + st.get("reused_blocks", 0)
+        assert reused > 0 or st.get("computed_fraction", 1.0) < 1.0, f"{config} on {family} cached nothing: {st}"
