@@ -8,19 +8,17 @@ handle.remove()
 
 from . import calibration, interior, ops
 from .calibration import calibrate
-from .config import (
-    BlockCacheConfig,
-    CacheConfig,
-    DeltaDiTConfig,
-    EOCConfig,
-    FirstBlockCacheConfig,
-    FORAConfig,
-    MagCacheConfig,
-    ScheduleConfig,
-    TaylorSeerConfig,
-    TeaCacheConfig,
-    TGateConfig,
-)
+from .config import CacheConfig
+from .policies.block_cache import BlockCacheConfig
+from .policies.delta_dit import DeltaDiTConfig
+from .policies.eoc import EOCConfig
+from .policies.first_block import FirstBlockCacheConfig
+from .policies.fora import FORAConfig
+from .policies.magcache import MagCacheConfig
+from .policies.schedule import ScheduleConfig
+from .policies.taylorseer import TaylorSeerConfig
+from .policies.teacache import TeaCacheConfig
+from .policies.tgate import TGateConfig
 from .profile import Profile
 from .runtime import Patch, announce_steps, context, get_patch, patch, patched, reset, stats, unpatch
 from .scheduling import ScheduleSearchResult, search_schedule

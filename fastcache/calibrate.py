@@ -269,7 +269,7 @@ def _budget(a, model, runs, held, prof) -> int:
         progress=not a.no_progress,
     )
     print(res)
-    from .config import ScheduleConfig
+    from .policies.schedule import ScheduleConfig
 
     top = max((METHODS[m] for m in methods if m in METHODS), default=0)
     fixed = fixed_interval_plan(res.budget, res.num_steps, top if top > 0 else 0)

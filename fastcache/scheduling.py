@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ScheduleConfig
+from .policies.schedule import ScheduleConfig
 from .profile import Profile
 from .runtime import patch
 from .search import _psnr

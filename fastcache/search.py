@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import CacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+from .config import CacheConfig
+from .policies.first_block import FirstBlockCacheConfig
+from .policies.teacache import TeaCacheConfig
 from .runtime import patch
 
 __all__ = ["Evaluation", "SearchResult", "search_threshold", "SEARCH_METHODS"]

@@ -4,7 +4,7 @@ arXiv 2312.03209, CVPR 2024; docs/methods.md section 6).
 1. Profile (B1): ``Delta_i(s) = ||o_i(s) - o_i(s-1)||_1 / ||o_i(s)||_1``, block i's
    output streams on uncached runs, averaged over the calibration runs
    (:func:`fastcache.calibrate`, ``Profile.block_change``).
-2. Schedule (B2), once, at config time (:func:`fastcache.config.block_schedule`): block
+2. Schedule (B2), once, at config time (:func:`block_schedule` below): block
    i is refreshed at step s when ``sum_{s'=last_i+1}^{s} Delta_i(s') >= delta``; step 0
    refreshes every block. A static ``(steps x blocks)`` mask, True = compute
    (:attr:`fastcache.BlockCacheConfig.mask`).
@@ -28,11 +28,89 @@ families). EOC's correction composes: ``EOCConfig(base=cfg.mask, profile=cfg.pro
 
 from __future__ import annotations
 
-from ..config import BlockCacheConfig, EOCConfig
+import dataclasses
+from typing import Any, ClassVar
+
+from ..config import CacheConfig, _check_float, _check_int, _load_profile, _profile_steps, _set, config_type
 from .base import StepInfo, register_policy
-from .eoc import EOCPolicy
+from .eoc import EOCConfig, EOCPolicy
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class BlockCacheConfig(CacheConfig):
+    """Block Caching (Wimbauer et al., arXiv 2312.03209, CVPR 2024; docs/methods.md
+    section 6): a static per-block refresh schedule from the calibrated per-block change
+    curves ``Delta_i(s)`` (B1, :func:`fastcache.calibrate`). Block i is refreshed at step s
+    when its change accumulated since its last refresh reaches ``delta`` (B2); otherwise
+    every branch of the block is reused, its gates recomputed (the fused gated residual;
+    it stands in for the paper's learned scale-shift B3). Step 0 computes every block.
+
+    The ``(steps x blocks)`` mask is computed here, once (:attr:`mask`, True = compute);
+    EOC's correction composes with it: ``EOCConfig(base=cfg.mask, profile=cfg.profile)``.
+
+    Args:
+        delta: the refresh threshold on the accumulated relative change. ``0`` refreshes
+            every block every step (bitwise the unpatched model).
+        profile: a :class:`fastcache.Profile` (or its path) with the ``block_change`` curves.
+        num_steps: steps per run; default (and it must be) the profile's.
+        history: steps of decision timeline kept for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "block_cache"
+
+    delta: float = 0.1
+    profile: Any = None
+    num_steps: int | None = None
+    history: int = 1024
+    mask: tuple[tuple[bool, ...], ...] = dataclasses.field(init=False, default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        _set(self, "delta", _check_float("delta", self.delta, 0, " (0 = refresh every block every step)"))
+        prof = _load_profile(self.profile, "BlockCacheConfig")
+        _set(self, "profile", prof)
+        change = prof.require("block_change", "BlockCacheConfig").tolist()  # host-read-ok: config construction
+        _profile_steps(self, prof, "Block Caching")
+        _set(self, "history", _check_int("history", self.history, 1))
+        _set(self, "mask", block_schedule(change, self.delta))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "delta": self.delta,
+            "profile": self.profile.describe(),
+            "num_steps": self.num_steps,
+            "history": self.history,
+            "computed_fraction": sum(map(sum, self.mask)) / (len(self.mask) * len(self.mask[0])),
+        }
+
+
+def block_schedule(change, delta: float) -> tuple[tuple[bool, ...], ...]:
+    """B2 on the host: ``change[s][i] = Delta_i(s)``; block i computes at step s iff s == 0
+    or ``sum_{s'=last_i+1}^{s} Delta_i(s') >= delta`` (then ``last_i = s``). Python floats
+    (fp64), summed in step order."""
+    L = len(change[0])
+    acc = [0.0] * L
+    rows = [tuple([True] * L)]
+    for s in range(1, len(change)):
+        row = []
+        for i in range(L):
+            acc[i] += float(change[s][i])
+            hit = acc[i] >= delta
+            if hit:
+                acc[i] = 0.0
+            row.append(hit)
+        rows.append(tuple(row))
+    return tuple(rows)
+
+
+# --- Schedule ---
+# "C": computed; a digit: forecast with the Taylor series to that order (0 = reuse);
+# "E": reuse corrected by EOC's trend (docs/methods.md section 4, Eq. E4), needs a profile
+
+
+# --------------------------------------------------------------------------- policy
 @register_policy(BlockCacheConfig)
 class BlockCachePolicy(EOCPolicy):
     """EOC's static-mask machinery with no correction (weight 0: the trend is never

@@ -50,16 +50,103 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
 from .. import ops
-from ..config import DeltaDiTConfig
+from ..config import CacheConfig, _check_int, _set, config_type
 from ..ops.reference import STEP
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy, warm_signatures
 from .steps import DecisionState, residual_cond, timestep_guard
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class DeltaDiTConfig(CacheConfig):
+    """Δ-DiT (Chen et al., arXiv 2406.01125; docs/methods.md section 3, D1-D5): cache the
+    change ``Δ = F_range(h) - h`` a contiguous range of ``num_cached`` blocks makes to its
+    input ``h``; refresh it every ``interval`` steps and otherwise output ``h + Δ`` for the
+    range. Steps before ``boundary`` (outline stage) cache the last ``num_cached`` blocks,
+    steps from ``boundary`` on (detail stage) the first ``num_cached``; blocks outside the
+    range always run. Blocks are counted across segments in run order (Flux: dual-stream,
+    then single-stream), so a range may cross them.
+
+    Schedule (static, step index ``s`` within the run, 0-based): ``s`` refreshes (runs every
+    block) iff ``(s - a) % interval == 0``, where ``a`` is the latest forced step ``<= s``;
+    forced steps are ``0 .. warmup_steps-1`` and ``boundary`` (the detail stage's range has
+    no Δ yet; not forced when ``num_cached`` covers the whole stack, the two ranges then
+    being the same). See :meth:`computes` and :meth:`stage_of`.
+
+    Args:
+        interval: N >= 1, steps between refreshes (1 = every step computed, the output
+            bitwise the unpatched model's). Required: the paper tunes it per model.
+        num_cached: N_c >= 0 blocks in the cached range (0 = nothing cached, bitwise the
+            unpatched model); at most the stack's depth (checked when patching). Required.
+        boundary: b >= 0, the first step of the detail stage (front range). ``0`` caches the
+            front range throughout, ``b >= num_steps`` the rear range throughout. The paper's
+            PixArt-alpha setting is b = 12 of 20 DPM-Solver steps. Required.
+        warmup_steps: leading steps always computed (>= 1: step 0 has no Δ).
+        num_steps: steps per run, when known: runs of another length are flagged in stats.
+            Eager calls given the step index (``cache_context(name, step_index=i)`` or
+            ``fastcache.context(model, name, step_index=i)``) follow :meth:`computes` on the
+            host with no device read; otherwise one flag is read per step.
+        history: steps of decision timeline kept on the device for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "delta_dit"
+
+    interval: int | None = None
+    num_cached: int | None = None
+    boundary: int | None = None
+    warmup_steps: int = 1
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, hint in (
+            ("interval", " (steps between refreshes of Δ; 1 = never cache)"),
+            ("num_cached", " (blocks in the cached range; 0 = never cache)"),
+            ("boundary", " (first step of the detail stage; the paper uses 12 of 20 steps on PixArt-alpha)"),
+        ):
+            if getattr(self, name) is None:
+                raise ValueError(f"DeltaDiTConfig.{name} is required{hint}")
+        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
+        _set(self, "num_cached", _check_int("num_cached", self.num_cached, 0, " (0 = cache nothing)"))
+        _set(self, "boundary", _check_int("boundary", self.boundary, 0))
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    @property
+    def never_caches(self) -> bool:
+        """True when no step can reuse Δ (``interval == 1`` or ``num_cached == 0``)."""
+        return self.interval == 1 or self.num_cached == 0
+
+    def stage_of(self, step: int) -> str:
+        """``"rear"`` (outline stage, the last ``num_cached`` blocks cached) for ``step <
+        boundary``, else ``"front"`` (detail stage, the first ``num_cached`` blocks)."""
+        return "rear" if step < self.boundary else "front"
+
+    def computes(self, step: int, num_blocks: int | None = None) -> bool:
+        """The host schedule: does step ``step`` refresh Δ (run every block)?
+        ``num_blocks``: the stack's depth (the boundary is not forced when ``num_cached``
+        covers it); None = assume it does not."""
+        if self.never_caches:
+            return True
+        switch = num_blocks is None or self.num_cached < num_blocks
+        forced = list(range(min(self.warmup_steps, step + 1)))
+        if switch and self.boundary <= step:
+            forced.append(self.boundary)
+        return (step - max(forced)) % self.interval == 0
+
+
+# --- T-GATE ---
+
+
+# --------------------------------------------------------------------------- policy
 @dataclasses.dataclass(frozen=True)
 class Part:
     """Blocks ``start .. stop-1`` of the stack; cached in the ``front`` and/or ``rear`` range."""

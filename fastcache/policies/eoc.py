@@ -38,18 +38,109 @@ built outside the conds: :func:`fastcache.policies.base.warm_signatures`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any, ClassVar
 
 import torch
 
 from .. import ops
-from ..config import EOCConfig, FORAConfig, TeaCacheConfig
+from ..config import CacheConfig, _as_mask, _check_float, _check_int, _profile_steps, _set, config_type
 from ..interior import run_blocks
 from ..profile import TimestepWatch
 from .base import StepInfo, register_policy
-from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
+from .fora import FORAConfig, FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
+from .teacache import TeaCacheConfig
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class EOCConfig(CacheConfig):
+    """Error-Optimized Cache (Qiu et al., arXiv 2501.19243; docs/methods.md "EOC") on a
+    base caching schedule: a reused branch output becomes ``cached * (1 + w * T)``
+    inside the gated residual (Eq. 7), attention and MLP together, where the trend
+    ``T = P[s] - P[s_prev]`` comes from the calibrated prior (Eq. 4-5,
+    :func:`fastcache.calibrate`), and only (block, step) pairs whose priority passes
+    the threshold are corrected (Eq. 6, see :mod:`fastcache.policies.eoc`).
+
+    Args:
+        base: the schedule to correct: a :class:`FORAConfig`, a :class:`TeaCacheConfig`
+            (its decision, with branch-level reuse: the interior TeaCache variant) or a
+            static boolean ``(steps x blocks)`` mask, True = compute (a training-based
+            schedule such as Learning-to-Cache's).
+        weight: w; None = the paper's default, 0.01 on a rule-based base (FORA,
+            TeaCache), 0.005 on a static mask. ``0`` equals ``base`` bitwise.
+        profile: a :class:`fastcache.Profile` (or a path to one) for this model and
+            step count.
+        regulation: lambda of the priority's step-position weight ``exp(-lambda * s / (S-1))``.
+        threshold: tau; a cached (block, step) is corrected iff its priority > tau.
+            Defaults lambda = 4, tau = 0.25: on the digits DiT this corrects the reused
+            blocks of the first ~15% of the steps (bench/bench_quality.py).
+        num_steps: steps per run; default the profile's (it must match).
+    """
+
+    kind: ClassVar[str] = "eoc"
+
+    base: Any = None
+    weight: float | None = None
+    profile: Any = None
+    regulation: float = 4.0
+    threshold: float = 0.25
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        from ..profile import Profile
+
+        base = self.base
+        if base is None:
+            raise ValueError(
+                "EOCConfig.base is required: a FORAConfig, a TeaCacheConfig or a (steps x blocks) bool mask"
+            )
+        if not isinstance(base, (FORAConfig, TeaCacheConfig)):
+            mask = _as_mask(base)
+            if mask is None:
+                raise ValueError(
+                    f"EOCConfig.base must be a FORAConfig, a TeaCacheConfig or a (steps x blocks) bool mask, "
+                    f"got {type(base).__name__}"
+                )
+            _set(self, "base", mask)
+        if self.weight is None:
+            _set(self, "weight", 0.005 if isinstance(self.base, tuple) else 0.01)
+        else:
+            _set(self, "weight", _check_float("weight", self.weight, 0, " (0 = the base schedule unchanged)"))
+        prof = self.profile
+        if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
+            prof = Profile.load(prof)
+        if not isinstance(prof, Profile):
+            raise ValueError(
+                "EOCConfig.profile must be a fastcache.Profile (profile = fastcache.calibrate(model, run)) or a path "
+                f"to a saved one, got {type(self.profile).__name__}"
+            )
+        _set(self, "profile", prof)
+        _set(self, "regulation", _check_float("regulation", self.regulation, 0))
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0))
+        n = _profile_steps(self, prof, "EOC")
+        if isinstance(self.base, tuple) and len(self.base) != n:
+            raise ValueError(f"EOCConfig.base: the static mask has {len(self.base)} rows (steps) but num_steps={n}")
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.base.to_dict() if isinstance(self.base, CacheConfig) else [list(r) for r in self.base]
+        return {
+            "kind": self.kind,
+            "base": base,
+            "weight": self.weight,
+            "profile": self.profile.describe(),
+            "regulation": self.regulation,
+            "threshold": self.threshold,
+            "num_steps": self.num_steps,
+            "history": self.history,
+        }
+
+
+# --------------------------------------------------------------------------- policy
 @register_policy(EOCConfig)
 class EOCPolicy(InteriorCachePolicy):
     # True for the TeaCache base (its sums are reduced over a process group); the FORA and

@@ -32,12 +32,58 @@ stores outside, gated by the device flag.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 from .. import ops
-from ..config import FirstBlockCacheConfig
+from ..config import CacheConfig, _check_decision_fields, _check_float, _check_int, _set, config_type
 from .base import Policy, StackRunner, is_tracing, register_policy
 from .steps import DecisionState, residual_cond, timestep_guard
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class FirstBlockCacheConfig(CacheConfig):
+    """First-Block Cache (ParaAttention, diffusers ``FirstBlockCacheConfig``) and its DBCache
+    generalisation (cache-dit): run the first ``fn`` blocks every step; skip the middle
+    blocks when the relative-L1 change of the first blocks' residual since the last
+    computed step stays below ``threshold`` and reuse the middle blocks' residual instead;
+    the last ``bn`` blocks always run (docs/methods.md section 7, FB1-FB4).
+
+    Args:
+        threshold: relative-L1 threshold on ``d_s`` (diffusers 0.05; 0.08 for FLUX). ``0``
+            disables skipping (every step computed, output identical to the unpatched model).
+        fn: leading blocks that always run and give the indicator (>= 1; FBCache 1, DBCache 8).
+        bn: trailing blocks that always run (>= 0; DBCache's ``Bn``).
+        warmup_steps: initial steps always computed (>= 1: step 0 has no cache).
+        max_consecutive_skips: compute after this many skips in a row (0 = no limit).
+        num_steps: sampling steps per run; when given, the last step is always computed.
+            Can also be set later with ``handle.set_num_steps``.
+        history: steps of decision timeline kept on device for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "first_block"
+
+    threshold: float = 0.05
+    fn: int = 1
+    bn: int = 0
+    warmup_steps: int = 1
+    max_consecutive_skips: int = 0
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
+        _set(self, "fn", _check_int("fn", self.fn, 1, " (the indicator needs at least one leading block)"))
+        _set(self, "bn", _check_int("bn", self.bn, 0))
+        _check_decision_fields(self)
+
+
+# --- Δ-DiT ---
+
+
+# --------------------------------------------------------------------------- policy
 class FirstBlockCacheState(DecisionState):
     """One cache context: ``prev`` is ``q_last`` (the first blocks' residual at the last
     computed step), ``residuals`` the middle residual per stream, ``coeffs`` empty (no

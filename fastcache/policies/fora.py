@@ -27,12 +27,14 @@ untouched, as in TeaCache.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
 from .. import ops
-from ..config import FORAConfig
+from ..config import CacheConfig, _check_int, _set, config_type
 from ..interior import Executor, apply_cached, layout_for, run_blocks
 from ..interior.base import combine
 from ..ops.reference import N_RUNS, STATE_HEADER, STEP
@@ -40,6 +42,51 @@ from .base import Policy, StepInfo, is_tracing, register_policy, warm_signatures
 from .steps import AUX_JITTER, AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, AUX_SIZE, timestep_guard
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class FORAConfig(CacheConfig):
+    """FORA (Selvaraju et al., arXiv 2407.01425; docs/methods.md "FORA"): every block's
+    attention and MLP outputs (before gating) are computed on the first ``warmup_steps``
+    steps and then every ``interval``-th step, and reused in between; the AdaLN
+    modulation, and so every gate, is recomputed each step.
+
+    Schedule: step ``s`` (0-based) is computed iff ``s < warmup_steps`` or
+    ``(s - warmup_steps + 1) % interval == 0`` (warmup 1: steps 0, N, 2N, ... as in the
+    paper). ``interval=1`` computes every step (bitwise the unpatched model).
+
+    Args:
+        interval: N >= 1 (paper default 3).
+        warmup_steps: leading steps always computed (>= 1: step 0 has no cache).
+        num_steps: steps per run, when known: flags runs of another length in stats.
+            The eager path places steps on the host (no device read at all) when the caller
+            gives the step index (``cache_context(name, step_index=i)`` or
+            ``fastcache.context(model, name, step_index=i)``); otherwise it reads one flag
+            per step.
+        history: steps of decision timeline kept for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "fora"
+
+    interval: int = 3
+    warmup_steps: int = 1
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def computes(self, step: int) -> bool:
+        """The host schedule: is step ``step`` computed?"""
+        w, n = self.warmup_steps, self.interval
+        return step < w or (step - w + 1) % n == 0
+
+
+# --------------------------------------------------------------------------- policy
 class InteriorState:
     """Device tensors of one cache context (``signature`` guards shape/dtype/device)."""
 

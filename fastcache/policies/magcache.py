@@ -28,15 +28,143 @@ A step beyond the schedule (a longer run than ``num_steps``) is computed and fla
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+from typing import Any, ClassVar
+
 import torch
 
 from .. import ops
-from ..config import MagCacheConfig
+from ..config import CacheConfig, _check_float, _check_int, _load_profile, _set, config_type, nearest_interp
 from ..ops.reference import PREV_T, STEP
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy
 from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class MagCacheConfig(CacheConfig):
+    """MagCache (Ma et al., arXiv 2506.09045; docs/methods.md section 9): skip the whole
+    block stack and reuse its residual (as TeaCache) while the error accumulated from the
+    calibrated magnitude-ratio curve gamma stays small. Per step s >= the retention steps
+    (M2-M3, diffusers' ``MagCacheConfig`` hook exactly)::
+
+        rho <- rho * gamma_s ;  k <- k + 1 ;  eps <- eps + |1 - rho|
+        skip iff s > 0 and eps <= threshold and k <= max_skips, else compute and rho, eps, k <- 1, 0, 0
+
+    The decision uses gamma only, never the current data, so the schedule is computed on
+    the host once (:meth:`schedule`): with a host step index no device value is read.
+
+    Args:
+        threshold: on the accumulated error eps (diffusers 0.06; Wan2.1 1.3B 0.12). ``0``
+            disables skipping (every step computed, bitwise the unpatched model; diffusers
+            would still skip where gamma is exactly 1).
+        max_skips: K, the most consecutive skipped steps (diffusers ``max_skip_steps`` 3;
+            0 = never skip).
+        retention_ratio: r; the first ``int(r * num_steps + 0.5)`` steps are always computed
+            (diffusers 0.2).
+        retention_steps: that number of steps directly (overrides ``retention_ratio``).
+        num_steps: steps per run the schedule is made for; default the length of the curve.
+            A curve of another length is resampled by nearest index (as diffusers does).
+            ``handle.set_num_steps`` / a pipeline's ``num_inference_steps`` re-resample it.
+        mag_ratios: gamma per step, gamma_0 first (e.g. diffusers' ``FLUX_MAG_RATIOS``), or
+        profile: a :class:`fastcache.Profile` (or its path) whose ``mag_ratios`` curve
+            :func:`fastcache.calibrate` recorded. Exactly one of the two.
+        history: steps of decision timeline kept on the device for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "magcache"
+
+    threshold: float = 0.06
+    max_skips: int = 3
+    retention_ratio: float = 0.2
+    retention_steps: int | None = None
+    num_steps: int | None = None
+    mag_ratios: tuple[float, ...] | None = None
+    profile: Any = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
+        _set(self, "max_skips", _check_int("max_skips", self.max_skips, 0, " (0 = never skip)"))
+        r = _check_float("retention_ratio", self.retention_ratio, 0, " and <= 1")
+        if r > 1:
+            raise ValueError(f"retention_ratio must be a finite number >= 0 and <= 1, got {self.retention_ratio!r}")
+        _set(self, "retention_ratio", r)
+        if self.retention_steps is not None:
+            _set(self, "retention_steps", _check_int("retention_steps", self.retention_steps, 0, " or None"))
+        if (self.mag_ratios is None) == (self.profile is None):
+            raise ValueError(
+                "MagCacheConfig needs exactly one of mag_ratios (a gamma per step) and profile (a fastcache.Profile "
+                "from fastcache.calibrate(model, run)); got " + ("both" if self.mag_ratios is not None else "neither")
+            )
+        if self.profile is not None:
+            prof = _load_profile(self.profile, "MagCacheConfig")
+            _set(self, "profile", prof)
+            curve = prof.require("mag_ratios", "MagCacheConfig").tolist()  # host-read-ok: config construction
+        else:
+            curve = self.mag_ratios
+            if hasattr(curve, "tolist"):
+                curve = curve.tolist()  # host-read-ok: a config argument, not the step path
+            if isinstance(curve, (str, bytes)) or not hasattr(curve, "__iter__"):
+                raise ValueError(f"mag_ratios must be a sequence of positive numbers, got {self.mag_ratios!r}")
+            curve = list(curve)
+        ok = all(isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c) and c > 0 for c in curve)
+        if not curve or not ok:
+            raise ValueError(f"mag_ratios must hold one finite number > 0 per step, got {curve!r}")
+        _set(self, "mag_ratios", tuple(float(c) for c in curve))
+        n = len(curve) if self.num_steps is None else self.num_steps
+        _set(self, "num_steps", _check_int("num_steps", n, 1, " or None (the curve's length)"))
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def retention(self, num_steps: int | None = None) -> int:
+        """Leading steps always computed (M4): ``retention_steps`` or ``int(r * S + 0.5)``."""
+        n = self.num_steps if num_steps is None else num_steps
+        return self.retention_steps if self.retention_steps is not None else int(self.retention_ratio * n + 0.5)
+
+    def ratios(self, num_steps: int | None = None) -> tuple[float, ...]:
+        """gamma resampled to ``num_steps`` (default the config's) by nearest index."""
+        return nearest_interp(self.mag_ratios, self.num_steps if num_steps is None else num_steps)
+
+    def schedule(self, num_steps: int | None = None) -> tuple[bool, ...]:
+        """The host schedule, True = compute, one entry per step (M2-M4). The arithmetic is
+        diffusers' own: fp32 tensor scalars for rho and eps, the comparison in fp32, so the
+        decisions are the same bit for bit."""
+        import torch
+
+        n = self.num_steps if num_steps is None else num_steps
+        g = torch.tensor(self.ratios(n), dtype=torch.float32)
+        keep = self.retention(n)
+        out: list[bool] = []
+        rho, eps, k = 1.0, 0.0, 0
+        for s in range(n):
+            if s < keep or self.threshold == 0:
+                out.append(True)
+                continue
+            rho = rho * g[s]
+            k += 1
+            eps = eps + abs(1.0 - rho)
+            if s > 0 and bool(eps <= self.threshold) and k <= self.max_skips:  # host-read-ok: config time, CPU
+                out.append(False)
+            else:
+                out.append(True)
+                rho, eps, k = 1.0, 0.0, 0
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["kind"] = self.kind
+        d["mag_ratios"] = list(self.mag_ratios)
+        d["profile"] = None if self.profile is None else self.profile.describe()
+        return d
+
+
+# --- Block Caching ---
+
+
+# --------------------------------------------------------------------------- policy
 class MagCacheState(DecisionState):
     """One cache context: ``residuals`` the stack residual per cached stream; ``force`` a
     ``(1, 2)`` row added to the schedule row (1 after :meth:`MagCachePolicy.invalidate`:

@@ -34,10 +34,13 @@ or short is ever forecast from; ``stats`` counts both (``forced_computes``).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar
+
 import torch
 
 from .. import ops
-from ..config import ScheduleConfig
+from ..config import CacheConfig, _check_float, _check_int, _set, config_type
 from ..interior import run_blocks
 from ..ops.reference import STEP
 from ..profile import TimestepWatch
@@ -45,7 +48,136 @@ from .base import StepInfo, is_tracing, register_policy
 from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
+# --------------------------------------------------------------------------- config
+SCHEDULE_CODES = "C01234E"
 
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig(CacheConfig):
+    """A static per-step schedule (docs/methods.md section 12), usually found by
+    :func:`fastcache.search_schedule`: which steps run the blocks, and how each other step
+    is filled from the cached branch outputs (TaylorSeer's forecast, section 8, with a
+    per-step order; order 0 is FORA's reuse).
+
+    ``plan`` has one character per step of the run: ``"C"`` computes the step; a digit
+    ``k`` forecasts it with the Taylor series to order ``k`` from the history of the last
+    computed steps (``"0"`` = reuse the last computed step's outputs); ``"E"`` reuses them
+    corrected by EOC's trend, ``f * (1 + eoc_weight * (P[s] - P[c]))`` with ``P`` the
+    ``profile``'s prior and ``c`` the last computed step (section 4, Eq. E4). Example, 10
+    steps, 4 computed: ``"CC11C1E2C1"``.
+
+    The run length is ``len(plan)``; a pipeline announcing another step count is refused,
+    and steps past the plan's end are computed. The schedule never reads the model's
+    values: with the step index given by the caller (``cache_context(name,
+    step_index=i)`` / ``fastcache.context(model, name, step_index=i)``) nothing is read to
+    the host in eager mode or under torch.compile (see the policy's docstring).
+
+    Memory: ``(max order + 1) x`` the branch outputs of one step (every slot), per cache
+    context, as TaylorSeer.
+    """
+
+    kind: ClassVar[str] = "schedule"
+
+    plan: str = ""
+    profile: Any = None
+    eoc_weight: float = 1.0
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        from ..profile import Profile
+
+        p = self.plan
+        if not isinstance(p, str) or not p:
+            raise ValueError(
+                f"plan must be a non-empty string, one character per step ('C' computed, '0'-'4' forecast order), "
+                f"got {p!r}"
+            )
+        p = p.upper()
+        bad = sorted({c for c in p if c not in SCHEDULE_CODES})
+        if bad:
+            raise ValueError(
+                f"plan holds {''.join(bad)!r}; use 'C' for a computed step, a digit 0-4 for the forecast order "
+                f"of a cached step (0 = reuse) and 'E' for an EOC-corrected reuse, got {self.plan!r}"
+            )
+        if p[0] != "C":
+            raise ValueError(f"plan must start with 'C': step 0 has nothing cached, got {self.plan!r}")
+        _set(self, "plan", p)
+        _set(self, "history", _check_int("history", self.history, 1))
+        _set(self, "eoc_weight", _check_float("eoc_weight", self.eoc_weight, 0))
+        prof = self.profile
+        if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
+            prof = Profile.load(prof)
+        if prof is not None and not isinstance(prof, Profile):
+            raise ValueError(
+                f"ScheduleConfig.profile must be a fastcache.Profile or a path to one, got {type(prof).__name__}"
+            )
+        if "E" in p:
+            if prof is None:
+                raise ValueError(
+                    "plan holds 'E' (EOC-corrected reuse): give the model's profile, ScheduleConfig(plan=..., "
+                    "profile=fastcache.calibrate(model, run)), whose prior gives the trend"
+                )
+            if prof.num_steps != len(p):
+                raise ValueError(
+                    f"ScheduleConfig: the plan has {len(p)} steps but the profile was recorded over "
+                    f"{prof.num_steps}-step runs; calibrate with {len(p)}-step runs"
+                )
+        _set(self, "profile", prof)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "plan": self.plan,
+            "profile": None if self.profile is None else self.profile.describe(),
+            "eoc_weight": self.eoc_weight,
+            "history": self.history,
+        }
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def compute_steps(self) -> tuple[int, ...]:
+        return tuple(i for i, c in enumerate(self.plan) if c == "C")
+
+    @property
+    def order(self) -> int:
+        """The highest forecast order the plan uses (the history kept)."""
+        return max((int(c) for c in self.plan if c not in "CE"), default=0)
+
+    @property
+    def budget(self) -> int:
+        return self.plan.count("C")
+
+    def computes(self, step: int, num_steps: int | None = None) -> bool:
+        """Is step ``step`` computed? Past the plan's end: yes."""
+        return step >= len(self.plan) or self.plan[step] == "C"
+
+    def order_at(self, step: int) -> int:
+        """The forecast order of a cached step (0 for computed, EOC-corrected and past-the-end steps)."""
+        return 0 if self.computes(step) or self.plan[step] == "E" else int(self.plan[step])
+
+    def corrects(self, step: int) -> bool:
+        """Is step ``step`` an EOC-corrected reuse?"""
+        return step < len(self.plan) and self.plan[step] == "E"
+
+    @classmethod
+    def from_steps(cls, compute_steps, num_steps: int, order: int = 1, **kw) -> ScheduleConfig:
+        """A plan computing ``compute_steps`` (must hold 0) and forecasting every other step
+        of ``num_steps`` with ``order`` (e.g. a fixed-interval TaylorSeer or FORA schedule)."""
+        n = _check_int("num_steps", num_steps, 1)
+        o = _check_int("order", order, 0)
+        cs = {int(s) for s in compute_steps}
+        if any(s < 0 or s >= n for s in cs):
+            raise ValueError(f"compute_steps {sorted(cs)} must lie in [0, {n})")
+        if o > 4:
+            raise ValueError(f"order must be <= 4, got {o}")
+        return cls(plan="".join("C" if s in cs else str(o) for s in range(n)), **kw)
+
+
+# --------------------------------------------------------------------------- policy
 class ScheduleState(TaylorState):
     def __init__(self, history: int):
         super().__init__(history)

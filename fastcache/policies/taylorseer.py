@@ -33,12 +33,15 @@ untouched (the runtime's hardening, as every policy).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from typing import ClassVar
 
 import torch
 
 from .. import ops
-from ..config import TaylorSeerConfig
+from ..config import CacheConfig, _check_int, _set, config_type
 from ..interior import run_blocks
 from ..ops.reference import STEP
 from .base import StepInfo, is_tracing, register_policy
@@ -46,6 +49,95 @@ from .fora import InteriorCachePolicy, InteriorState, _StepExecutor, _TraceExecu
 from .steps import timestep_guard
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class TaylorSeerConfig(CacheConfig):
+    """TaylorSeer (Liu et al., arXiv 2503.06923; docs/methods.md section 8): on computed
+    steps every block's attention / MLP outputs (before the AdaLN gate, one per (block,
+    branch, stream) slot) update their finite differences up to ``order`` (Eq. TS1); on
+    the other steps they are forecast by the Taylor series (Eq. TS2) and go through the
+    same gated residual as FORA, with the gates recomputed every step.
+
+    Schedule (the step index ``s`` is 0-based): ``compute_steps`` when given, else step
+    ``s`` is computed iff ``s < warmup_steps`` or ``(s - warmup_steps + 1) % interval ==
+    0`` (warm-up 3, interval 5: steps 0, 1, 2, 7, 12, ...); with ``num_steps`` known the
+    last step is computed too. ``interval=1`` computes every step (bitwise the unpatched
+    model); ``order=0`` is FORA on the same schedule.
+
+    Args:
+        interval: N >= 1, steps between computed steps after the warm-up (diffusers and
+            the paper: 5; paper range 5-7).
+        order: m >= 0, the highest finite difference kept (paper 1-2; diffusers 1).
+        warmup_steps: leading steps always computed (>= 1; diffusers computes 3).
+        num_steps: steps per run when known: the last step is computed (device schedules
+            and explicit ``compute_steps`` included); runs of another length are flagged.
+        compute_steps: explicit computed steps (e.g. from a schedule search), increasing,
+            starting at 0; every other step is forecast. Overrides ``interval`` and
+            ``warmup_steps`` (leave them at their defaults).
+        history: steps of decision timeline kept for ``fastcache.stats``.
+
+    Memory: ``(order + 1) x`` the branch outputs of one step (every slot), per cache
+    context, in the model's dtype (``stats()["cache_bytes"]``).
+    """
+
+    kind: ClassVar[str] = "taylorseer"
+
+    interval: int = 5
+    order: int = 1
+    warmup_steps: int = 3
+    num_steps: int | None = None
+    compute_steps: tuple[int, ...] | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "interval", _check_int("interval", self.interval, 1, " (1 = compute every step)"))
+        _set(self, "order", _check_int("order", self.order, 0, " (0 = reuse, as FORA)"))
+        if self.order > 4:
+            raise ValueError(
+                f"order must be <= 4, got {self.order}: higher finite differences of a few sampled steps "
+                "amplify noise (the paper uses 1-2)"
+            )
+        _set(self, "warmup_steps", _check_int("warmup_steps", self.warmup_steps, 1, " (step 0 is always computed)"))
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+        _set(self, "history", _check_int("history", self.history, 1))
+        cs = self.compute_steps
+        if cs is not None:
+            if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__"):
+                raise ValueError(f"compute_steps must be a sequence of step indices, got {cs!r}")
+            cs = tuple(cs)
+            if not cs or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in cs):
+                raise ValueError(f"compute_steps must be a non-empty sequence of integers, got {self.compute_steps!r}")
+            cs = tuple(int(s) for s in cs)
+            if cs[0] != 0 or any(b <= a for a, b in zip(cs, cs[1:])):
+                raise ValueError(
+                    f"compute_steps must be strictly increasing and start at 0 (step 0 has no cache), got {cs}"
+                )
+            if self.num_steps is not None and cs[-1] >= self.num_steps:
+                raise ValueError(f"compute_steps holds step {cs[-1]} but num_steps={self.num_steps}")
+            if (self.interval, self.warmup_steps) != (5, 3):
+                raise ValueError(
+                    "compute_steps replaces interval and warmup_steps; give either compute_steps or "
+                    f"interval/warmup_steps, got interval={self.interval}, warmup_steps={self.warmup_steps}"
+                )
+            _set(self, "compute_steps", cs)
+
+    def computes(self, step: int, num_steps: int | None = None) -> bool:
+        """The host schedule: is step ``step`` computed? (``num_steps`` defaults to the config's.)"""
+        n = self.num_steps if num_steps is None else num_steps
+        if n is not None and step == n - 1:
+            return True
+        if self.compute_steps is not None:
+            return step in self.compute_steps
+        w = self.warmup_steps
+        return step < w or (step - w + 1) % self.interval == 0
+
+
+# --- MagCache ---
+
+
+# --------------------------------------------------------------------------- policy
 class TaylorState(InteriorState):
     """:class:`InteriorState` plus the Taylor history per slot and the valid-order count."""
 

@@ -26,16 +26,75 @@ store sits outside and is gated by the device flag.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
+from typing import ClassVar
 
 from .. import ops
-from ..config import TeaCacheConfig
-from ..ops.reference import ACC, STATE_HEADER
+from ..config import CacheConfig, _check_decision_fields, _check_float, _set, config_type
+from ..ops.reference import ACC, MAX_COEFFS, STATE_HEADER
 from .base import Policy, StackRunner, is_tracing, register_policy
 from .memo import reuse_outputs
 from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
 
 
+# --------------------------------------------------------------------------- config
+@config_type
+@dataclasses.dataclass(frozen=True)
+class TeaCacheConfig(CacheConfig):
+    """TeaCache (Liu et al., arXiv 2411.19108): skip the whole block stack when the
+    accumulated, polynomial-rescaled relative-L1 change of the first block's modulated
+    input stays below ``threshold``; reuse the stack residual instead.
+
+    Args:
+        threshold: accumulated-distance threshold (paper/reference: FLUX 0.25 / 0.4 /
+            0.6 / 0.8 for ~1.5x / 1.8x / 2.0x / 2.25x). ``0`` disables skipping (every
+            step is computed, output identical to the unpatched model).
+        coefficients: rescaling polynomial, highest power first (``numpy.poly1d``
+            order), at most 8 values. ``None`` takes the model's published coefficients
+            (FLUX) and otherwise the identity ``poly(x) = x`` — the raw relative-L1, a
+            sound default for models without published fits (DiT, PixArt, SD3); fit your
+            own with ``numpy.polyfit`` as the authors do (docs/methods.md, TeaCache).
+        warmup_steps: initial steps always computed (>= 1: step 0 has no cache).
+        max_consecutive_skips: compute after this many skips in a row (0 = no limit).
+        num_steps: sampling steps per run; when given, the last step is always computed
+            (as in the reference). Can also be set later with ``handle.set_num_steps``.
+        history: steps of decision timeline kept on device for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "teacache"
+
+    threshold: float = 0.1
+    coefficients: tuple[float, ...] | None = None
+    warmup_steps: int = 1
+    max_consecutive_skips: int = 0
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "threshold", _check_float("threshold", self.threshold, 0, " (0 disables skipping)"))
+        if self.coefficients is not None:
+            cs = self.coefficients
+            if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__"):
+                raise ValueError(
+                    f"coefficients must be a sequence of numbers (numpy.poly1d order), got {self.coefficients!r}"
+                )
+            cs = tuple(cs)
+            if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) for c in cs):
+                raise ValueError(
+                    f"coefficients must be a sequence of numbers (numpy.poly1d order), got {self.coefficients!r}"
+                )
+            cs = tuple(float(c) for c in cs)
+            if not 1 <= len(cs) <= MAX_COEFFS or not all(math.isfinite(c) for c in cs):
+                raise ValueError(
+                    f"coefficients must hold 1..{MAX_COEFFS} finite numbers (highest power first), got {cs}"
+                )
+            _set(self, "coefficients", cs)
+        _check_decision_fields(self)
+
+
+# --------------------------------------------------------------------------- policy
 class TeaCacheState(DecisionState):
     """One cache context: ``prev`` is the previous modulated input (B, N, D), ``residuals``
     the stack residual per cached stream (see :class:`~fastcache.policies.steps.DecisionState`)."""

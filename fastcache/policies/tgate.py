@@ -38,12 +38,14 @@ dropped inside the transformer is discussed in docs/methods.md section 5.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
+from typing import ClassVar
 
 import torch
 
 from .. import ops
-from ..config import TGateConfig
+from ..config import CacheConfig, _check_int, _set, config_type
 from ..interior import Executor, apply_cached, run_blocks
 from ..interior.base import combine
 from ..ops.reference import STEP
@@ -54,6 +56,90 @@ from .steps import AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, t
 SELF, CROSS = "attn", "cross"
 # timeline codes: self-attention S computed / s reused; cross-attention C computed,
 # G computed and cached (the gate step), c reused
+# --------------------------------------------------------------------------- config
+_TGATE_CFG = ("batched", "none")
+
+
+@config_type
+@dataclasses.dataclass(frozen=True)
+class TGateConfig(CacheConfig):
+    """T-GATE (Liu et al., arXiv 2404.02747; docs/methods.md section 5, Eq. G1-G6): for
+    models with cross-attention (PixArt). Cross-attention runs on steps ``s < gate_step``;
+    at ``s = gate_step - 1`` its output is cached as the mean of the two CFG halves and
+    reused by both halves from ``gate_step`` on. Self-attention follows its own schedule:
+    computed on steps ``0 .. warm_up``, then on steps with ``s % sp_interval == 0`` before
+    the gate, at ``gate_step - 1`` (cached as the halves' mean too), and on steps with
+    ``s % fi_interval == 0`` after it; reused in between. The MLP always runs.
+
+    The schedule is the reference implementation's (``tgate_scheduler``), step indices
+    0-based and absolute. Defaults: the published PixArt-Alpha setting (25 steps:
+    gate 15, sp_interval 3, fi_interval 1, warm_up 2); the reference's generic defaults
+    are gate 10, sp_interval 5.
+
+    Args:
+        gate_step: G >= 1; cross-attention is computed on steps 0 .. G-1 and reused after.
+            ``gate_step = num_steps`` with ``sp_interval = 1`` never reuses anything
+            (bitwise the unpatched model).
+        warm_up: W >= 0; self-attention is computed on steps 0 .. W (the reference computes
+            ``s < W`` and caches at ``s == W``).
+        sp_interval: P_sp >= 1, self-attention refresh interval before the gate.
+        fi_interval: P_fi >= 1, self-attention refresh interval after the gate.
+        cfg: how classifier-free guidance reaches the model. ``"batched"``: one call per
+            step with the batch ``[uncond; cond]`` (diffusers' PixArt pipeline); the batch
+            must be even, and the gate caches the mean of the halves. ``"none"``: no CFG
+            (or CFG as separate calls in their own cache contexts): each sample caches its
+            own output, which is not T-GATE's mean over the CFG pair (docs/methods.md).
+        num_steps: steps per run, when known (``gate_step <= num_steps``; runs of another
+            length are flagged in stats).
+        history: steps of timeline kept for ``fastcache.stats``.
+    """
+
+    kind: ClassVar[str] = "tgate"
+
+    gate_step: int = 15
+    warm_up: int = 2
+    sp_interval: int = 3
+    fi_interval: int = 1
+    cfg: str = "batched"
+    num_steps: int | None = None
+    history: int = 1024
+
+    def __post_init__(self) -> None:
+        _set(self, "gate_step", _check_int("gate_step", self.gate_step, 1, " (step 0 computes cross-attention)"))
+        _set(self, "warm_up", _check_int("warm_up", self.warm_up, 0))
+        _set(self, "sp_interval", _check_int("sp_interval", self.sp_interval, 1, " (1 = self-attention every step)"))
+        _set(self, "fi_interval", _check_int("fi_interval", self.fi_interval, 1, " (1 = self-attention every step)"))
+        if self.cfg not in _TGATE_CFG:
+            raise ValueError(
+                f"cfg must be one of {_TGATE_CFG} ('batched': one call per step with the batch [uncond; cond]; "
+                f"'none': no classifier-free guidance in the batch), got {self.cfg!r}"
+            )
+        if self.num_steps is not None:
+            _set(self, "num_steps", _check_int("num_steps", self.num_steps, 1, " or None"))
+            if self.gate_step > self.num_steps:
+                raise ValueError(
+                    f"gate_step={self.gate_step} > num_steps={self.num_steps}: the gate would never be reached; "
+                    f"use gate_step <= {self.num_steps} (gate_step = num_steps keeps cross-attention on every step)"
+                )
+        _set(self, "history", _check_int("history", self.history, 1))
+
+    def plan(self, step: int) -> tuple[bool, str]:
+        """The host schedule of step ``step`` (0-based): ``(self-attention computed?,
+        cross-attention mode)``, mode ``"compute"`` (s < G-1), ``"gate"`` (s = G-1:
+        computed, cached as the CFG mean) or ``"reuse"`` (s >= G). At the gate step
+        self-attention is computed and cached as the CFG mean as well (Eq. G1-G3)."""
+        g, w = self.gate_step, self.warm_up
+        if step < g - 1:
+            return (step <= w or step % self.sp_interval == 0), "compute"
+        if step == g - 1:
+            return True, "gate"
+        return step % self.fi_interval == 0, "reuse"
+
+
+# --- TaylorSeer ---
+
+
+# --------------------------------------------------------------------------- policy
 _SA_CODE = {True: "S", False: "s"}
 _CROSS_CODE = {"compute": "C", "gate": "G", "reuse": "c"}
 
