@@ -41,8 +41,9 @@ class ModelSpec:
 
     Attributes:
         name: short id, shown in errors and stats.
-        model_types: classes (or a zero-arg callable returning classes, for optional
-            imports) whose instances this spec matches (``isinstance``).
+        model_types: classes, or class names ``"module.QualName"`` (matched along the
+            model's MRO without importing anything), or a zero-arg callable returning
+            classes, whose instances this spec matches.
         segments: attribute paths of the ``nn.ModuleList`` s that form the stack, in the
             order the model runs them, e.g. Flux's dual- then single-stream blocks.
             Every block of every segment takes the same keyword arguments.
@@ -97,7 +98,7 @@ class ModelSpec:
             )
         object.__setattr__(self, "dropped_streams", dropped)
 
-    def types(self) -> tuple[type, ...]:
+    def types(self) -> tuple[type | str, ...]:
         t = self.model_types
         if callable(t) and not isinstance(t, type):
             try:
@@ -108,7 +109,11 @@ class ModelSpec:
 
     def matches(self, model: nn.Module) -> bool:
         types = self.types()
-        return bool(types) and isinstance(model, types)
+        classes = tuple(t for t in types if isinstance(t, type))
+        if classes and isinstance(model, classes):
+            return True
+        names = {t for t in types if isinstance(t, str)}
+        return bool(names) and any(qualified_name(c) in names for c in type(model).__mro__)
 
     def blocks(self, model: nn.Module) -> list[nn.ModuleList]:
         out = []
@@ -140,7 +145,26 @@ class ModelSpec:
         return dict(zip(self.returns, out))
 
 
+def qualified_name(cls: type) -> str:
+    """``"module.QualName"`` of a class (how specs and block programs name classes they
+    must not import)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 _REGISTRY: list[ModelSpec] = []
+_BUILTINS_LOADED = [False]
+
+
+def _load_builtins() -> None:
+    """The families shipped with fastcache (``fastcache/families/``), after any spec the
+    user registered first (user specs are tried before built-ins)."""
+    if _BUILTINS_LOADED[0]:
+        return
+    _BUILTINS_LOADED[0] = True
+    from .families import builtin_specs
+
+    names = {s.name for s in _REGISTRY}
+    _REGISTRY.extend(s for s in builtin_specs() if s.name not in names)
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -153,11 +177,13 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 def registered() -> list[ModelSpec]:
+    _load_builtins()
     return list(_REGISTRY)
 
 
 def spec_by_name(name: str) -> ModelSpec:
     """The registered spec called ``name`` (copies and unpickled models find theirs here)."""
+    _load_builtins()
     for spec in _REGISTRY:
         if spec.name == name:
             return spec
@@ -168,136 +194,13 @@ def spec_by_name(name: str) -> ModelSpec:
 
 
 def find_spec(model: nn.Module) -> ModelSpec:
+    _load_builtins()
     for spec in _REGISTRY:
         if spec.matches(model):
             return spec
-    names = sorted({t.__name__ for s in _REGISTRY for t in s.types()})
+    names = sorted({t.rsplit(".", 1)[-1] if isinstance(t, str) else t.__name__ for s in _REGISTRY for t in s.types()})
     raise TypeError(
         f"fastcache does not know how to cache {type(model).__name__}. Supported: {', '.join(names)}. "
         "For your own model describe it with fastcache.register(fastcache.ModelSpec(...)) "
         "(see fastcache.specs for the fields and an example), or pass spec=... to fastcache.patch."
     )
-
-
-# --------------------------------------------------------------------------- built-ins
-def _adaln_zero_linear(norm1: nn.Module, emb: torch.Tensor, x: torch.Tensor):
-    """AdaLayerNormZero(-X): linear(silu(emb)); shift_msa, scale_msa are the first two
-    chunks. Returns (shift, scale, the linear's whole output)."""
-    chunks = 9 if norm1.linear.out_features == 9 * x.shape[-1] else 6
-    out = norm1.linear(norm1.silu(emb))
-    mod = out.chunk(chunks, dim=1)
-    return mod[0], mod[1], out
-
-
-def _mod_reference_dit(block, call):
-    x = call["x"]
-    out = block.adaLN_modulation(call["c"])
-    shift, scale = out.chunk(6, dim=1)[:2]
-    return x, shift, scale, block.norm1.eps, ((block.adaLN_modulation, out, (call["c"],)),)
-
-
-def _mod_basic_ada_norm_zero(block, call):
-    x = call["hidden_states"]
-    n = block.norm1
-    emb = n.emb(call["timestep"], call["class_labels"], hidden_dtype=x.dtype)
-    shift, scale, out = _adaln_zero_linear(n, emb, x)
-    # the block calls norm1.emb(timestep, class_labels, ...) and norm1.linear(silu(emb))
-    return x, shift, scale, n.norm.eps, ((n.emb, emb, (call["timestep"], call["class_labels"])), (n.linear, out))
-
-
-def _mod_basic_ada_norm_single(block, call):
-    x = call["hidden_states"]
-    B = x.shape[0]
-    mod = (block.scale_shift_table[None] + call["timestep"].reshape(B, 6, -1)).chunk(6, dim=1)
-    return x, mod[0], mod[1], block.norm1.eps
-
-
-def _mod_joint(block, call):
-    x = call["hidden_states"]
-    shift, scale, out = _adaln_zero_linear(block.norm1, call["temb"], x)
-    return x, shift, scale, block.norm1.norm.eps, ((block.norm1.linear, out),)
-
-
-def _builtin_interior(block):
-    from .interior import program_for
-
-    return program_for(block)
-
-
-def _reference_types():
-    from fastcache.models.dit import DiT
-
-    return (DiT,)
-
-
-def _diffusers(name):
-    def types():
-        import diffusers
-
-        return (getattr(diffusers, name),)
-
-    return types
-
-
-FLUX_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
-
-BUILTIN_SPECS = (
-    ModelSpec(
-        name="fastcache-dit",
-        model_types=_reference_types,
-        segments=("blocks",),
-        streams=("x",),
-        returns=("x",),
-        modulation=_mod_reference_dit,
-        timestep_arg="t",
-        interior=_builtin_interior,
-    ),
-    ModelSpec(
-        name="diffusers-dit",
-        model_types=_diffusers("DiTTransformer2DModel"),
-        segments=("transformer_blocks",),
-        streams=("hidden_states",),
-        returns=("hidden_states",),
-        modulation=_mod_basic_ada_norm_zero,
-        interior=_builtin_interior,
-    ),
-    ModelSpec(
-        name="diffusers-pixart",
-        model_types=_diffusers("PixArtTransformer2DModel"),
-        segments=("transformer_blocks",),
-        streams=("hidden_states",),
-        returns=("hidden_states",),
-        modulation=_mod_basic_ada_norm_single,
-        interior=_builtin_interior,
-    ),
-    ModelSpec(
-        name="diffusers-flux",
-        model_types=_diffusers("FluxTransformer2DModel"),
-        segments=("transformer_blocks", "single_transformer_blocks"),
-        streams=("hidden_states", "encoder_hidden_states"),
-        returns=("encoder_hidden_states", "hidden_states"),
-        # The reference TeaCache-FLUX caches the image tokens only: the text stream
-        # leaving the single-stream blocks is dropped by the model (norm_out sees the
-        # image tokens), so it passes through unchanged on a skipped step.
-        cached_streams=("hidden_states",),
-        dropped_streams=("encoder_hidden_states",),
-        modulation=_mod_joint,
-        refuse_args=("controlnet_block_samples", "controlnet_single_block_samples"),
-        teacache_coefficients=FLUX_TEACACHE_COEFFICIENTS,
-        interior=_builtin_interior,
-    ),
-    ModelSpec(
-        name="diffusers-sd3",
-        model_types=_diffusers("SD3Transformer2DModel"),
-        segments=("transformer_blocks",),
-        streams=("hidden_states", "encoder_hidden_states"),
-        returns=("encoder_hidden_states", "hidden_states"),
-        cached_streams=("hidden_states",),
-        dropped_streams=("encoder_hidden_states",),  # the last block may return None for it
-        modulation=_mod_joint,
-        refuse_args=("block_controlnet_hidden_states", "skip_layers"),
-        interior=_builtin_interior,
-    ),
-)
-
-_REGISTRY.extend(BUILTIN_SPECS)

@@ -20,19 +20,19 @@ forecast it (TaylorSeer), or record it (calibration). The modulation is always
 recomputed, so the gates follow the current step. Policies never see model classes:
 they see branch names, streams, gates and the executor hook.
 
-Families (``program_for(block)``, a table keyed by block class, never an if-chain over
-families):
+Families (``fastcache/families/``, one file each; ``program_for(block)``, a table keyed by
+block class, never an if-chain over families):
 
 =================================  ======================================  ==============
 block                              program                                 branches
 =================================  ======================================  ==============
-``fastcache.models.DiTBlock``      :class:`~.dit.ReferenceDiTProgram`      attn, mlp
+``fastcache.models.DiTBlock``      ``families/reference_dit.py``           attn, mlp
 diffusers ``BasicTransformerBlock``
-  ``norm_type="ada_norm_zero"``    :class:`~.dit.AdaNormZeroProgram`       attn, [cross], mlp
-  ``norm_type="ada_norm_single"``  :class:`~.dit.AdaNormSingleProgram`     attn, [cross], mlp
-diffusers ``FluxTransformerBlock`` :class:`~.mmdit.FluxDualProgram`        attn, mlp (2 streams each)
-``FluxSingleTransformerBlock``     :class:`~.mmdit.FluxSingleProgram`      parallel (attn+mlp fused)
-diffusers ``JointTransformerBlock`` :class:`~.mmdit.JointProgram`          attn, [attn2], mlp
+  ``norm_type="ada_norm_zero"``    ``families/dit.py``                     attn, [cross], mlp
+  ``norm_type="ada_norm_single"``  ``families/pixart.py``                  attn, [cross], mlp
+diffusers ``FluxTransformerBlock`` ``families/flux.py`` (dual)             attn, mlp (2 streams each)
+``FluxSingleTransformerBlock``     ``families/flux.py`` (single)           parallel (attn+mlp fused)
+diffusers ``JointTransformerBlock`` ``families/sd3.py``                    attn, [attn2], mlp
 =================================  ======================================  ==============
 
 Computed with the default executor every program reproduces its block bitwise

@@ -118,40 +118,30 @@ class BlockProgram:
         return inputs
 
 
-_PROGRAMS: dict[type, Callable[[nn.Module], BlockProgram]] = {}
+_PROGRAMS: dict[type | str, Callable[[nn.Module], BlockProgram]] = {}
 
 
-def register_program(block_type: type, factory: Callable[[nn.Module], BlockProgram]) -> None:
-    """``factory(block) -> BlockProgram`` for instances of ``block_type`` (exact class
-    first, then the MRO)."""
+def register_program(block_type: type | str, factory: Callable[[nn.Module], BlockProgram]) -> None:
+    """``factory(block) -> BlockProgram`` for instances of ``block_type`` (a class, or its
+    name ``"module.QualName"``, matched without importing it; exact class first, then the
+    MRO)."""
     _PROGRAMS[block_type] = factory
 
 
 def program_for(block: nn.Module) -> BlockProgram:
+    from ..specs import _load_builtins, qualified_name
+
     _load_builtins()
     for cls in type(block).__mro__:
-        factory = _PROGRAMS.get(cls)
+        factory = _PROGRAMS.get(cls) or _PROGRAMS.get(qualified_name(cls))
         if factory is not None:
             return factory(block)
-    known = ", ".join(sorted(c.__name__ for c in _PROGRAMS))
+    known = ", ".join(sorted(c.rsplit(".", 1)[-1] if isinstance(c, str) else c.__name__ for c in _PROGRAMS))
     raise TypeError(
         f"fastcache: no block interior program for {type(block).__name__}; branch-level caching (FORA, EOC) "
         f"needs one. Known block classes: {known}. Describe yours with fastcache.interior.register_program "
-        "(see fastcache/interior/dit.py for a 20-line example)."
+        "(see fastcache/families/reference_dit.py for a 20-line example)."
     )
-
-
-_BUILTINS_LOADED = [False]
-
-
-def _load_builtins() -> None:
-    if _BUILTINS_LOADED[0]:
-        return
-    _BUILTINS_LOADED[0] = True
-    from . import dit, mmdit
-
-    dit.register()
-    mmdit.register()
 
 
 @dataclasses.dataclass

@@ -105,7 +105,7 @@ def test_config_roundtrip():
 def test_flux_default_coefficients_and_refused_controlnet():
     case = flux_case()
     with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=0.3)) as h:
-        assert h.policy.coefficients == fastcache.specs.FLUX_TEACACHE_COEFFICIENTS
+        assert h.policy.coefficients == fastcache.families.flux.TEACACHE_COEFFICIENTS
         kw = case.inputs(case.latents(torch.Generator().manual_seed(0)), torch.tensor(900.0))
         kw["controlnet_block_samples"] = [torch.zeros(2, 16, 32)]
         with pytest.raises(ValueError, match="controlnet_block_samples"):
