@@ -21,6 +21,7 @@ COLUMNS = {  # README column -> zoo case
     "PixArt-α/Σ": "diffusers-pixart",
     "Flux.1": "diffusers-flux",
     "SD3 / 3.5": "diffusers-sd3",
+    "Wan 2.1 / 2.2": "diffusers-wan",
     "reference DiT": "fastcache-dit",
 }
 STEPS = 4

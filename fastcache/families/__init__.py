@@ -11,9 +11,9 @@ named, never imported, so nothing here imports diffusers or the demo model.
 
 from __future__ import annotations
 
-from . import dit, flux, pixart, reference_dit, sd3
+from . import dit, flux, pixart, reference_dit, sd3, wan
 
-FAMILIES = (reference_dit, dit, pixart, flux, sd3)
+FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
 
 
 def builtin_specs():

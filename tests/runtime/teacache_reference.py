@@ -30,12 +30,21 @@ INDICATORS = {
     "fastcache-dit": lambda b, kw: _modulate(
         b.norm1(kw["x"]), *(t[:, None] for t in b.adaLN_modulation(kw["c"]).chunk(6, 1)[:2])
     ),
+    "diffusers-wan": lambda b, kw: _modulate(
+        b.norm1(kw["hidden_states"].float()), *(b.scale_shift_table + kw["temb"].float()).chunk(6, 1)[:2]
+    ),
 }
 STREAM = {"fastcache-dit": "x"}
-POSITIONAL = {"diffusers-dit": ["hidden_states"], "diffusers-pixart": ["hidden_states"], "fastcache-dit": ["x", "c"]}
+POSITIONAL = {
+    "diffusers-dit": ["hidden_states"],
+    "diffusers-pixart": ["hidden_states"],
+    "fastcache-dit": ["x", "c"],
+    "diffusers-wan": ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"],
+}
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
+    "diffusers-wan": ("blocks",),
 }
 
 

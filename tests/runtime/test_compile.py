@@ -16,6 +16,7 @@ THRESHOLDS = {
     "diffusers-pixart": 0.3,
     "diffusers-flux": 0.2,
     "diffusers-sd3": 0.1,
+    "diffusers-wan": 0.2,
     "fastcache-dit": 0.3,
 }
 

@@ -185,6 +185,37 @@ def sd3_case(B=2) -> Case:
     )
 
 
+def wan_case(B=2) -> Case:
+    """Wan 2.1's class at a tiny size (diffusers' own test config): 2 frames of 8x8 latents."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    _randomize_zero_init(m)
+    text = torch.randn(B, 6, 16, generator=_gen(3))
+    return Case(
+        "diffusers-wan",
+        m,
+        inputs=lambda x, t: dict(hidden_states=x, encoder_hidden_states=text[: x.shape[0]], timestep=t.expand(x.shape[0])),
+        latents=lambda g: torch.randn(B, 4, 2, 8, 8, generator=g),
+        scheduler=FlowMatchEulerDiscreteScheduler,
+        batch=B,
+    )
+
+
 def reference_dit_case(B=2) -> Case:
     from fastcache.models import DiT
 
@@ -235,5 +266,6 @@ CASES = {
     "diffusers-pixart": pixart_case,
     "diffusers-flux": flux_case,
     "diffusers-sd3": sd3_case,
+    "diffusers-wan": wan_case,
     "fastcache-dit": reference_dit_case,
 }
