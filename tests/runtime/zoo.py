@@ -209,7 +209,9 @@ def wan_case(B=2) -> Case:
     return Case(
         "diffusers-wan",
         m,
-        inputs=lambda x, t: dict(hidden_states=x, encoder_hidden_states=text[: x.shape[0]], timestep=t.expand(x.shape[0])),
+        inputs=lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=text[: x.shape[0]], timestep=t.expand(x.shape[0])
+        ),
         latents=lambda g: torch.randn(B, 4, 2, 8, 8, generator=g),
         scheduler=FlowMatchEulerDiscreteScheduler,
         batch=B,
