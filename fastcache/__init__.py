@@ -6,7 +6,7 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import calibration, interior, ops
+from . import calibration, families, interior, ops
 from .calibration import calibrate
 from .config import CacheConfig
 from .policies.block_cache import BlockCacheConfig

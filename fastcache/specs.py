@@ -152,38 +152,22 @@ def qualified_name(cls: type) -> str:
 
 
 _REGISTRY: list[ModelSpec] = []
-_BUILTINS_LOADED = [False]
-
-
-def _load_builtins() -> None:
-    """The families shipped with fastcache (``fastcache/families/``), after any spec the
-    user registered first (user specs are tried before built-ins)."""
-    if _BUILTINS_LOADED[0]:
-        return
-    _BUILTINS_LOADED[0] = True
-    from .families import builtin_specs
-
-    names = {s.name for s in _REGISTRY}
-    _REGISTRY.extend(s for s in builtin_specs() if s.name not in names)
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    """Add (or replace, by name) a model spec; user specs are tried before built-ins."""
+def register(spec: ModelSpec, builtin: bool = False) -> ModelSpec:
+    """Add (or replace, by name) a model spec; user specs are tried before built-ins
+    (``builtin=True``: after every spec registered so far, as ``fastcache.families`` does)."""
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"register() takes a fastcache.ModelSpec, got {type(spec).__name__}")
     _REGISTRY[:] = [s for s in _REGISTRY if s.name != spec.name]
-    _REGISTRY.insert(0, spec)
+    _REGISTRY.insert(len(_REGISTRY) if builtin else 0, spec)
     return spec
 
 
 def registered() -> list[ModelSpec]:
-    _load_builtins()
     return list(_REGISTRY)
 
 
 def spec_by_name(name: str) -> ModelSpec:
     """The registered spec called ``name`` (copies and unpickled models find theirs here)."""
-    _load_builtins()
     for spec in _REGISTRY:
         if spec.name == name:
             return spec
@@ -194,7 +178,6 @@ def spec_by_name(name: str) -> ModelSpec:
 
 
 def find_spec(model: nn.Module) -> ModelSpec:
-    _load_builtins()
     for spec in _REGISTRY:
         if spec.matches(model):
             return spec

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..specs import qualified_name
 
 BranchFn = Callable[[], tuple[torch.Tensor, ...]]
 
@@ -129,9 +130,6 @@ def register_program(block_type: type | str, factory: Callable[[nn.Module], Bloc
 
 
 def program_for(block: nn.Module) -> BlockProgram:
-    from ..specs import _load_builtins, qualified_name
-
-    _load_builtins()
     for cls in type(block).__mro__:
         factory = _PROGRAMS.get(cls) or _PROGRAMS.get(qualified_name(cls))
         if factory is not None:
