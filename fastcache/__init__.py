@@ -6,7 +6,8 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import calibration, families, interior, ops
+from . import calibration, interior, ops
+from . import families  # noqa: F401  (registers the built-in model families)
 from .calibration import calibrate
 from .config import CacheConfig
 from .policies.block_cache import BlockCacheConfig
