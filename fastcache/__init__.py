@@ -6,8 +6,12 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import calibration, interior, ops
-from . import families  # noqa: F401  (registers the built-in model families)
+from . import (
+    calibration,
+    families,  # noqa: F401  (registers the built-in model families)
+    interior,
+    ops,
+)
 from .calibration import calibrate
 from .config import CacheConfig
 from .policies.block_cache import BlockCacheConfig
