@@ -23,14 +23,14 @@ ideal speedup ``1 / computed fraction``, the time per step beyond the ideal (ove
 the method), PSNR and SSIM of the final images vs uncached, the bytes the caches hold at
 the end of a run (tensors reachable from the model that are neither parameters nor
 buffers), and under ``torch.compile`` (default mode, 10 steps): graph breaks and host reads
-per step, counted from what runs (tests/runtime/hostreads.py).
+per step, counted from what runs (tests/support/hostreads.py).
 
     python bench/bench_compare.py               # writes bench/results/compare.{csv,json,png}
     python bench/bench_compare.py --no-compile  # skip the compile columns (saves ~1 minute)
     python bench/bench_compare.py --families    # only the random-weight families (below)
 
 Then, speed only, each family's tiny random-weight diffusers model (DiT, PixArt, Flux, SD3:
-tests/runtime/zoo.py, 20 steps): milliseconds per step of every tool computing everything
+tests/support/zoo.py, 20 steps): milliseconds per step of every tool computing everything
 (threshold 0 / interval 1: the pure per-step overhead) and at one skipping setting.
 """
 
@@ -55,7 +55,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "runtime"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' support package (support.zoo, support.hostreads)
 
 import fastcache  # noqa: E402
 from fastcache.models import load_digits_dit, psnr, sample_digits  # noqa: E402
@@ -355,7 +355,7 @@ def _build(ref, row, ctx):
 def _compile_probe(ref, row, ctx, steps, labels):
     """Graph breaks and host reads per step with the model compiled (torch.compile,
     default mode, fullgraph=False so a tool that breaks the graph still runs)."""
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -569,7 +569,7 @@ def _contexts(m, name):
 def run_families(steps=20, repeats=3):
     """Seconds per step of every family's tiny diffusers model (tests/runtime/zoo.py) under
     each tool, best of ``repeats`` round robin; overhead = time / uncached - 1."""
-    from zoo import CASES
+    from support.zoo import CASES
 
     out = []
     for name in ("diffusers-dit", "diffusers-pixart", "diffusers-flux", "diffusers-sd3"):

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests" / "runtime"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' support package (support.zoo, support.hostreads)
 
 import fastcache  # noqa: E402
 from fastcache.calibrate import digits_runs  # noqa: E402
@@ -254,7 +254,7 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
 def dit_s2_case(B=2):
     """diffusers' DiTTransformer2DModel at DiT-S/2 width and depth (12 layers, 6 heads x
     64) on 16x16x4 latents (64 tokens), random weights (tests/runtime/zoo.py), DDIM."""
-    from zoo import dit_case
+    from support.zoo import dit_case
 
     return dit_case(
         B, num_attention_heads=6, attention_head_dim=64, num_layers=12, sample_size=16, num_embeds_ada_norm=1000

@@ -4,16 +4,14 @@
 
 import os
 import re
-import sys
 
 import pytest
 import torch
+from support.zoo import CASES
 
 import fastcache
 
 HERE = os.path.dirname(__file__)
-sys.path.insert(0, os.path.join(HERE, "runtime"))
-from zoo import CASES  # noqa: E402
 
 README = os.path.join(HERE, "..", "README.md")
 COLUMNS = {  # README column -> zoo case

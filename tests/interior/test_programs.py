@@ -1,6 +1,6 @@
 """Every block program, run with the computing executor, equals its block bitwise.
 
-Each block of each tiny real model (tests/runtime/zoo.py) is called by the model as
+Each block of each tiny real model (tests/support/zoo.py) is called by the model as
 usual over a short sampling loop; a forward hook captures the call and the block's
 output, and the program is run on the same call. No tolerance: the programs replay
 the blocks' own arithmetic in the same order.
@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from zoo import CASES
+from support.zoo import CASES
 
 import fastcache
 from fastcache.interior import ComputeExecutor, InteriorLayout, program_for

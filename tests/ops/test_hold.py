@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch._dynamo
 from expected_backends import cpp_expectation
-from torch.utils._python_dispatch import TorchDispatchMode
+from support.hostreads import HostReadMode
 
 import fastcache.ops as ops
 from fastcache.ops import reference as R
@@ -258,27 +258,6 @@ def test_public_wrappers_check_their_arguments():
 
 
 # -------------------------------------------------------------------------- host reads
-class HostReadMode(TorchDispatchMode):
-    """Records every dispatcher op that turns a device value into a Python value (the
-    idea of tests/runtime/test_host_reads.py: ``.item()`` / ``float(t)`` /
-    ``bool(t)`` / ``equal`` all go through one of these)."""
-
-    READ_OPS = {
-        torch.ops.aten._local_scalar_dense.default,
-        torch.ops.aten.is_nonzero.default,
-        torch.ops.aten.equal.default,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.READ_OPS:
-            self.reads.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def _guarded_steps(fns, n=6):
     x, shift, scale, prev = _mod_inputs(torch.float32, torch.float32)
     st, aux = ops.new_state(16), ops.new_aux()

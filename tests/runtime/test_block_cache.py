@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache.models.dit import modulate
@@ -211,7 +211,7 @@ def test_eoc_composes_with_the_mask():
 
 
 def test_host_reads_none_with_a_host_index_one_per_step_without():
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     case = reference_dit_case()
     m = case.model

@@ -4,8 +4,8 @@ runs, and the fit is numpy.polyfit over them."""
 import numpy as np
 import pytest
 import torch
-from teacache_reference import INDICATORS
-from zoo import reference_dit_case
+from support.teacache_reference import INDICATORS
+from support.zoo import reference_dit_case
 
 import fastcache
 from fastcache import calibration

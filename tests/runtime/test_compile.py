@@ -4,7 +4,7 @@ skip is a torch.cond, and the compiled sampling loop matches eager."""
 import pytest
 import torch
 import torch._dynamo
-from zoo import CASES
+from support.zoo import CASES
 
 import fastcache
 

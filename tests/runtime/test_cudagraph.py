@@ -9,8 +9,8 @@ under a stand-in of the capture mode in ``test_modes.py``.
 import pytest
 import torch
 import torch._higher_order_ops.cudagraph_conditional_nodes as cn
-from hostreads import HostReadMode, python_level_reads
-from zoo import CASES
+from support.hostreads import HostReadMode, python_level_reads
+from support.zoo import CASES
 
 import fastcache
 from fastcache.cudagraph import CUDAGraphStep, conditional_nodes_available

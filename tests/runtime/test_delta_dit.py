@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.zoo import CASES
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES
 
 import fastcache
 from fastcache.policies.delta_dit import split_parts
@@ -328,7 +328,7 @@ def test_invalidate_forces_the_next_step_and_keeps_the_stage(indexed):
 
 @pytest.mark.parametrize("indexed, expected", [(True, 0), (False, STEPS)])
 def test_host_reads_none_with_step_index_one_flag_without(indexed, expected):
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     case = CASES["diffusers-flux"]()
     m = case.model
@@ -387,7 +387,7 @@ def test_fullgraph_compile_zero_breaks_no_recompiles(name, nc, n_conds):
 def test_cond_path_matches_eager_bitwise(name, nc, n_conds):
     """The cond-operator path (what torch.compile and CUDA-graph capture run; forced in
     eager by force_cond) gives the eager path's decisions and outputs exactly."""
-    from hostreads import HostReadMode
+    from support.hostreads import HostReadMode
 
     from fastcache.policies.base import force_cond
 

@@ -190,8 +190,8 @@ def _flux_sample(case, model):
 
 
 def _diffusers_cp(rank: int, world: int) -> dict:
-    import zoo
     from diffusers import ContextParallelConfig
+    from support import zoo
 
     case = zoo.flux_case(B=1)
     model = case.model
@@ -422,7 +422,7 @@ def test_compiled_reduction_fullgraph_no_breaks(world1, kind, backend):
 def test_eager_reduction_reads_nothing_to_the_host(world1, kind):
     """With the group, an eager step still reads exactly one value: the decision flag (the
     gather and the fixed-order sum stay on the device)."""
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     model, x = _toy(), _latents(0)
     mode = HostReadMode()
@@ -444,7 +444,7 @@ def test_eager_reduction_reads_nothing_to_the_host(world1, kind):
 def test_eoc_reduces_on_a_teacache_base_only(world1, monkeypatch):
     """EOC's interior TeaCache base passes its sums through the group's reduction once per
     step and decides as without the group (one rank); its FORA base reduces nothing."""
-    from zoo import reference_dit_case
+    from support.zoo import reference_dit_case
 
     case = reference_dit_case()
     m = case.model

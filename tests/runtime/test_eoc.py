@@ -16,8 +16,8 @@ import math
 
 import pytest
 import torch
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache.models.dit import modulate
@@ -269,7 +269,7 @@ def test_repeated_timestep_call_leaves_the_interior_cache_untouched():
 
 
 def test_host_reads_none_with_a_host_schedule_one_flag_on_a_dynamic_base():
-    from test_host_reads import HostReadMode
+    from support.hostreads import HostReadMode
 
     case = reference_dit_case()
     prof = _profile(case)
@@ -320,7 +320,7 @@ def test_fullgraph_compile_static_mask_one_cond_per_block(family):
 def test_mask_base_without_host_index_reads_its_row_once_per_step():
     """Eager with no step index from the caller: the mask row of the device's step is read
     in one host read per step, and the run equals the host-placed one bitwise."""
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     case = reference_dit_case()
     prof = _profile(case)

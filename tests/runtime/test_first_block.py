@@ -19,7 +19,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from zoo import CASES
+from support.zoo import CASES
 
 import fastcache
 from fastcache import ops
@@ -300,7 +300,7 @@ def test_fullgraph_compile_zero_breaks_matches_eager():
 
 @pytest.mark.parametrize("name, bn", [("diffusers-flux", 0), ("fastcache-dit", 1)])
 def test_one_flag_read_per_step_and_none_in_the_math(name, bn):
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     case = CASES[name]()
     steps = 12

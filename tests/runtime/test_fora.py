@@ -12,9 +12,9 @@
 
 import pytest
 import torch
-from test_host_reads import HostReadMode
+from support.hostreads import HostReadMode
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache.models.dit import modulate

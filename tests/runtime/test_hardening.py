@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler
+from support.zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 from torch import nn
-from zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 
 import fastcache
 

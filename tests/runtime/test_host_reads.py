@@ -10,8 +10,8 @@ on the Python stack (the detector lives in ``hostreads.py``, shared with
 
 import pytest
 import torch
-from hostreads import HostReadMode, python_level_reads
-from zoo import CASES
+from support.hostreads import HostReadMode, python_level_reads
+from support.zoo import CASES
 
 import fastcache
 

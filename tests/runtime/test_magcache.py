@@ -20,8 +20,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 
@@ -231,7 +231,7 @@ def test_threshold_zero_is_bitwise_unpatched_and_a_threshold_skips(name):
 
 # ------------------------------------------------------------------ host reads and compile
 def test_host_reads_none_with_a_host_index_one_flag_without():
-    from hostreads import HostReadMode, python_level_reads
+    from support.hostreads import HostReadMode, python_level_reads
 
     case = reference_dit_case()
     m = case.model

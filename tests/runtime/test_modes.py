@@ -31,10 +31,10 @@ import pytest
 import torch
 import torch._dynamo
 import torch.utils._pytree as pytree
-from hostreads import COND, READ_OPS, HostReadMode, python_level_reads, where
+from support.hostreads import COND, READ_OPS, HostReadMode, python_level_reads, where
+from support.zoo import CASES
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
-from zoo import CASES
 
 import fastcache
 from fastcache.graphs import compile_stack, uncompile_stack, warm_compiled_stack

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from support.zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 from torch import nn
-from zoo import ToyDualStreamBlock, dit_case, flux_case, reference_dit_case
 
 import fastcache
 from fastcache.ops.reference import modulated_rel_l1_sums

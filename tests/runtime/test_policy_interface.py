@@ -9,7 +9,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from zoo import reference_dit_case
+from support.zoo import reference_dit_case
 
 import fastcache
 from fastcache.config import CacheConfig

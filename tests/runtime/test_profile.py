@@ -5,7 +5,7 @@ round-trips through safetensors and is refused for another model or step count."
 import numpy as np
 import pytest
 import torch
-from zoo import CASES, reference_dit_case
+from support.zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache import calibration

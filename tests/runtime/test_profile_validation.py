@@ -22,7 +22,7 @@ import warnings
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from zoo import reference_dit_case
+from support.zoo import reference_dit_case
 
 import fastcache
 from fastcache import ScheduleConfig

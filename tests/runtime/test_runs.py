@@ -14,9 +14,9 @@ import threading
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-from test_host_reads import HostReadMode
+from support.hostreads import HostReadMode
+from support.zoo import dit_case
 from torch import nn
-from zoo import dit_case
 
 import fastcache
 from fastcache import FORAConfig, ScheduleConfig, TaylorSeerConfig, TeaCacheConfig

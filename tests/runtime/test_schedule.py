@@ -22,10 +22,10 @@ import math
 
 import pytest
 import torch
-from test_host_reads import HostReadMode
-from test_taylorseer import _direct
+from support import direct_inputs
+from support.hostreads import HostReadMode
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache import ScheduleConfig, ops
@@ -61,7 +61,7 @@ def test_mixed_orders_forecast_each_step_with_its_own_order():
     order-k plan at that step."""
     m = reference_dit_case().model
     y = torch.tensor([1, 2])
-    xs, ts = _direct(9)
+    xs, ts = direct_inputs(9)
     plan = "CC1C20C21"
     outs = {}
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_wrong_step_count_refused_past_the_end_computed_repeated_call_keeps_hist
     case = reference_dit_case()
     m = case.model
     y = torch.tensor([1, 2])
-    xs, ts = _direct(6)
+    xs, ts = direct_inputs(6)
     with fastcache.patched(m, ScheduleConfig(plan="CC1C1")):
         with pytest.raises(ValueError, match="plans 5 steps but the run has 7"):
             with fastcache.context(m, "default", step_index=0, num_steps=7):
@@ -356,7 +356,7 @@ def test_copy_and_pickle_keep_the_plan():
 
 def _dit_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-    from zoo import dit_case
+    from support.zoo import dit_case
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -427,7 +427,7 @@ def test_announced_cache_context_reaches_a_compiled_transformer():
     """A Flux-style loop (the transformer call inside ``cache_context``, the scheduler's
     steps announced): the step is planned at context entry, outside the compiled region,
     so an inductor-compiled transformer runs with 0 host reads and no recompilation."""
-    from zoo import flux_case
+    from support.zoo import flux_case
 
     case = flux_case()
     m = case.model

@@ -21,9 +21,10 @@ import os
 
 import pytest
 import torch
-from test_host_reads import HostReadMode
+from support import direct_inputs
+from support.hostreads import HostReadMode
+from support.zoo import CASES, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, reference_dit_case
 
 import fastcache
 from fastcache import ops
@@ -305,18 +306,11 @@ def test_fullgraph_compile_no_breaks_no_recompiles(name, explicit):
 
 
 # ------------------------------------------------------------------- hardening, memory
-def _direct(n, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(2, 4, 8, 8, generator=g) for _ in range(n)]
-    ts = [torch.full((2,), 999.0 - 110 * s) for s in range(n)]
-    return xs, ts
-
-
 def test_repeated_timestep_computes_and_leaves_the_history_untouched():
     case = reference_dit_case()
     m = case.model
     y = torch.tensor([1, 2])
-    xs, ts = _direct(8)
+    xs, ts = direct_inputs(8)
     cfg = fastcache.TaylorSeerConfig(interval=3, warmup_steps=1, order=2)
     with torch.no_grad():
         full = {i: m(xs[i] * 0.5, ts[i], y) for i in (2, 3)}  # unpatched
@@ -449,7 +443,7 @@ def test_cfg_branches_keep_their_own_history():
     case = reference_dit_case()
     m = case.model
     y_c, y_u = torch.tensor([1, 2]), torch.tensor([10, 10])
-    xs, ts = _direct(8)
+    xs, ts = direct_inputs(8)
     cfg = fastcache.TaylorSeerConfig(interval=3, warmup_steps=1, order=1)
     with torch.no_grad():
         with fastcache.patched(m, cfg):

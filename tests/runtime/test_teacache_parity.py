@@ -2,13 +2,13 @@
 
 * threshold 0: every step computed, output bitwise equal to the unpatched model;
 * threshold > 0: decision trace and output equal the host-side reference
-  (tests/runtime/teacache_reference.py) written from docs/methods.md.
+  (tests/support/teacache_reference.py) written from docs/methods.md.
 """
 
 import pytest
 import torch
-from teacache_reference import ReferenceTeaCache
-from zoo import CASES
+from support.teacache_reference import ReferenceTeaCache
+from support.zoo import CASES
 
 import fastcache
 

@@ -20,9 +20,9 @@ import contextlib
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from hostreads import HostReadMode
+from support.hostreads import HostReadMode
+from support.zoo import CASES, pixart_case
 from torch._dynamo.testing import CompileCounterWithBackend
-from zoo import CASES, pixart_case
 
 import fastcache
 
