@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from support.methods import METHODS
 from support.zoo import CASES
 
 import fastcache
@@ -48,18 +49,7 @@ TABLE = _table()
 
 
 def _config(name: str, profile):
-    return {
-        "TeaCacheConfig": lambda: fastcache.TeaCacheConfig(threshold=2.0),
-        "FirstBlockCacheConfig": lambda: fastcache.FirstBlockCacheConfig(threshold=2.0),
-        "FORAConfig": lambda: fastcache.FORAConfig(interval=2),
-        "EOCConfig": lambda: fastcache.EOCConfig(base=fastcache.FORAConfig(interval=2), profile=profile, weight=1.0),
-        "DeltaDiTConfig": lambda: fastcache.DeltaDiTConfig(interval=2, num_cached=1, boundary=2),
-        "TaylorSeerConfig": lambda: fastcache.TaylorSeerConfig(interval=2, order=1),
-        "TGateConfig": lambda: fastcache.TGateConfig(gate_step=2, warm_up=1, sp_interval=1, fi_interval=1),
-        "MagCacheConfig": lambda: fastcache.MagCacheConfig(threshold=1.0, max_skips=2, profile=profile),
-        "BlockCacheConfig": lambda: fastcache.BlockCacheConfig(delta=10.0, profile=profile),
-        "ScheduleConfig": lambda: fastcache.ScheduleConfig(plan="CC1C"),
-    }[name]()
+    return METHODS[name].caching(profile, STEPS)
 
 
 _CASES: dict = {}
@@ -76,6 +66,12 @@ def _case(name):
 def test_readme_is_a_front_page():
     assert len(open(README, encoding="utf-8").read()) < 10_000
     assert set(TABLE) == {(c, f) for c, _ in TABLE for f in COLUMNS.values()}  # every cell filled
+
+
+def test_readme_table_is_the_method_registry():
+    """The README's table says what tests/support/methods.py (the contract suite's source) says."""
+    assert set(COLUMNS.values()) == set(CASES)
+    assert TABLE == {(c, f): m.supports(f) for c, m in METHODS.items() for f in CASES}
 
 
 @pytest.mark.parametrize("family", sorted(COLUMNS.values()))

@@ -27,15 +27,6 @@ def case(request):
     return CASES[request.param]()
 
 
-def test_interval_one_is_bitwise_unpatched(case):
-    ref = case.sample(steps=STEPS)
-    with fastcache.patched(case.model, fastcache.FORAConfig(interval=1)):
-        out = case.sample(steps=STEPS)
-        st = fastcache.stats(case.model)["contexts"]["default"]
-    assert torch.equal(out, ref)
-    assert st["computed"] == STEPS and st["skipped"] == 0
-
-
 def test_host_and_device_schedules_agree_bitwise(case):
     with fastcache.patched(case.model, fastcache.FORAConfig(interval=3, num_steps=STEPS)):
         host = case.sample(steps=STEPS, context=lambda i: fastcache.context(case.model, "default", step_index=i))

@@ -148,15 +148,6 @@ def _ctx(case):
     return lambda i: fastcache.context(case.model, "default", step_index=i)
 
 
-def test_interval_one_is_bitwise_unpatched(case):
-    ref = case.sample(steps=STEPS)
-    with fastcache.patched(case.model, fastcache.TaylorSeerConfig(interval=1, order=2, warmup_steps=1)):
-        out = case.sample(steps=STEPS)
-        st = fastcache.stats(case.model)["contexts"]["default"]
-    assert torch.equal(out, ref)
-    assert st["computed"] == STEPS and st["skipped"] == 0
-
-
 def test_order_zero_is_fora_bitwise(case):
     with fastcache.patched(case.model, fastcache.FORAConfig(interval=3, warmup_steps=2)):
         fora = case.sample(steps=STEPS, context=_ctx(case))

@@ -27,12 +27,14 @@ class Case:
     scheduler: Callable[[], object]
     output: Callable[[object], torch.Tensor] = lambda o: o.sample  # noqa: E731
     batch: int = 2
+    stream: str = "hidden_states"  # the model argument carrying the latents
 
     def sample(
-        self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None, context=None
+        self, model=None, steps: int = 20, seed: int = 1, latents=None, per_step=None, context=None, after_call=None
     ) -> torch.Tensor:
         """Run a full sampling loop; returns the final latents. ``context(i)``: a context
-        manager around step i's call (e.g. ``fastcache.context(m, name, step_index=i)``)."""
+        manager around step i's call (e.g. ``fastcache.context(m, name, step_index=i)``);
+        ``after_call(i, out, kwargs)``: right after step i's call, in the same context."""
         import contextlib
 
         model = self.model if model is None else model
@@ -44,6 +46,8 @@ class Case:
                 kw = self.inputs(x, t)
                 with context(i) if context is not None else contextlib.nullcontext():
                     out = self.output(model(**kw))
+                    if after_call is not None:
+                        after_call(i, out, kw)
                 if per_step is not None:
                     per_step(i, out)
                 x = sch.step(out, t, x).prev_sample
@@ -229,6 +233,7 @@ def reference_dit_case(B=2) -> Case:
         "fastcache-dit",
         m,
         inputs=lambda x, t: dict(x=x, t=t.expand(x.shape[0]), y=labels[: x.shape[0]]),
+        stream="x",
         latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
         scheduler=DDIMScheduler,
         output=lambda o: o,
