@@ -43,16 +43,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "runtime"))
 
 import fastcache  # noqa: E402
-from fastcache.calibrate import digits_runs  # noqa: E402
 from fastcache.models import load_digits_dit, sample_digits  # noqa: E402
 from fastcache.models.convert import DiffusersDiT  # noqa: E402
-from fastcache.scheduling import (  # noqa: E402
-    _config,
-    _psnr,
-    evaluate_schedule,
-    fixed_interval_plan,
-    schedule_from_profile,
-)
+from fastcache.tuning.cli import digits_runs  # noqa: E402
+from fastcache.tuning.schedule_proxy import fixed_interval_plan, plan_config, schedule_from_profile  # noqa: E402
+from fastcache.tuning.schedule_search import evaluate_schedule  # noqa: E402
+from fastcache.tuning.thresholds import _fraction, _psnr  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -68,8 +64,6 @@ def _teacache(model, cal, held, refs_h, K, S, prof):
     res = fastcache.search_threshold(
         model, cal, "teacache", target_fraction=K / S, profile=prof, num_steps=S, progress=False, max_evals=10
     )
-    from fastcache.search import _fraction
-
     h = fastcache.patch(model, res.config)
     outs, work, steps = [], 0.0, 0
     try:
@@ -167,7 +161,7 @@ def _runs(model, S, n, batch, held_out):
 
     runs = [make(lab, seed) for lab, seed in specs]
     with torch.no_grad():
-        assert torch.equal(runs[0](), base[0]())  # the same runs as `python -m fastcache.calibrate`
+        assert torch.equal(runs[0](), base[0]())  # the same runs as `python -m fastcache.tuning`
     return runs, specs
 
 
@@ -192,10 +186,10 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
         searched[K] = res
 
         def held_psnr(plan):
-            return round(evaluate_schedule(model, _config(plan, prof), held, refs_h)[0], 2)
+            return round(evaluate_schedule(model, plan_config(plan, prof), held, refs_h)[0], 2)
 
         def cal_psnr(plan):
-            return round(evaluate_schedule(model, _config(plan, prof), cal, refs_c)[0], 2)
+            return round(evaluate_schedule(model, plan_config(plan, prof), cal, refs_c)[0], 2)
 
         dp_plan = schedule_from_profile(prof, K)[0].plan
         plans = [

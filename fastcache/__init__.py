@@ -6,8 +6,7 @@ handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25))
 handle.remove()
 """
 
-from . import calibration, interior, ops
-from .calibration import calibrate
+from . import interior, ops, tuning
 from .config import (
     BlockCacheConfig,
     CacheConfig,
@@ -21,11 +20,12 @@ from .config import (
     TeaCacheConfig,
     TGateConfig,
 )
-from .profile import Profile
 from .runtime import Patch, announce_steps, context, get_patch, patch, patched, reset, stats, unpatch
-from .scheduling import ScheduleSearchResult, search_schedule
-from .search import search_threshold
 from .specs import ModelSpec, register
+from .tuning.calibration import calibrate
+from .tuning.profile import Profile
+from .tuning.schedule_search import ScheduleSearchResult, search_schedule
+from .tuning.thresholds import search_threshold
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,6 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleSearchResult",
     "calibrate",
-    "calibration",
     "interior",
     "ModelSpec",
     "Patch",
@@ -59,5 +58,6 @@ __all__ = [
     "search_schedule",
     "search_threshold",
     "stats",
+    "tuning",
     "unpatch",
 ]

@@ -246,7 +246,7 @@ class EOCConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        from .profile import Profile
+        from .tuning.profile import Profile
 
         base = self.base
         if base is None:
@@ -583,7 +583,7 @@ class TaylorSeerConfig(CacheConfig):
 # --- MagCache ---
 def _load_profile(prof, owner: str):
     """A :class:`fastcache.Profile` from a Profile or a path to a saved one."""
-    from .profile import Profile
+    from .tuning.profile import Profile
 
     if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
         prof = Profile.load(prof)
@@ -836,7 +836,7 @@ class ScheduleConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        from .profile import Profile
+        from .tuning.profile import Profile
 
         p = self.plan
         if not isinstance(p, str) or not p:

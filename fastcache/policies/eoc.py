@@ -45,7 +45,7 @@ import torch
 from .. import ops
 from ..config import EOCConfig, FORAConfig, TeaCacheConfig
 from ..interior import run_blocks
-from ..profile import TimestepWatch
+from ..tuning.profile import TimestepWatch
 from .base import StepInfo, register_policy
 from .fora import FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 

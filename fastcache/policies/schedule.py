@@ -40,7 +40,7 @@ from .. import ops
 from ..config import ScheduleConfig
 from ..interior import run_blocks
 from ..ops.reference import STEP
-from ..profile import TimestepWatch
+from ..tuning.profile import TimestepWatch
 from .base import StepInfo, is_tracing, register_policy
 from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState

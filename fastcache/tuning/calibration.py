@@ -8,7 +8,7 @@ polynomial maps the cheap indicator change to the change the cache would miss.
 
 Example::
 
-    with fastcache.calibration.recording(model) as rec:
+    with fastcache.tuning.calibration.recording(model) as rec:
         for labels in batches:
             sample(model, labels)                   # ordinary uncached sampling runs
     coeffs = rec.fit(degree=4)
@@ -39,12 +39,12 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import ops
-from .config import CacheConfig, _check_int, config_type
-from .interior import ComputeExecutor, layout_for, run_blocks
-from .policies.base import Policy, register_policy
+from .. import ops
+from ..config import CacheConfig, _check_int, config_type
+from ..interior import ComputeExecutor, layout_for, run_blocks
+from ..policies.base import Policy, register_policy
+from ..runtime import patch
 from .profile import GRANULARITIES, Profile, model_fingerprint
-from .runtime import patch
 
 
 @config_type
@@ -245,7 +245,7 @@ class Recording:
         if len(p) <= degree:
             raise ValueError(
                 f"calibration recorded {len(p)} step pairs, too few to fit degree {degree}: "
-                "run more sampling runs (or steps) inside fastcache.calibration.recording(model)"
+                "run more sampling runs (or steps) inside fastcache.tuning.calibration.recording(model)"
             )
         return tuple(float(c) for c in np.polyfit(p[:, 0], p[:, 1], degree))
 
@@ -310,7 +310,7 @@ def calibrate(
     steps each; a rising timestep starts a new run). Every block runs through its
     interior program (the model's output is unchanged, bitwise), and each slot's
     branch output is averaged per step over the runs: ``(D,)`` per slot and step with
-    ``granularity="channel"`` (default; see :mod:`fastcache.profile` for sizes),
+    ``granularity="channel"`` (default; see :mod:`fastcache.tuning.profile` for sizes),
     ``(N, D)`` with ``"token"``. ``scheduler``: a name stored in the profile's metadata
     (default: the scheduler is described by the recorded timesteps only). ``gram_dim``:
     the per-slot step Gram of the branch outputs that :func:`fastcache.search_schedule`

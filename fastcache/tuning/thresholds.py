@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import CacheConfig, FirstBlockCacheConfig, TeaCacheConfig
-from .runtime import patch
+from ..config import CacheConfig, FirstBlockCacheConfig, TeaCacheConfig
+from ..runtime import patch
 
 __all__ = ["Evaluation", "SearchResult", "search_threshold", "SEARCH_METHODS"]
 
