@@ -46,9 +46,9 @@ import fastcache  # noqa: E402
 from fastcache.models import load_digits_dit, sample_digits  # noqa: E402
 from fastcache.models.convert import DiffusersDiT  # noqa: E402
 from fastcache.tuning.cli import digits_runs  # noqa: E402
+from fastcache.tuning.evaluation import psnr, run_all  # noqa: E402
 from fastcache.tuning.schedule_proxy import fixed_interval_plan, plan_config, schedule_from_profile  # noqa: E402
 from fastcache.tuning.schedule_search import evaluate_schedule  # noqa: E402
-from fastcache.tuning.thresholds import _fraction, _psnr  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -65,20 +65,15 @@ def _teacache(model, cal, held, refs_h, K, S, prof):
         model, cal, "teacache", target_fraction=K / S, profile=prof, num_steps=S, progress=False, max_evals=10
     )
     h = fastcache.patch(model, res.config)
-    outs, work, steps = [], 0.0, 0
     try:
-        for r in held:
-            h.reset()
-            outs.append(_cpu(r)[0])
-            f, n = _fraction(h.stats())
-            work, steps = work + f * n, steps + n
+        got = run_all(held, "bench_schedule (held-out runs)", handle=h)
     finally:
         h.remove()
     return dict(
         setting=f"threshold {res.config.threshold:.3g}",
-        computed_steps=round(S * work / steps, 2),
+        computed_steps=round(S * got.computed_fraction(), 2),
         calibration_psnr_db=round(res.chosen.psnr_db, 2),
-        held_out_psnr_db=round(_psnr(outs, refs_h, 2.0), 2),
+        held_out_psnr_db=round(psnr(got.outputs, refs_h, 2.0), 2),
     )
 
 
@@ -119,7 +114,7 @@ def _diffusers_taylorseer(ref, held_specs, refs_h, K, S):
             dict(
                 setting=f"interval {n}, order 1, warm-up 3",
                 computed_steps=round(k, 2),
-                held_out_psnr_db=round(_psnr(outs, refs_h, 2.0), 2),
+                held_out_psnr_db=round(psnr(outs, refs_h, 2.0), 2),
             )
         )
     return out

@@ -8,6 +8,7 @@
 * :mod:`.schedule_proxy` — the schedule search's Gram proxy and its dynamic program;
 * :mod:`.schedule_search` — :func:`~fastcache.tuning.schedule_search.search_schedule`,
   the end-to-end search over the proxy's plans;
+* :mod:`.evaluation` — running the user's runs, PSNR, computed fraction, progress;
 * :mod:`.cli` / :mod:`.plots` — ``python -m fastcache.tuning`` and its figures.
 
 This package imports none of them: the core (``fastcache.config``, the EOC and schedule

@@ -44,6 +44,7 @@ from ..config import CacheConfig, _check_int, config_type
 from ..interior import ComputeExecutor, layout_for, run_blocks
 from ..policies.base import Policy, register_policy
 from ..runtime import patch
+from .evaluation import Progress
 from .profile import GRANULARITIES, Profile, model_fingerprint
 
 
@@ -262,39 +263,6 @@ def recording(model: torch.nn.Module, spec=None) -> Iterator[Recording]:
         h.remove()
 
 
-class _Progress:
-    """tqdm if installed, else a one-line counter on stderr."""
-
-    def __init__(self, desc: str, enabled: bool):
-        self.n = 0
-        self.bar = None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(desc=desc, unit="step")
-            except ImportError:
-                self.desc = desc
-
-    def __call__(self) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            import sys
-
-            print(f"\r{self.desc}: {self.n} steps", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.n:
-            import sys
-
-            print(file=sys.stderr)
-
-
 def calibrate(
     model: torch.nn.Module,
     run,
@@ -320,7 +288,7 @@ def calibrate(
     if not callable(run):
         raise TypeError(f"calibrate(model, run): run must be a callable performing sampling runs, got {run!r}")
     h = patch(model, CalibrationConfig(priors=True, granularity=granularity, gram_dim=gram_dim), spec)
-    bar = _Progress("fastcache.calibrate", progress)
+    bar = Progress("fastcache.calibrate", progress)
     h.policy.progress = bar
     try:
         with torch.no_grad():

@@ -39,6 +39,7 @@ from ..config import ScheduleConfig
 from ..models import load_digits_dit, sample_digits
 from ..runtime import patched
 from .calibration import calibrate
+from .evaluation import run_all
 from .plots import plot, plot_schedule
 from .schedule_proxy import METHODS, fillers, fixed_interval_plan
 from .schedule_search import evaluate_schedule, search_schedule
@@ -117,7 +118,7 @@ def _check_args(ap, a) -> None:
     elif a.max_evals is not None and a.max_evals < 2:
         ap.error(f"--max-evals {a.max_evals}: must be >= 2 (evaluations of the threshold search)")
     try:
-        fillers(tuple(m.strip() for m in a.methods.split(",") if m.strip()))
+        fillers(_methods(a))
     except ValueError as e:
         ap.error(f"--methods {a.methods!r}: {str(e).replace('search_schedule: ', '')}")
     if a.target_fraction is not None and not 0.0 < a.target_fraction <= 1.0:
@@ -128,8 +129,13 @@ def _check_args(ap, a) -> None:
     _writable_file(ap, "--plot", a.plot)
 
 
+def _methods(a) -> tuple[str, ...]:
+    """``--methods``, a comma list, as names."""
+    return tuple(m.strip() for m in a.methods.split(",") if m.strip())
+
+
 def _budget(a, model, runs, held, prof) -> int:
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    methods = _methods(a)
     res = search_schedule(
         model,
         runs,
@@ -144,7 +150,7 @@ def _budget(a, model, runs, held, prof) -> int:
     fixed = fixed_interval_plan(res.budget, res.num_steps, top if top > 0 else 0)
     scores = None
     if held:
-        refs = [r() for r in held]
+        refs = run_all(held, "--held-out runs").outputs
         scores = {
             "searched": evaluate_schedule(model, res.config, held, refs)[0],
             "fixed interval": evaluate_schedule(model, ScheduleConfig(plan=fixed), held, refs)[0],
@@ -218,7 +224,7 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     if a.plot:
         with patched(model, res.config) as h:
-            runs[0]()
-            timeline = next(iter(h.stats()["contexts"].values()), {}).get("timeline", [])
+            stats = run_all(runs[:1], "--plot", handle=h).stats[0]
+        timeline = next(iter(stats["contexts"].values()), {}).get("timeline", [])
         print(f"wrote {plot(prof, res, timeline, a.plot)}")
     return 0

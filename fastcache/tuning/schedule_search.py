@@ -48,6 +48,8 @@ from torch import nn
 
 from ..config import ScheduleConfig
 from ..runtime import patch
+from .calibration import CalibrationConfig, calibrate
+from .evaluation import Progress, as_runs, check_max_evals, psnr, run_all
 from .profile import Profile
 from .schedule_proxy import (
     START_HEADS,
@@ -64,22 +66,8 @@ from .schedule_proxy import (
     spaced_plan,
     step_weights,
 )
-from .thresholds import _psnr
 
 __all__ = ["PlanScore", "ScheduleSearchResult", "evaluate_schedule", "search_schedule"]
-
-
-def _run_all(runs, who: str, tick=None) -> list[torch.Tensor]:
-    outs = []
-    for r in runs:
-        with torch.no_grad():
-            out = r()
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{who}: each run must return its output tensor, got {type(out).__name__}")
-        outs.append(out.detach())
-        if tick is not None:
-            tick()
-    return outs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,23 +91,22 @@ def evaluate_schedule(
     """(PSNR in dB of ``runs`` under ``config`` against ``refs`` — the same runs uncached,
     computed here when not given — and whether every run computed exactly the plan's
     steps)."""
-    runs = [runs] if callable(runs) else list(runs)
+    runs = as_runs(runs, "evaluate_schedule")
     if refs is None:
-        refs = _run_all(runs, "evaluate_schedule")
+        refs = run_all(runs, "evaluate_schedule").outputs
     h = patch(model, config, spec)
-    want = [c == "C" for c in config.plan]
-    ok = True
     try:
-        outs = []
-        for r in runs:
-            h.reset()
-            outs += _run_all([r], "evaluate_schedule")
-            for ctx in h.stats()["contexts"].values():  # off the step path: between runs
-                if ctx.get("computed", 0) + ctx.get("skipped", 0):
-                    ok = ok and list(ctx["timeline"]) == want
+        got = run_all(runs, "evaluate_schedule", handle=h)
     finally:
         h.remove()
-    return _psnr(outs, refs, data_range), ok
+    want = [c == "C" for c in config.plan]
+    ok = all(
+        list(ctx["timeline"]) == want
+        for stats in got.stats
+        for ctx in stats["contexts"].values()
+        if ctx.get("computed", 0) + ctx.get("skipped", 0)
+    )
+    return psnr(got.outputs, refs, data_range), ok
 
 
 @dataclasses.dataclass
@@ -216,11 +203,9 @@ def _neighbours(plan: str, codes: Sequence[str]) -> list[str]:
 def _steps_per_run(model, runs, who: str, spec=None):
     """The runs' outputs, step counts and timesteps, recorded as :func:`fastcache.calibrate`
     records them (a rising timestep starts a run), so they compare with a profile's."""
-    from .calibration import CalibrationConfig
-
     h = patch(model, CalibrationConfig(), spec)
     try:
-        outs = _run_all(runs, who)
+        outs = run_all(runs, who).outputs
         states = [st for st in h.contexts.values() if st.step >= 0]
         lengths = [n for st in states for n in st.run_lengths + [st.step + 1]]
         timesteps = [ts for st in states for ts in st.timesteps]
@@ -273,14 +258,9 @@ def search_schedule(
         return ScheduleSearchResult(cfg.budget, cfg.num_steps, cfg, score, [score], names, 0, 0, 0.0, 0.0)
     if runs is None:
         raise ValueError("search_schedule: runs is required with a model (each one seeded sampling run)")
-    runs = [runs] if callable(runs) else list(runs)
-    if not runs or not all(callable(r) for r in runs):
-        raise TypeError("search_schedule: runs must be a callable or a non-empty sequence of callables")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
-        raise ValueError(f"search_schedule: max_evals={max_evals!r} must be an integer >= 1")
+    runs = as_runs(runs, "search_schedule")
+    check_max_evals("search_schedule", max_evals, 1)
     check_budget(budget, speedup, None)  # before the calibration pass: what does not need the step count
-
-    from .calibration import _Progress, calibrate
 
     refs: list[torch.Tensor] = []
     calls = computed = 0
@@ -290,7 +270,8 @@ def search_schedule(
                 "search_schedule: the profile has no step_gram (profile format < 3, or gram_dim=0); calibrate again "
                 "or pass profile=None to calibrate here"
             )
-        profile = calibrate(model, lambda: refs.extend(_run_all(runs, "search_schedule")), spec=spec, progress=progress)
+        record = lambda: refs.extend(run_all(runs, "search_schedule").outputs)  # the uncached outputs too
+        profile = calibrate(model, record, spec=spec, progress=progress)
     else:
         profile.validate()
         profile.check_fits(model, uses_prior="eoc" in names, method="search_schedule")
@@ -324,7 +305,7 @@ def search_schedule(
     proxy_s = time.perf_counter() - t0
     W = Ws["relative"]
 
-    bar = _Progress(f"fastcache.search_schedule(K={K})", progress)
+    bar = Progress(f"fastcache.search_schedule(K={K})", progress)
     trace: list[PlanScore] = []
     seen: dict[str, PlanScore] = {}
 
