@@ -19,10 +19,17 @@ __all__ = ["plot", "plot_schedule", "r_squared", "save_figure"]
 
 
 def save_figure(fig, path) -> Path:
-    """``fig`` written to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    """``fig`` laid out, written to ``path`` atomically (a temporary file, then
+    ``os.replace``) and closed."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -83,10 +90,7 @@ def plot(profile, result, timeline, path: Path) -> Path:
     ax.set_title(
         f"{result.method} threshold {result.chosen.threshold:.3g}: {result.chosen.computed_fraction:.2f} computed"
     )
-    fig.tight_layout()
-    path = save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_schedule(result, path: Path, fixed: str | None = None, held_out: dict | None = None) -> Path:
@@ -126,7 +130,4 @@ def plot_schedule(result, path: Path, fixed: str | None = None, held_out: dict |
     ax.set_ylabel("PSNR vs uncached, calibration runs (dB)")
     ax.legend(fontsize=8)
     ax.set_title(f"search: {result.model_calls} model calls, {result.seconds:.0f} s")
-    fig.tight_layout()
-    path = save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
