@@ -13,7 +13,15 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["fastcache", "fastcache.interior", "fastcache.ops", "fastcache.models", "fastcache.policies", "fastcache.tuning", "fastcache.kernels"]
+PACKAGES = [
+    "fastcache",
+    "fastcache.interior",
+    "fastcache.ops",
+    "fastcache.models",
+    "fastcache.policies",
+    "fastcache.tuning",
+    "fastcache.kernels",
+]
 PACKAGE_DIR = {"fastcache.kernels": "kernels"}  # ship kernels/ inside fastcache's namespace
 
 
