@@ -13,7 +13,16 @@ import os
 
 from setuptools import setup
 
-PACKAGES = ["fastcache", "fastcache.interior", "fastcache.families", "fastcache.ops", "fastcache.models", "fastcache.policies", "fastcache.kernels"]
+PACKAGES = [
+    "fastcache",
+    "fastcache.interior",
+    "fastcache.families",
+    "fastcache.ops",
+    "fastcache.models",
+    "fastcache.policies",
+    "fastcache.tuning",
+    "fastcache.kernels",
+]
 PACKAGE_DIR = {"fastcache.kernels": "kernels"}  # ship kernels/ inside fastcache's namespace
 
 

@@ -43,16 +43,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' support package (support.zoo, support.hostreads)
 
 import fastcache  # noqa: E402
-from fastcache.calibrate import digits_runs  # noqa: E402
 from fastcache.models import load_digits_dit, sample_digits  # noqa: E402
 from fastcache.models.convert import DiffusersDiT  # noqa: E402
-from fastcache.scheduling import (  # noqa: E402
-    _config,
-    _psnr,
-    evaluate_schedule,
-    fixed_interval_plan,
-    schedule_from_profile,
-)
+from fastcache.tuning.cli import digits_runs  # noqa: E402
+from fastcache.tuning.evaluation import psnr, run_all  # noqa: E402
+from fastcache.tuning.schedule_proxy import fixed_interval_plan, plan_config, schedule_from_profile  # noqa: E402
+from fastcache.tuning.schedule_search import evaluate_schedule  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -68,23 +64,16 @@ def _teacache(model, cal, held, refs_h, K, S, prof):
     res = fastcache.search_threshold(
         model, cal, "teacache", target_fraction=K / S, profile=prof, num_steps=S, progress=False, max_evals=10
     )
-    from fastcache.search import _fraction
-
     h = fastcache.patch(model, res.config)
-    outs, work, steps = [], 0.0, 0
     try:
-        for r in held:
-            h.reset()
-            outs.append(_cpu(r)[0])
-            f, n = _fraction(h.stats())
-            work, steps = work + f * n, steps + n
+        got = run_all(held, "bench_schedule (held-out runs)", handle=h)
     finally:
         h.remove()
     return dict(
         setting=f"threshold {res.config.threshold:.3g}",
-        computed_steps=round(S * work / steps, 2),
+        computed_steps=round(S * got.computed_fraction(), 2),
         calibration_psnr_db=round(res.chosen.psnr_db, 2),
-        held_out_psnr_db=round(_psnr(outs, refs_h, 2.0), 2),
+        held_out_psnr_db=round(psnr(got.outputs, refs_h, 2.0), 2),
     )
 
 
@@ -125,7 +114,7 @@ def _diffusers_taylorseer(ref, held_specs, refs_h, K, S):
             dict(
                 setting=f"interval {n}, order 1, warm-up 3",
                 computed_steps=round(k, 2),
-                held_out_psnr_db=round(_psnr(outs, refs_h, 2.0), 2),
+                held_out_psnr_db=round(psnr(outs, refs_h, 2.0), 2),
             )
         )
     return out
@@ -167,7 +156,7 @@ def _runs(model, S, n, batch, held_out):
 
     runs = [make(lab, seed) for lab, seed in specs]
     with torch.no_grad():
-        assert torch.equal(runs[0](), base[0]())  # the same runs as `python -m fastcache.calibrate`
+        assert torch.equal(runs[0](), base[0]())  # the same runs as `python -m fastcache.tuning`
     return runs, specs
 
 
@@ -192,10 +181,10 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
         searched[K] = res
 
         def held_psnr(plan):
-            return round(evaluate_schedule(model, _config(plan, prof), held, refs_h)[0], 2)
+            return round(evaluate_schedule(model, plan_config(plan, prof), held, refs_h)[0], 2)
 
         def cal_psnr(plan):
-            return round(evaluate_schedule(model, _config(plan, prof), cal, refs_c)[0], 2)
+            return round(evaluate_schedule(model, plan_config(plan, prof), cal, refs_c)[0], 2)
 
         dp_plan = schedule_from_profile(prof, K)[0].plan
         plans = [

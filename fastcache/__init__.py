@@ -7,12 +7,11 @@ handle.remove()
 """
 
 from . import (
-    calibration,
     families,  # noqa: F401  (registers the built-in model families)
     interior,
     ops,
+    tuning,
 )
-from .calibration import calibrate
 from .config import CacheConfig
 from .policies.block_cache import BlockCacheConfig
 from .policies.delta_dit import DeltaDiTConfig
@@ -24,11 +23,12 @@ from .policies.schedule import ScheduleConfig
 from .policies.taylorseer import TaylorSeerConfig
 from .policies.teacache import TeaCacheConfig
 from .policies.tgate import TGateConfig
-from .profile import Profile
 from .runtime import Patch, announce_steps, context, get_patch, patch, patched, reset, stats, unpatch
-from .scheduling import ScheduleSearchResult, search_schedule
-from .search import search_threshold
 from .specs import ModelSpec, register
+from .tuning.calibration import calibrate
+from .tuning.profile import Profile
+from .tuning.schedule_search import ScheduleSearchResult, search_schedule
+from .tuning.thresholds import search_threshold
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,6 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleSearchResult",
     "calibrate",
-    "calibration",
     "interior",
     "ModelSpec",
     "Patch",
@@ -62,5 +61,6 @@ __all__ = [
     "search_schedule",
     "search_threshold",
     "stats",
+    "tuning",
     "unpatch",
 ]

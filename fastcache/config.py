@@ -112,7 +112,7 @@ def _as_mask(base) -> tuple[tuple[bool, ...], ...] | None:
 
 def _load_profile(prof, owner: str):
     """A :class:`fastcache.Profile` from a Profile or a path to a saved one."""
-    from .profile import Profile
+    from .tuning.profile import Profile
 
     if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
         prof = Profile.load(prof)

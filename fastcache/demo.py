@@ -2,7 +2,7 @@
 
     python -m fastcache.demo [--steps 20] [--batch 40] [--thresholds 0.1 0.2 0.3] [--out demo_out]
 
-Fits the TeaCache polynomial for the model first (``fastcache.calibration``, the
+Fits the TeaCache polynomial for the model first (``fastcache.tuning.calibration``, the
 authors' recipe: two uncached runs on other seeds), then samples the same seeds with and
 without caching, prints a table (steps computed, wall
 time, speedup, PSNR against the uncached images) and writes two PNGs: the image grids
@@ -61,7 +61,7 @@ def run(
     # No published TeaCache polynomial exists for this model: fit one the authors' way
     # (uncached runs on other seeds and labels than the ones compared below).
     t0 = time.perf_counter()
-    with fastcache.calibration.recording(model) as rec:
+    with fastcache.tuning.calibration.recording(model) as rec:
         for k in range(2):
             g = torch.Generator().manual_seed(1000 + k)
             sample_digits(model, (labels[:20] + 3 * k) % 10, num_steps=steps, cfg_scale=cfg_scale, generator=g)

@@ -47,7 +47,7 @@ import torch
 from .. import ops
 from ..config import CacheConfig, _as_mask, _check_float, _check_int, _profile_steps, _set, config_type
 from ..interior import run_blocks
-from ..profile import TimestepWatch
+from ..tuning.profile import TimestepWatch
 from .base import StepInfo, register_policy
 from .fora import FORAConfig, FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
 from .teacache import TeaCacheConfig
@@ -91,7 +91,7 @@ class EOCConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        from ..profile import Profile
+        from ..tuning.profile import Profile
 
         base = self.base
         if base is None:

@@ -43,7 +43,7 @@ from .. import ops
 from ..config import CacheConfig, _check_float, _check_int, _set, config_type
 from ..interior import run_blocks
 from ..ops.reference import STEP
-from ..profile import TimestepWatch
+from ..tuning.profile import TimestepWatch
 from .base import StepInfo, is_tracing, register_policy
 from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
@@ -85,7 +85,7 @@ class ScheduleConfig(CacheConfig):
     history: int = 1024
 
     def __post_init__(self) -> None:
-        from ..profile import Profile
+        from ..tuning.profile import Profile
 
         p = self.plan
         if not isinstance(p, str) or not p:

@@ -8,7 +8,7 @@ from support.teacache_reference import INDICATORS
 from support.zoo import reference_dit_case
 
 import fastcache
-from fastcache import calibration
+from fastcache.tuning import calibration
 
 
 def test_recording_pairs_match_a_hand_computation_and_fit():

@@ -8,7 +8,7 @@ import torch
 from support.zoo import CASES, reference_dit_case
 
 import fastcache
-from fastcache import calibration
+from fastcache.tuning import calibration
 
 
 def _hooked_branch_means(model, run, steps, runs):
@@ -109,7 +109,7 @@ def test_curves_round_trip_and_format_1_files_still_load(tmp_path):
 
     from safetensors.torch import save_file
 
-    from fastcache import profile as profile_mod
+    from fastcache.tuning import profile as profile_mod
 
     case = reference_dit_case()
     prof = fastcache.calibrate(case.model, lambda: case.sample(steps=6), progress=False)

@@ -330,13 +330,13 @@ def test_search_refuses_a_bad_budget_before_calibrating_and_runs_of_another_step
 def cli(monkeypatch):
     import importlib
 
-    mod = importlib.import_module("fastcache.calibrate")
+    mod = importlib.import_module("fastcache.tuning.cli")
 
     def no_work(*a, **k):
         raise AssertionError("the command did work before checking its arguments")
 
     monkeypatch.setattr(mod, "_digits", no_work)
-    monkeypatch.setattr(mod, "_calibrate", no_work)
+    monkeypatch.setattr(mod, "calibrate", no_work)
     return mod
 
 

@@ -29,7 +29,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
 from fastcache import ScheduleConfig, ops
-from fastcache import scheduling as S
+from fastcache.tuning import schedule_proxy as proxy
+from fastcache.tuning.schedule_search import evaluate_schedule
 
 
 # ----------------------------------------------------------------------------- config
@@ -201,7 +202,7 @@ def test_proxy_equals_the_teacher_forced_error_of_the_taylor_ops():
     """plan_cost's quadratic forms in the Gram against forecasting recorded features with
     the real ops (exact Gram: every slot is smaller than gram_dim)."""
     case = reference_dit_case()
-    from fastcache.calibration import CalibrationConfig
+    from fastcache.tuning.calibration import CalibrationConfig
 
     feats = []
     h = fastcache.patch(case.model, CalibrationConfig(priors=True))
@@ -212,7 +213,7 @@ def test_proxy_equals_the_teacher_forced_error_of_the_taylor_ops():
     finally:
         h.remove()
     prof = fastcache.calibrate(case.model, lambda: case.sample(steps=7), progress=False)
-    W = S.step_weights(prof.step_gram.numpy(), "relative")
+    W = proxy.step_weights(prof.step_gram.numpy(), "relative")
     for plan in ("CC1C21C", "C0000C2", "C12C120", "CC2C2C2"):
         hist = [torch.zeros((3, *f.shape), dtype=torch.float64) for f in feats[0]]
         valid = torch.zeros(1)
@@ -229,32 +230,32 @@ def test_proxy_equals_the_teacher_forced_error_of_the_taylor_ops():
                 for hk, f in zip(hist, feats[s]):
                     fh = ops.taylor_forecast(hk[: k + 1], dx)
                     err += float((fh - f).pow(2).sum() / f.pow(2).sum()) / len(feats[s])
-        assert math.isclose(S.plan_cost(W, plan), err, rel_tol=1e-6), plan
+        assert math.isclose(proxy.plan_cost(W, plan), err, rel_tol=1e-6), plan
 
 
 def test_dp_is_the_proxy_optimum(small_profile):
     _, prof = small_profile
-    W = S.step_weights(prof.step_gram.numpy(), "relative")
-    solve = S._dp(W, [0, 1, 2], 4)
+    W = proxy.step_weights(prof.step_gram.numpy(), "relative")
+    solve = proxy.proxy_dp(W, [0, 1, 2], 4)
     for K in (2, 3, 4):
         best = math.inf
         for comp in itertools.combinations(range(1, 7), K - 1):
             for orders in itertools.product("012", repeat=7 - K):
                 it = iter(orders)
                 plan = "".join("C" if s == 0 or s in comp else next(it) for s in range(7))
-                best = min(best, S.plan_cost(W, plan))
+                best = min(best, proxy.plan_cost(W, plan))
         plan, cost = solve(K)
         assert plan.count("C") == K and plan[0] == "C"
-        assert math.isclose(cost, best, rel_tol=1e-9) and math.isclose(S.plan_cost(W, plan), cost, rel_tol=1e-9)
-    cfg, cost = S.schedule_from_profile(prof, speedup=2.0, methods=("taylor1",))
+        assert math.isclose(cost, best, rel_tol=1e-9) and math.isclose(proxy.plan_cost(W, plan), cost, rel_tol=1e-9)
+    cfg, cost = proxy.schedule_from_profile(prof, speedup=2.0, methods=("taylor1",))
     assert cfg.budget == 4 and set(cfg.plan) <= {"C", "1"}
 
 
 def test_fixed_interval_plan():
-    assert S.fixed_interval_plan(10, 50, 1)[:3] == "CCC" and S.fixed_interval_plan(10, 50, 1)[-1] == "C"
+    assert proxy.fixed_interval_plan(10, 50, 1)[:3] == "CCC" and proxy.fixed_interval_plan(10, 50, 1)[-1] == "C"
     for K in (1, 3, 10, 13, 17, 25, 50):
-        assert S.fixed_interval_plan(K, 50, 2).count("C") == K
-    assert S.fixed_interval_plan(4, 5, 0) == "CCC0C"
+        assert proxy.fixed_interval_plan(K, 50, 2).count("C") == K
+    assert proxy.fixed_interval_plan(4, 5, 0) == "CCC0C"
 
 
 # ----------------------------------------------------------------------------- search
@@ -266,7 +267,7 @@ def test_search_replays_is_stored_and_loads_back(small_profile, tmp_path):
     assert len(res.trace) <= 6 and res.chosen.psnr_db == max(e.psnr_db for e in res.trace)
     assert res.model_calls == 7 * 2 * (1 + len(res.trace))
     assert all(e.timelines_match for e in res.trace)
-    psnr, ok = S.evaluate_schedule(case.model, res.config, runs)
+    psnr, ok = evaluate_schedule(case.model, res.config, runs)
     assert ok and math.isclose(psnr, res.calibration_psnr, rel_tol=1e-12)  # replays exactly
     assert "of 7 steps computed" in str(res) and "<- chosen" in str(res)
     back = fastcache.Profile.load(res.store(prof).save(tmp_path / "p.safetensors"))
@@ -287,7 +288,7 @@ def test_search_without_a_profile_calibrates_and_beats_nothing_worse_than_its_st
     )
     assert res.budget == 4 and set(res.plan) <= {"C", "0", "1"}
     starts = [e for e in res.trace if e.source != "move"]
-    assert S.fixed_interval_plan(4, 7, 1) in {e.plan for e in starts}  # TaylorSeer's usual placement
+    assert proxy.fixed_interval_plan(4, 7, 1) in {e.plan for e in starts}  # TaylorSeer's usual placement
     assert res.chosen.psnr_db >= max(e.psnr_db for e in starts)
 
 
@@ -321,7 +322,7 @@ def test_search_refusals(small_profile):
 def test_command_line_budget_prints_stores_and_plots(tmp_path, capsys):
     import importlib
 
-    cli = importlib.import_module("fastcache.calibrate")  # the `python -m fastcache.calibrate` module
+    cli = importlib.import_module("fastcache.tuning.cli")  # the `python -m fastcache.tuning` module
     out, png = tmp_path / "p.safetensors", tmp_path / "s.png"
     rc = cli.main(
         ["--steps", "8", "--runs", "1", "--batch", "2", "--budget", "4", "--held-out", "1", "--max-evals", "3"]
@@ -518,4 +519,4 @@ def test_eoc_steps_equal_eoc_on_fora_and_mix_with_taylor(small_profile):
     runs = [lambda: case.sample(steps=8, seed=4)]
     res = fastcache.search_schedule(m, runs, 3, methods=("eoc",), profile=prof, max_evals=4, progress=False)
     assert set(res.plan) <= {"C", "E"} and res.config.profile is prof and res.methods == ("eoc",)
-    assert S.evaluate_schedule(m, res.config, runs)[1]
+    assert evaluate_schedule(m, res.config, runs)[1]

@@ -1,10 +1,10 @@
-"""``python -m fastcache.calibrate``: profile a model, pick a threshold, plot what was measured.
+"""``python -m fastcache.tuning``: profile a model, pick a threshold, plot what was measured.
 
-    python -m fastcache.calibrate --model digits --steps 50 --method teacache --target-fraction 0.4 \\
+    python -m fastcache.tuning --model digits --steps 50 --method teacache --target-fraction 0.4 \\
         --out digits50.safetensors --plot digits50.png
-    python -m fastcache.calibrate --factory mypkg.calib:make --method first_block --target-speedup 2
+    python -m fastcache.tuning --factory mypkg.calib:make --method first_block --target-speedup 2
 
-    python -m fastcache.calibrate --model digits --steps 50 --budget 17 --out digits50.safetensors \\
+    python -m fastcache.tuning --model digits --steps 50 --budget 17 --out digits50.safetensors \\
         --plot schedule17.png
 
 ``--factory module:function`` names your code: ``function(steps)`` returns ``(model, runs)``
@@ -23,10 +23,7 @@ the threshold (:func:`fastcache.search_threshold`),
 prints the trace and the chosen config, and writes the profile (safetensors + JSON) and a
 PNG: the TeaCache input-vs-output relative-L1 scatter with the fitted polynomial and its
 R², the per-block change heat map when the profile holds one, and the decision timeline of
-the chosen setting.
-
-(Importing this module keeps ``fastcache.calibrate`` callable: the module forwards calls to
-:func:`fastcache.calibration.calibrate`.)
+the chosen setting (:mod:`fastcache.tuning.plots`).
 """
 
 from __future__ import annotations
@@ -34,29 +31,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
-import types
 from pathlib import Path
 
-from .calibration import calibrate as _calibrate
-from .profile import atomic_path
+import torch
 
-
-class _CallableModule(types.ModuleType):
-    """``import fastcache.calibrate`` replaces the package attribute ``fastcache.calibrate``
-    (the function) by this module; calling the module still calibrates."""
-
-    def __call__(self, *args, **kwargs):
-        return _calibrate(*args, **kwargs)
+from ..models import load_digits_dit, sample_digits
+from ..policies.schedule import ScheduleConfig
+from ..runtime import patched
+from .calibration import calibrate
+from .evaluation import run_all
+from .plots import plot, plot_schedule
+from .schedule_proxy import METHODS, fillers, fixed_interval_plan
+from .schedule_search import evaluate_schedule, search_schedule
+from .thresholds import SEARCH_METHODS, search_threshold
 
 
 def digits_runs(model, steps: int, n_runs: int, batch: int, held_out: bool = False):
     """Seeded digits sampling runs (DDIM, batched CFG): calibration runs use seeds 1000+k
     and labels shifted by 3k+1; held-out runs use seeds 2000+k and labels shifted by 3k+5."""
-    import torch
-
-    from .models import sample_digits
-
     labels = torch.arange(batch) % 10
     seed0, shift = (2000, 5) if held_out else (1000, 1)
     return [
@@ -73,8 +65,6 @@ def digits_runs(model, steps: int, n_runs: int, batch: int, held_out: bool = Fal
 
 
 def _digits(steps: int, n_runs: int, batch: int):
-    from .models import load_digits_dit
-
     model = load_digits_dit()
     return model, digits_runs(model, steps, n_runs, batch), digits_runs(model, steps, n_runs, batch, held_out=True)
 
@@ -90,14 +80,6 @@ def _factory(spec: str, steps: int):
     if not (isinstance(made, tuple) and len(made) in (2, 3)):
         raise SystemExit(f"--factory {spec!r} must return (model, runs) or (model, runs, held_out_runs)")
     return made if len(made) == 3 else (*made, None)
-
-
-def _save_figure(fig, path) -> Path:
-    """``fig`` written to ``path`` atomically (a temporary file, then ``os.replace``)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
-    return path
 
 
 def _writable_file(ap, flag: str, path: Path | None) -> None:
@@ -120,8 +102,6 @@ def _writable_file(ap, flag: str, path: Path | None) -> None:
 def _check_args(ap, a) -> None:
     """Every argument checked before any work (loading the model, calibrating, searching):
     a mistake costs a message, not the minutes of a calibration pass."""
-    from .scheduling import _fillers
-
     if a.steps < 2:
         ap.error("--steps must be >= 2 (a one-step run has nothing to cache)")
     if a.runs < 1:
@@ -138,7 +118,7 @@ def _check_args(ap, a) -> None:
     elif a.max_evals is not None and a.max_evals < 2:
         ap.error(f"--max-evals {a.max_evals}: must be >= 2 (evaluations of the threshold search)")
     try:
-        _fillers(tuple(m.strip() for m in a.methods.split(",") if m.strip()))
+        fillers(_methods(a))
     except ValueError as e:
         ap.error(f"--methods {a.methods!r}: {str(e).replace('search_schedule: ', '')}")
     if a.target_fraction is not None and not 0.0 < a.target_fraction <= 1.0:
@@ -149,116 +129,13 @@ def _check_args(ap, a) -> None:
     _writable_file(ap, "--plot", a.plot)
 
 
-def r_squared(x, y, coeffs) -> float:
-    """R² of the polynomial ``coeffs`` (highest power first) fitted to ``(x, y)``."""
-    import numpy as np
-
-    pred = np.polyval(coeffs, x)
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-
-
-def plot(profile, result, timeline, path: Path) -> Path:
-    """The PNG described in the module docstring."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    change = getattr(profile, "block_change", None)
-    panels = 3 if change is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
-    p = np.asarray(profile.teacache_pairs)
-    ax = axes[0]
-    if len(p) > 4:
-        coeffs = profile.fit_teacache(4)
-        xs = np.linspace(p[:, 0].min(), p[:, 0].max(), 200)
-        ax.scatter(p[:, 0], p[:, 1], s=8, alpha=0.6)
-        ax.plot(
-            xs,
-            np.polyval(coeffs, xs),
-            color="tab:red",
-            label=f"degree-4 fit, R² = {r_squared(p[:, 0], p[:, 1], coeffs):.3f}",
-        )
-        ax.legend(fontsize=8)
-    ax.set_xlabel("input rel-L1 (first block's modulated input)")
-    ax.set_ylabel("output rel-L1 (stack residual)")
-    ax.set_title("TeaCache indicator vs output change")
-    k = 1
-    if change is not None:
-        ax = axes[k]
-        c = np.asarray(change.detach().cpu() if hasattr(change, "detach") else change)  # host-read-ok: plotting
-        im = ax.imshow(c.T, aspect="auto", origin="lower", cmap="magma")
-        fig.colorbar(im, ax=ax)
-        ax.set_xlabel("step")
-        ax.set_ylabel("block")
-        ax.set_title("per-block relative change")
-        k += 1
-    ax = axes[k]
-    if timeline:
-        t = np.asarray(timeline, dtype=float)
-        ax.bar(np.arange(len(t)), t, width=1.0, color="tab:green")
-    ax.set_ylim(0, 1.2)
-    ax.set_yticks([0, 1], ["reused", "computed"])
-    ax.set_xlabel("step")
-    ax.set_title(
-        f"{result.method} threshold {result.chosen.threshold:.3g}: {result.chosen.computed_fraction:.2f} computed"
-    )
-    fig.tight_layout()
-    path = _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def plot_schedule(result, path: Path, fixed: str | None = None, held_out: dict | None = None) -> Path:
-    """PNG of a schedule search: the chosen plan's timeline (bar height = forecast
-    order, full bars = computed steps) against TaylorSeer's fixed-interval placement, and
-    the PSNR of every evaluated plan in search order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
-    ax = axes[0]
-    rows = [("searched", result.plan)] + ([("fixed interval", fixed)] if fixed else [])
-    colors = {"C": "tab:green", "0": "tab:gray", "1": "tab:blue", "2": "tab:purple", "3": "tab:orange"}
-    for r, (name, plan) in enumerate(rows):
-        y0 = len(rows) - 1 - r
-        for s, c in enumerate(plan):
-            ax.add_patch(plt.Rectangle((s, y0 + 0.1), 0.9, 0.8, color=colors.get(c, "tab:red")))
-            if c != "C":
-                ax.text(s + 0.45, y0 + 0.5, c, ha="center", va="center", fontsize=6, color="white")
-        label = name
-        if held_out and name in held_out:
-            label += f"\nheld-out {held_out[name]:.1f} dB"
-        ax.text(-0.5, y0 + 0.5, label, ha="right", va="center", fontsize=8)
-    ax.set_xlim(-0.2, len(result.plan))
-    ax.set_ylim(0, len(rows))
-    ax.set_yticks([])
-    ax.set_xlabel("step (green: computed; digit: Taylor order of the forecast, 0 = reuse)")
-    ax.set_title(f"{result.budget} of {result.num_steps} steps computed")
-    ax = axes[1]
-    ps = np.asarray([e.psnr_db for e in result.trace])
-    ax.plot(np.arange(len(ps)), ps, "o-", ms=3)
-    ax.plot(np.arange(len(ps)), np.maximum.accumulate(ps), color="tab:red", label="best so far")
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("PSNR vs uncached, calibration runs (dB)")
-    ax.legend(fontsize=8)
-    ax.set_title(f"search: {result.model_calls} model calls, {result.seconds:.0f} s")
-    fig.tight_layout()
-    path = _save_figure(fig, path)
-    plt.close(fig)
-    return path
+def _methods(a) -> tuple[str, ...]:
+    """``--methods``, a comma list, as names."""
+    return tuple(m.strip() for m in a.methods.split(",") if m.strip())
 
 
 def _budget(a, model, runs, held, prof) -> int:
-    from .scheduling import METHODS, evaluate_schedule, fixed_interval_plan, search_schedule
-
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    methods = _methods(a)
     res = search_schedule(
         model,
         runs,
@@ -269,13 +146,12 @@ def _budget(a, model, runs, held, prof) -> int:
         progress=not a.no_progress,
     )
     print(res)
-    from .policies.schedule import ScheduleConfig
 
     top = max((METHODS[m] for m in methods if m in METHODS), default=0)
     fixed = fixed_interval_plan(res.budget, res.num_steps, top if top > 0 else 0)
     scores = None
     if held:
-        refs = [r() for r in held]
+        refs = run_all(held, "--held-out runs").outputs
         scores = {
             "searched": evaluate_schedule(model, res.config, held, refs)[0],
             "fixed interval": evaluate_schedule(model, ScheduleConfig(plan=fixed), held, refs)[0],
@@ -297,11 +173,8 @@ def _budget(a, model, runs, held, prof) -> int:
 
 
 def main(argv=None) -> int:
-    from .runtime import patched
-    from .search import SEARCH_METHODS, search_threshold
-
     ap = argparse.ArgumentParser(
-        prog="python -m fastcache.calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fastcache.tuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", choices=["digits"], default="digits", help="a shipped model (default digits)")
@@ -330,7 +203,7 @@ def main(argv=None) -> int:
     if a.budget is not None and not a.factory:
         held = held[: a.held_out]
 
-    prof = _calibrate(model, lambda: [r() for r in runs], progress=not a.no_progress)
+    prof = calibrate(model, lambda: [r() for r in runs], progress=not a.no_progress)
     print(prof)
     if a.budget is not None:
         return _budget(a, model, runs, held, prof)
@@ -352,13 +225,7 @@ def main(argv=None) -> int:
         print(f"wrote {a.out}")
     if a.plot:
         with patched(model, res.config) as h:
-            runs[0]()
-            timeline = next(iter(h.stats()["contexts"].values()), {}).get("timeline", [])
+            stats = run_all(runs[:1], "--plot", handle=h).stats[0]
+        timeline = next(iter(stats["contexts"].values()), {}).get("timeline", [])
         print(f"wrote {plot(prof, res, timeline, a.plot)}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-else:
-    sys.modules[__name__].__class__ = _CallableModule

@@ -269,7 +269,7 @@ class Profile:
                     f"{self._who()}: meta field 'timesteps' must hold {S} finite numbers (one per step of the "
                     f"{S}-step runs the prior was recorded over), got {ts!r}; calibrate again"
                 )
-        from .policies.schedule import SCHEDULE_CODES
+        from ..policies.schedule import SCHEDULE_CODES
 
         for budget, entry in sorted(self.schedules.items()):
             plan = entry.get("plan")
@@ -480,7 +480,7 @@ class Profile:
     def schedule(self, budget: int):
         """The :class:`fastcache.ScheduleConfig` searched for ``budget`` computed steps and
         stored in this profile (:meth:`fastcache.ScheduleSearchResult.store`)."""
-        from .policies.schedule import ScheduleConfig
+        from ..policies.schedule import ScheduleConfig
 
         if int(budget) not in self.schedules:
             have = sorted(self.schedules) or "none"

@@ -8,7 +8,7 @@ polynomial maps the cheap indicator change to the change the cache would miss.
 
 Example::
 
-    with fastcache.calibration.recording(model) as rec:
+    with fastcache.tuning.calibration.recording(model) as rec:
         for labels in batches:
             sample(model, labels)                   # ordinary uncached sampling runs
     coeffs = rec.fit(degree=4)
@@ -39,12 +39,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import ops
-from .config import CacheConfig, _check_int, config_type
-from .interior import ComputeExecutor, layout_for, run_blocks
-from .policies.base import Policy, register_policy
+from .. import ops
+from ..config import CacheConfig, _check_int, config_type
+from ..interior import ComputeExecutor, layout_for, run_blocks
+from ..policies.base import Policy, register_policy
+from ..runtime import patch
+from .evaluation import Progress
 from .profile import GRANULARITIES, Profile, model_fingerprint
-from .runtime import patch
 
 
 @config_type
@@ -245,7 +246,7 @@ class Recording:
         if len(p) <= degree:
             raise ValueError(
                 f"calibration recorded {len(p)} step pairs, too few to fit degree {degree}: "
-                "run more sampling runs (or steps) inside fastcache.calibration.recording(model)"
+                "run more sampling runs (or steps) inside fastcache.tuning.calibration.recording(model)"
             )
         return tuple(float(c) for c in np.polyfit(p[:, 0], p[:, 1], degree))
 
@@ -260,39 +261,6 @@ def recording(model: torch.nn.Module, spec=None) -> Iterator[Recording]:
     finally:
         rec._frozen = rec.pairs  # the pairs outlive the patch
         h.remove()
-
-
-class _Progress:
-    """tqdm if installed, else a one-line counter on stderr."""
-
-    def __init__(self, desc: str, enabled: bool):
-        self.n = 0
-        self.bar = None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(desc=desc, unit="step")
-            except ImportError:
-                self.desc = desc
-
-    def __call__(self) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            import sys
-
-            print(f"\r{self.desc}: {self.n} steps", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.n:
-            import sys
-
-            print(file=sys.stderr)
 
 
 def calibrate(
@@ -310,7 +278,7 @@ def calibrate(
     steps each; a rising timestep starts a new run). Every block runs through its
     interior program (the model's output is unchanged, bitwise), and each slot's
     branch output is averaged per step over the runs: ``(D,)`` per slot and step with
-    ``granularity="channel"`` (default; see :mod:`fastcache.profile` for sizes),
+    ``granularity="channel"`` (default; see :mod:`fastcache.tuning.profile` for sizes),
     ``(N, D)`` with ``"token"``. ``scheduler``: a name stored in the profile's metadata
     (default: the scheduler is described by the recorded timesteps only). ``gram_dim``:
     the per-slot step Gram of the branch outputs that :func:`fastcache.search_schedule`
@@ -320,7 +288,7 @@ def calibrate(
     if not callable(run):
         raise TypeError(f"calibrate(model, run): run must be a callable performing sampling runs, got {run!r}")
     h = patch(model, CalibrationConfig(priors=True, granularity=granularity, gram_dim=gram_dim), spec)
-    bar = _Progress("fastcache.calibrate", progress)
+    bar = Progress("fastcache.calibrate", progress)
     h.policy.progress = bar
     try:
         with torch.no_grad():

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .config import CacheConfig
-from .policies.first_block import FirstBlockCacheConfig
-from .policies.teacache import TeaCacheConfig
-from .runtime import patch
+from ..config import CacheConfig
+from ..policies.first_block import FirstBlockCacheConfig
+from ..policies.teacache import TeaCacheConfig
+from ..runtime import patch
+from .evaluation import Progress, as_runs, check_max_evals, psnr, run_all
 
 __all__ = ["Evaluation", "SearchResult", "search_threshold", "SEARCH_METHODS"]
 
@@ -86,24 +86,6 @@ class SearchResult:
         return "\n".join(lines)
 
 
-def _fraction(stats: dict) -> tuple[float, int]:
-    """(computed fraction, steps) over the contexts of a patch's stats."""
-    work = steps = 0.0
-    for ctx in stats["contexts"].values():
-        n = ctx.get("computed", 0) + ctx.get("skipped", 0)
-        f = ctx.get("computed_fraction", ctx.get("computed", 0) / n if n else 1.0)
-        work += f * n
-        steps += n
-    return (work / steps if steps else 1.0), int(steps)
-
-
-def _psnr(outs: list[torch.Tensor], refs: list[torch.Tensor], data_range: float) -> float:
-    err = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outs, refs))
-    n = sum(r.numel() for r in refs)
-    mse = err / n
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
 def search_threshold(
     model: nn.Module,
     runs: Callable[[], torch.Tensor] | Sequence[Callable[[], torch.Tensor]],
@@ -149,53 +131,25 @@ def search_threshold(
         raise ValueError(f"search_threshold: target_fraction={target_fraction!r} must be in (0, 1]")
     if target_speedup is not None and not float(target_speedup) > 1.0:
         raise ValueError(f"search_threshold: target_speedup={target_speedup!r} must be > 1")
-    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 2:
-        raise ValueError(f"search_threshold: max_evals={max_evals!r} must be an integer >= 2")
-    runs = [runs] if callable(runs) else list(runs)
-    if not runs or not all(callable(r) for r in runs):
-        raise TypeError("search_threshold: runs must be a callable or a non-empty sequence of callables")
+    check_max_evals("search_threshold", max_evals, 2)
+    runs = as_runs(runs, "search_threshold")
     make, t0 = SEARCH_METHODS[method]
     make(t0, profile, config_kwargs)  # validate the fixed fields before any run
 
-    from .calibration import _Progress
-
-    bar = _Progress(f"fastcache.search_threshold({method})", progress)
-
-    def timed_runs():
-        outs, secs = [], 0.0
-        for r in runs:
-            c = time.process_time()
-            with torch.no_grad():
-                out = r()
-            secs += time.process_time() - c
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"search_threshold: each run must return its output tensor, got {type(out).__name__}")
-            outs.append(out.detach())
-            bar()
-        return outs, secs
-
+    bar = Progress(f"fastcache.search_threshold({method})", progress)
     try:
-        refs, base_s = timed_runs()
+        base = run_all(runs, "search_threshold", tick=bar)
+        refs, base_s = base.outputs, base.seconds
         trace: list[Evaluation] = []
 
         def evaluate(t: float) -> Evaluation:
             h = patch(model, make(t, profile, config_kwargs), spec)
             try:
-                outs, secs, work, steps = [], 0.0, 0.0, 0
-                for r in runs:
-                    h.reset()
-                    c = time.process_time()
-                    with torch.no_grad():
-                        out = r()
-                    secs += time.process_time() - c
-                    f, n = _fraction(h.stats())  # host reads off the step path: between runs
-                    work += f * n
-                    steps += n
-                    outs.append(out.detach())
-                    bar()
+                got = run_all(runs, "search_threshold", handle=h, tick=bar)
             finally:
                 h.remove()
-            e = Evaluation(t, work / max(steps, 1), _psnr(outs, refs, data_range), base_s / max(secs, 1e-12), secs)
+            speedup = base_s / max(got.seconds, 1e-12)
+            e = Evaluation(t, got.computed_fraction(), psnr(got.outputs, refs, data_range), speedup, got.seconds)
             trace.append(e)
             return e
 
