@@ -78,6 +78,11 @@ def _check_decision_fields(cfg) -> None:
     _set(cfg, "history", _check_int("history", cfg.history, 1))
 
 
+# the step codes of a static schedule plan (fastcache.ScheduleConfig): C computes, a digit k
+# forecasts with a Taylor series of order k (0 = reuse), E reuses with EOC's correction
+SCHEDULE_CODES = "C01234E"
+
+
 def _profile_steps(cfg, prof, method: str) -> int:
     """``cfg.num_steps`` checked against the run length ``prof`` was recorded over (default:
     the profile's); sets and returns it."""
@@ -108,20 +113,6 @@ def _as_mask(base) -> tuple[tuple[bool, ...], ...] | None:
             raise ValueError("EOCConfig.base: row 0 of the schedule must compute every block (step 0 has no cache)")
         return tuple(rows)
     return None
-
-
-def _load_profile(prof, owner: str):
-    """A :class:`fastcache.Profile` from a Profile or a path to a saved one."""
-    from .tuning.profile import Profile
-
-    if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
-        prof = Profile.load(prof)
-    if not isinstance(prof, Profile):
-        raise ValueError(
-            f"{owner}.profile must be a fastcache.Profile (profile = fastcache.calibrate(model, run)) or a path to a "
-            f"saved one, got {type(prof).__name__}"
-        )
-    return prof
 
 
 def nearest_interp(values: tuple[float, ...], n: int) -> tuple[float, ...]:

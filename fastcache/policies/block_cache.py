@@ -31,7 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from ..config import CacheConfig, _check_float, _check_int, _load_profile, _profile_steps, _set, config_type
+from ..config import CacheConfig, _check_float, _check_int, _profile_steps, _set, config_type
+from ..tuning.profile import load_profile
 from .base import StepInfo, register_policy
 from .eoc import EOCConfig, EOCPolicy
 
@@ -68,7 +69,7 @@ class BlockCacheConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         _set(self, "delta", _check_float("delta", self.delta, 0, " (0 = refresh every block every step)"))
-        prof = _load_profile(self.profile, "BlockCacheConfig")
+        prof = load_profile(self.profile, "BlockCacheConfig")
         _set(self, "profile", prof)
         change = prof.require("block_change", "BlockCacheConfig").tolist()  # host-read-ok: config construction
         _profile_steps(self, prof, "Block Caching")

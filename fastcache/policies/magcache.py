@@ -36,8 +36,9 @@ from typing import Any, ClassVar
 import torch
 
 from .. import ops
-from ..config import CacheConfig, _check_float, _check_int, _load_profile, _set, config_type, nearest_interp
+from ..config import CacheConfig, _check_float, _check_int, _set, config_type, nearest_interp
 from ..ops.reference import PREV_T, STEP
+from ..tuning.profile import load_profile
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy
 from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
 
@@ -101,7 +102,7 @@ class MagCacheConfig(CacheConfig):
                 "from fastcache.calibrate(model, run)); got " + ("both" if self.mag_ratios is not None else "neither")
             )
         if self.profile is not None:
-            prof = _load_profile(self.profile, "MagCacheConfig")
+            prof = load_profile(self.profile, "MagCacheConfig")
             _set(self, "profile", prof)
             curve = prof.require("mag_ratios", "MagCacheConfig").tolist()  # host-read-ok: config construction
         else:

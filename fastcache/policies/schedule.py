@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import ops
-from ..config import CacheConfig, _check_float, _check_int, _set, config_type
+from ..config import SCHEDULE_CODES, CacheConfig, _check_float, _check_int, _set, config_type
 from ..interior import run_blocks
 from ..ops.reference import STEP
 from ..tuning.profile import TimestepWatch
@@ -49,7 +49,6 @@ from .fora import _TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
 # --------------------------------------------------------------------------- config
-SCHEDULE_CODES = "C01234E"
 
 
 @config_type

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import SCHEDULE_CODES, CacheConfig
+
 FORMAT_VERSION = 3
 READABLE_FORMATS = ("1", "2", "3")  # format 1: no mag_ratios / block_change; 2: no step_gram / schedules
 GRANULARITIES = ("channel", "token")
@@ -269,8 +271,6 @@ class Profile:
                     f"{self._who()}: meta field 'timesteps' must hold {S} finite numbers (one per step of the "
                     f"{S}-step runs the prior was recorded over), got {ts!r}; calibrate again"
                 )
-        from ..policies.schedule import SCHEDULE_CODES
-
         for budget, entry in sorted(self.schedules.items()):
             plan = entry.get("plan")
             why = None
@@ -480,8 +480,6 @@ class Profile:
     def schedule(self, budget: int):
         """The :class:`fastcache.ScheduleConfig` searched for ``budget`` computed steps and
         stored in this profile (:meth:`fastcache.ScheduleSearchResult.store`)."""
-        from ..policies.schedule import ScheduleConfig
-
         if int(budget) not in self.schedules:
             have = sorted(self.schedules) or "none"
             raise KeyError(
@@ -490,7 +488,8 @@ class Profile:
             )
         self.validate()  # a schedule edited in memory since the load is checked as a stored one
         plan = self.schedules[int(budget)]["plan"]
-        return ScheduleConfig(plan=plan, profile=self if "E" in plan else None)
+        # through the config registry: the profile does not import the policies
+        return CacheConfig.from_dict({"kind": "schedule", "plan": plan, "profile": self if "E" in plan else None})
 
     def require(self, curve: str, method: str) -> torch.Tensor:
         """The calibrated curve ``curve`` ("mag_ratios" or "block_change"), or a clear error
@@ -562,3 +561,15 @@ class TimestepWatch:
 def _short(ts) -> str:
     ts = [round(float(v), 4) for v in ts]
     return "[" + ", ".join(f"{v:g}" for v in ts[:6]) + (", ..." if len(ts) > 6 else "") + f"] ({len(ts)} steps)"
+
+
+def load_profile(prof, owner: str):
+    """A :class:`fastcache.Profile` from a Profile or a path to a saved one."""
+    if isinstance(prof, (str, bytes)) or hasattr(prof, "__fspath__"):
+        prof = Profile.load(prof)
+    if not isinstance(prof, Profile):
+        raise ValueError(
+            f"{owner}.profile must be a fastcache.Profile (profile = fastcache.calibrate(model, run)) or a path to a "
+            f"saved one, got {type(prof).__name__}"
+        )
+    return prof
