@@ -63,7 +63,9 @@ def hold_flag(op: str, hold: torch.Tensor | None) -> None:
 
 def one_float32(op: str, name: str, t: torch.Tensor, what: str) -> None:
     if t.numel() != 1 or t.dtype != torch.float32:
-        raise ValueError(f"{op}: {name} must be a one-element torch.float32 tensor ({what}), got {t.dtype} {_shape(t)}")
+        raise ValueError(
+            f"{op}: {name} must be a one-element fp32 tensor (torch.float32, {what}), got {t.dtype} {_shape(t)}"
+        )
 
 
 def contiguous(op: str, name: str, t: torch.Tensor, why: str) -> None:
@@ -308,14 +310,17 @@ def check_taylor_update(history, f, dx, valid, store) -> None:
     op = "fastcache::taylor_update"
     _history(op, history, dx)
     if _shape(f) != _shape(history)[1:]:
-        raise ValueError(f"{op}: f must have the history's feature shape {_shape(history)[1:]}, got {_shape(f)}")
+        raise ValueError(
+            f"{op}: f has shape {_shape(f)} but the history holds {_shape(history)[1:]}; f must have the history's "
+            "feature shape"
+        )
     if f.dtype != history.dtype:
         raise TypeError(f"{op}: f must have the history's dtype {history.dtype}, got {f.dtype}")
     contiguous(op, "f", f, "fastcache.ops.taylor_update makes it so")
     one_float32(op, "valid", valid, "the orders the history holds")
     if store.numel() != 1 or store.dtype != torch.bool:
         raise ValueError(
-            f"{op}: store must be a 0-dim torch.bool tensor (the store flag of the step), got {store.dtype} "
+            f"{op}: store must be a 0-dim bool tensor (torch.bool, the store flag of the step), got {store.dtype} "
             f"{_shape(store)}"
         )
     same_device(op, "history", history, f=f, valid=valid, store=store)
