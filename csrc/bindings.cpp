@@ -106,6 +106,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_cpu_capabilities", &fastcache::cpu::supported_capabilities,
         "The compiled variants this CPU can run, lowest first.");
   m.attr("STATE_HEADER") = fastcache::state::HEADER;
+  m.attr("MAX_COEFFS") = fastcache::state::MAX_COEFFS;
+  m.attr("AUX_SIZE") = fastcache::aux::SIZE;
+  m.attr("AUX_INDEX") = py::dict(py::arg("AUX_REPEATS") = fastcache::aux::REPEATS,
+                                 py::arg("AUX_LAST_RUN_STEPS") = fastcache::aux::LAST_RUN_STEPS,
+                                 py::arg("AUX_RUN_LENGTH_MISMATCHES") = fastcache::aux::RUN_LENGTH_MISMATCHES,
+                                 py::arg("AUX_JITTER") = fastcache::aux::JITTER);
   m.attr("STATE_INDEX") =
       py::dict(py::arg("ACC") = fastcache::state::ACC, py::arg("STEP") = fastcache::state::STEP,
                py::arg("SKIPS") = fastcache::state::SKIPS, py::arg("PREV_T") = fastcache::state::PREV_T,

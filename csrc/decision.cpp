@@ -55,14 +55,16 @@ at::Tensor cache_decision(const at::Tensor& sums, const at::Tensor& timestep, co
   TORCH_CHECK(sums.dim() >= 1 && sums.size(-1) == 2, kOp,
               ": sums must have shape (B, 2) or (2,) (the output of the rel-L1 ops), got ", shape_str(sums.sizes()),
               ".");
+  TORCH_CHECK(sums.scalar_type() == at::kFloat, kOp, ": sums must have dtype torch.float32, got ",
+              dtype_str(sums.scalar_type()), ". Use sums.float() (fastcache.ops.cache_decision does it for you).");
   CHECK_CPU(timestep);
   TORCH_CHECK(timestep.numel() >= 1, kOp, ": timestep must hold at least one value, got shape ",
               shape_str(timestep.sizes()), ".");
+  TORCH_CHECK(!timestep.is_complex(), kOp, ": timestep must be real, got ", dtype_str(timestep.scalar_type()), ".");
   CHECK_CPU(coeffs);
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor*>{"sums", &sums}, {"timestep", &timestep}, {"coeffs", &coeffs}}) {
-    TORCH_CHECK(!t->is_complex(), kOp, ": ", name, " must be real, got ", dtype_str(t->scalar_type()), ".");
-  }
+  CHECK_DTYPE(coeffs, at::kFloat);
+  TORCH_CHECK(coeffs.dim() == 1 && coeffs.numel() <= MAX_COEFFS, kOp, ": coeffs must be a 1-D tensor of at most ",
+              MAX_COEFFS, " values (highest power first), got shape ", shape_str(coeffs.sizes()), ".");
 
   at::Tensor flag = at::empty({}, state.options().dtype(at::kBool));
   if (held) {
@@ -149,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> timestep_guard(const at::Tensor& timestep, co
   TORCH_CHECK(timestep.numel() >= 1, kOp, ": timestep must hold at least one value, got shape ",
               shape_str(timestep.sizes()), ".");
   TORCH_CHECK(!timestep.is_complex(), kOp, ": timestep must be real, got ", dtype_str(timestep.scalar_type()), ".");
+  TORCH_CHECK(rtol >= 0 && atol >= 0, kOp, ": rtol and atol must be >= 0, got rtol=", rtol, ", atol=", atol, ".");
 
   const at::Tensor work = state.is_contiguous() ? state : state.contiguous();  // read only
   const float* st = work.const_data_ptr<float>();

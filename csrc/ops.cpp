@@ -245,7 +245,8 @@ void check_out(const char* op, const at::Tensor& out, const at::Tensor& x,
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ", dtype_str(x.scalar_type()),
               ", got ", dtype_str(out.scalar_type()), ".");
   TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
-              ": out has overlapping elements (an expanded or self-overlapping view); pass a dense buffer.");
+              ": out has overlapping elements (an expanded or self-overlapping view: shape ", shape_str(out.sizes()),
+              ", strides ", shape_str(out.strides()), "); pass a dense buffer.");
   for (const auto& [name, t] : inputs) {
     if (t->numel() == 0 || out.numel() == 0) continue;
     // out IS the input (same start, same strides): an in-place update, element i read

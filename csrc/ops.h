@@ -10,14 +10,16 @@
 
 namespace fastcache {
 
-// Decision-state layout (fastcache/ops/reference.py; tests check the two agree).
+// Decision-state layout: the C++ copy of fastcache/ops/layout.py (the one Python
+// definition; tests/ops/test_contracts.py checks that the two agree).
 namespace state {
 constexpr int64_t ACC = 0, STEP = 1, SKIPS = 2, PREV_T = 3, RATIO = 4, RESCALED = 5, FLAG = 6, N_COMPUTED = 7,
                   N_SKIPPED = 8, N_RUNS = 9;
 constexpr int64_t HEADER = 16;
+constexpr int64_t MAX_COEFFS = 8;  // polynomial coefficients of cache_decision
 }  // namespace state
 
-// Sampling-run counters of timestep_guard (fastcache/ops/reference.py AUX_*).
+// Sampling-run counters of timestep_guard (fastcache/ops/layout.py AUX_*).
 namespace aux {
 constexpr int64_t REPEATS = 0, LAST_RUN_STEPS = 1, RUN_LENGTH_MISMATCHES = 2, JITTER = 3;
 constexpr int64_t SIZE = 4;

@@ -29,10 +29,14 @@ void check_history(const char* kOp, const at::Tensor& history, const at::Tensor&
   CHECK_FLOATING(history);
   CHECK_CPU(dx);
   TORCH_CHECK(history.dim() >= 2 && history.size(0) >= 1, kOp,
-              ": history must be (order+1, *feature_shape), got ", history.dim(), " dims.");
-  TORCH_CHECK(history.is_contiguous(), kOp, ": history must be contiguous (the device-resident Taylor state).");
+              ": history must be (order+1, *feature_shape) (at least 2-D), got shape ", shape_str(history.sizes()),
+              ".");
+  TORCH_CHECK(history.is_contiguous(), kOp,
+              ": history must be contiguous (the device-resident Taylor state, written in place), got strides ",
+              shape_str(history.strides()), ".");
   TORCH_CHECK(dx.numel() == 1 && dx.scalar_type() == c10::kFloat, kOp,
-              ": dx must be a one-element fp32 tensor (steps since the last computed step).");
+              ": dx must be a one-element torch.float32 tensor (steps since the last computed step), got ",
+              dtype_str(dx.scalar_type()), " ", shape_str(dx.sizes()), ".");
 }
 
 }  // namespace
@@ -83,11 +87,14 @@ void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Ten
               shape_str(history.sizes().slice(1)), ", got ", shape_str(f.sizes()), ".");
   TORCH_CHECK(f.scalar_type() == history.scalar_type(), kOp, ": f must have the history's dtype ",
               dtype_str(history.scalar_type()), ", got ", dtype_str(f.scalar_type()), ".");
-  TORCH_CHECK(f.is_contiguous(), kOp, ": f must be contiguous (fastcache.ops.taylor_update makes it so).");
+  TORCH_CHECK(f.is_contiguous(), kOp, ": f must be contiguous (fastcache.ops.taylor_update makes it so), got strides ",
+              shape_str(f.strides()), ".");
   TORCH_CHECK(valid.numel() == 1 && valid.scalar_type() == c10::kFloat, kOp,
-              ": valid must be a one-element fp32 tensor (the orders the history holds).");
+              ": valid must be a one-element torch.float32 tensor (the orders the history holds), got ",
+              dtype_str(valid.scalar_type()), " ", shape_str(valid.sizes()), ".");
   TORCH_CHECK(store.numel() == 1 && store.scalar_type() == c10::kBool, kOp,
-              ": store must be a 0-dim bool tensor (the store flag of the step).");
+              ": store must be a 0-dim torch.bool tensor (the store flag of the step), got ",
+              dtype_str(store.scalar_type()), " ", shape_str(store.sizes()), ".");
   // CPU scalars: plain loads, not a device sync.
   if (!*store.const_data_ptr<bool>()) return;
   const int64_t E = f.numel();

@@ -1,10 +1,10 @@
 """fastcache's Triton kernels (shipped as ``fastcache.kernels``).
 
 One file per op family, three layers in each: ``@triton.jit _<op>_kernel`` -> a
-launcher with the op's exact dispatcher-schema signature (checks shape, dtype,
-contiguity and device from metadata only, picks the grid, never reads a device value
-to the host) -> registration, done by :mod:`fastcache.ops._library` from
-:data:`LAUNCHERS` (CUDA; CPU too under ``FASTCACHE_BACKEND=triton`` with
+launcher with the op's exact dispatcher-schema signature (checks the op's contract,
+:mod:`fastcache.ops.contracts`, and Triton's own layout and device rules, from metadata
+only; picks the grid; never reads a device value to the host) -> registration, done by
+:mod:`fastcache.ops._library` from :data:`LAUNCHERS` (CUDA; CPU too under ``FASTCACHE_BACKEND=triton`` with
 ``TRITON_INTERPRET=1``).
 
 =========================  ===========================

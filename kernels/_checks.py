@@ -1,9 +1,10 @@
-"""Argument checks shared by the Triton launchers.
+"""Triton-specific argument checks and launch helpers shared by the launchers.
 
-Every check reads metadata only (shape, dtype, stride, device): a launcher never reads
-a device value back to the host. Messages name the argument, say what was wrong and how
-to fix it; the public wrappers in :mod:`fastcache.ops` normalise most inputs already,
-so these fire when a launcher is called directly or through the raw dispatcher op.
+Each op's argument contract (shapes, dtypes, devices, out rules, the decision-state
+layout) is :mod:`fastcache.ops.contracts`, which every launcher calls first. What is
+checked here is Triton's own: the device (CUDA, or CPU under the interpreter) and the
+layouts the kernels address through flat offsets. Metadata only: a launcher never
+reads a device value back to the host.
 """
 
 from __future__ import annotations
@@ -13,48 +14,22 @@ import struct
 import torch
 import triton
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOATS:
-        raise TypeError(
-            f"{op}: {name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}"
-        )
-
 
 def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(
-            f"{op}: {name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); "
-            f"pass {name}.contiguous(), or call fastcache.ops.{op}, which does it for you"
+            f"{op}: {name} must be contiguous for the Triton kernel (shape {tuple(t.shape)}, strides {t.stride()}); "
+            f"pass {name}.contiguous(), or call fastcache.ops.{op.split('::')[-1]}, which does it for you"
         )
 
 
-def check_devices(
-    op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None
-) -> None:
-    """All tensors on ``ref``'s device, and that device one Triton can run on."""
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(
-                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move it to {ref.device}"
-            )
+def check_triton_device(op: str, ref_name: str, ref: torch.Tensor) -> None:
+    """``ref``'s device is one Triton can run on (the contract has put every tensor there)."""
     if ref.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise RuntimeError(
             f"{op}: the Triton kernels run on CUDA tensors, got {ref_name} on {ref.device}. On CPU use the "
             "C++ or eager backend (FASTCACHE_BACKEND=cpp|eager), or set TRITON_INTERPRET=1 before "
             "anything imports triton to run the kernels in Triton's interpreter."
-        )
-
-
-def check_hold(op: str, hold: torch.Tensor | None) -> None:
-    """``hold`` is None or one bool value (timestep_guard's repeat flag); metadata only:
-    the kernel loads the value itself."""
-    if hold is not None and (hold.dtype != torch.bool or hold.numel() != 1):
-        raise ValueError(
-            f"{op}: hold must be a 0-dim bool tensor (the repeat flag from timestep_guard), got "
-            f"{hold.dtype} {tuple(hold.shape)}"
         )
 
 
@@ -119,22 +94,3 @@ def dims3(t: torch.Tensor) -> tuple[int, int, int]:
         return (1, 1, 1)
     D = t.shape[-1]
     return (1, t.numel() // D if D else 0, D)
-
-
-def check_out(op: str, out: torch.Tensor, like: torch.Tensor, **inputs: torch.Tensor) -> None:
-    """``out`` has the shape and dtype of ``like`` (x) and is either one of ``inputs`` exactly (in
-    place: same storage offset and strides) or disjoint from them (metadata only)."""
-    if out.shape != like.shape or out.dtype != like.dtype:
-        raise ValueError(
-            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, "
-            f"got {tuple(out.shape)} {out.dtype}"
-        )
-    for name, t in inputs.items():
-        if t.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
-            continue
-        if t.data_ptr() == out.data_ptr() and t.stride() == out.stride():
-            continue
-        raise ValueError(
-            f"{op}: out shares memory with {name} but is not {name} itself (different offset or strides); "
-            f"pass out={name} for an in-place update, or a separate buffer"
-        )

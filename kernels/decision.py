@@ -3,7 +3,7 @@
 TeaCache (Liu et al., arXiv 2411.19108, Sec. 3.3; docs/methods.md): ``d_s = sum num /
 sum den``, ``A <- A + poly(d_s)``, compute iff a step is forced or ``A >= threshold``.
 Everything happens on the device on a flat fp32 ``state`` (layout: the table in
-:mod:`fastcache.ops.reference`, hard-coded below and checked against it by the tests);
+:mod:`fastcache.ops.layout`, whose numbers the kernels read as ``tl.constexpr`` globals);
 the launcher never reads a value back to the host, so a sampling loop can decide,
 branch (``torch.cond``) and record its history without a single synchronisation.
 
@@ -25,19 +25,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Launch, check_contiguous, check_devices, check_hold, to_fp32
+from fastcache.ops import contracts, layout
 
-# Layout of the state (fastcache.ops.reference; kept in sync by tests/ops/test_triton.py).
-ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG = range(7)
-N_COMPUTED, N_SKIPPED, N_RUNS = 7, 8, 9
-STATE_HEADER = 16
-MAX_COEFFS = 8
-AUX_SIZE = 4  # timestep_guard's counters: REPEATS, LAST_RUN_STEPS, RUN_LENGTH_MISMATCHES, JITTER
+from ._checks import Launch, check_contiguous, check_triton_device, to_fp32
 
 # FMA contraction would change the Horner bits vs the reference: never fuse here.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
-_HEADER: tl.constexpr = tl.constexpr(STATE_HEADER)  # a global a jit function may read
+# The state and aux layouts (fastcache/ops/layout.py) as globals a jit function may read.
+_HEADER: tl.constexpr = tl.constexpr(layout.STATE_HEADER)
+_ACC: tl.constexpr = tl.constexpr(layout.ACC)
+_STEP: tl.constexpr = tl.constexpr(layout.STEP)
+_SKIPS: tl.constexpr = tl.constexpr(layout.SKIPS)
+_PREV_T: tl.constexpr = tl.constexpr(layout.PREV_T)
+_RATIO: tl.constexpr = tl.constexpr(layout.RATIO)
+_RESCALED: tl.constexpr = tl.constexpr(layout.RESCALED)
+_FLAG: tl.constexpr = tl.constexpr(layout.FLAG)
+_N_COMPUTED: tl.constexpr = tl.constexpr(layout.N_COMPUTED)
+_N_SKIPPED: tl.constexpr = tl.constexpr(layout.N_SKIPPED)
+_N_RUNS: tl.constexpr = tl.constexpr(layout.N_RUNS)
+_AUX_REPEATS: tl.constexpr = tl.constexpr(layout.AUX_REPEATS)
+_AUX_LAST_RUN_STEPS: tl.constexpr = tl.constexpr(layout.AUX_LAST_RUN_STEPS)
+_AUX_RUN_LENGTH_MISMATCHES: tl.constexpr = tl.constexpr(layout.AUX_RUN_LENGTH_MISMATCHES)
+_AUX_JITTER: tl.constexpr = tl.constexpr(layout.AUX_JITTER)
 
 
 @triton.jit
@@ -68,13 +78,13 @@ def _cache_decision_kernel(
     else:
         keep = tl.full([], 1, tl.int1)
     t = tl.load(t_ptr).to(tl.float32)
-    acc_prev = tl.load(state_ptr + 0)  # ACC
-    step = tl.load(state_ptr + 1)  # STEP
-    skips = tl.load(state_ptr + 2)  # SKIPS
-    prev_t = tl.load(state_ptr + 3)  # PREV_T
-    n_computed = tl.load(state_ptr + 7)  # N_COMPUTED
-    n_skipped = tl.load(state_ptr + 8)  # N_SKIPPED
-    n_runs = tl.load(state_ptr + 9)  # N_RUNS
+    acc_prev = tl.load(state_ptr + _ACC)
+    step = tl.load(state_ptr + _STEP)
+    skips = tl.load(state_ptr + _SKIPS)
+    prev_t = tl.load(state_ptr + _PREV_T)
+    n_computed = tl.load(state_ptr + _N_COMPUTED)
+    n_skipped = tl.load(state_ptr + _N_SKIPPED)
+    n_runs = tl.load(state_ptr + _N_RUNS)
 
     # Diffusers' timesteps fall within a run: a rise means the sampler restarted.
     new_run = t > prev_t
@@ -119,16 +129,16 @@ def _cache_decision_kernel(
     tl.store(hist + H, acc, mask=inside)
     tl.store(hist + 2 * H, cf, mask=inside)
 
-    tl.store(state_ptr + 0, tl.where(compute, 0.0, acc), mask=keep)
-    tl.store(state_ptr + 1, step + 1.0, mask=keep)
-    tl.store(state_ptr + 2, tl.where(compute, 0.0, skips + 1.0), mask=keep)
-    tl.store(state_ptr + 3, t, mask=keep)
-    tl.store(state_ptr + 4, ratio, mask=keep)
-    tl.store(state_ptr + 5, rescaled, mask=keep)
-    tl.store(state_ptr + 6, cf, mask=keep)
-    tl.store(state_ptr + 7, n_computed + cf, mask=keep)
-    tl.store(state_ptr + 8, n_skipped + (1.0 - cf), mask=keep)
-    tl.store(state_ptr + 9, n_runs, mask=keep)
+    tl.store(state_ptr + _ACC, tl.where(compute, 0.0, acc), mask=keep)
+    tl.store(state_ptr + _STEP, step + 1.0, mask=keep)
+    tl.store(state_ptr + _SKIPS, tl.where(compute, 0.0, skips + 1.0), mask=keep)
+    tl.store(state_ptr + _PREV_T, t, mask=keep)
+    tl.store(state_ptr + _RATIO, ratio, mask=keep)
+    tl.store(state_ptr + _RESCALED, rescaled, mask=keep)
+    tl.store(state_ptr + _FLAG, cf, mask=keep)
+    tl.store(state_ptr + _N_COMPUTED, n_computed + cf, mask=keep)
+    tl.store(state_ptr + _N_SKIPPED, n_skipped + (1.0 - cf), mask=keep)
+    tl.store(state_ptr + _N_RUNS, n_runs, mask=keep)
     tl.store(flag_ptr, compute | (keep == 0))
 
 
@@ -139,9 +149,9 @@ def _timestep_guard_kernel(
     """fastcache.ops.reference.timestep_guard as one program: fp32 scalar math in the
     reference's order (tol = scale * rtol + atol, two roundings: launched without FMA)."""
     t0 = tl.load(t_ptr).to(tl.float32)
-    step = tl.load(state_ptr + 1)  # STEP
-    prev_t = tl.load(state_ptr + 3)  # PREV_T
-    n_runs = tl.load(state_ptr + 9)  # N_RUNS
+    step = tl.load(state_ptr + _STEP)
+    prev_t = tl.load(state_ptr + _PREV_T)
+    n_runs = tl.load(state_ptr + _N_RUNS)
     seen = tl.abs(prev_t) < float("inf")  # isfinite (False for NaN too)
     scale = tl.maximum(tl.abs(t0), tl.abs(tl.where(seen, prev_t, 0.0)))
     tol = scale * rtol + atol
@@ -151,12 +161,13 @@ def _timestep_guard_kernel(
     new_run = (seen == 0) | (diff > tol)
     jitter = same & (diff != 0.0)
     ended = new_run & (n_runs > 0.0)
-    tl.store(aux_ptr + 0, tl.load(aux_ptr + 0) + tl.where(rep, 1.0, 0.0))  # AUX_REPEATS
-    tl.store(aux_ptr + 1, tl.where(ended, step, tl.load(aux_ptr + 1)))  # AUX_LAST_RUN_STEPS
+    tl.store(aux_ptr + _AUX_REPEATS, tl.load(aux_ptr + _AUX_REPEATS) + tl.where(rep, 1.0, 0.0))
+    tl.store(aux_ptr + _AUX_LAST_RUN_STEPS, tl.where(ended, step, tl.load(aux_ptr + _AUX_LAST_RUN_STEPS)))
     if HAS_NUM_STEPS:
         mismatch = ended & (step != num_steps)
-        tl.store(aux_ptr + 2, tl.load(aux_ptr + 2) + tl.where(mismatch, 1.0, 0.0))  # AUX_RUN_LENGTH_MISMATCHES
-    tl.store(aux_ptr + 3, tl.load(aux_ptr + 3) + tl.where(jitter, 1.0, 0.0))  # AUX_JITTER
+        n_mismatch = tl.load(aux_ptr + _AUX_RUN_LENGTH_MISMATCHES)
+        tl.store(aux_ptr + _AUX_RUN_LENGTH_MISMATCHES, n_mismatch + tl.where(mismatch, 1.0, 0.0))
+    tl.store(aux_ptr + _AUX_JITTER, tl.load(aux_ptr + _AUX_JITTER) + tl.where(jitter, 1.0, 0.0))
     tl.store(t_op_ptr, tl.where(same, prev_t, t0))
     tl.store(hold_ptr, rep)
 
@@ -179,37 +190,17 @@ def cache_decision(
 
     sums ``(B, 2)`` or ``(2,)`` fp32; timestep: any shape, element 0 is read on the
     device (int timesteps are cast to fp32 on the device first); coeffs ``(K,)`` fp32,
-    ``K <= 8``; state 1-D fp32 from ``fastcache.ops.new_state``; hold ``None`` or a one-value
+    ``K <= MAX_COEFFS``; state 1-D fp32 from ``fastcache.ops.new_state``; hold ``None`` or a one-value
     bool (loaded by the kernel: set = state untouched, True returned). Returns a 0-dim bool
     on the state's device (True = compute). See :func:`fastcache.ops.reference.cache_decision`.
     """
-    op = "cache_decision"
-    if sums.dtype != torch.float32 or sums.dim() < 1 or sums.shape[-1] != 2:
-        raise ValueError(
-            f"{op}: sums must be fp32 (B, 2) or (2,), got {sums.dtype} {tuple(sums.shape)}; use sums.float()"
-        )
-    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
-        raise ValueError(
-            f"{op}: state must be a 1-D fp32 tensor from fastcache.ops.new_state(), got "
-            f"{state.dtype} {tuple(state.shape)}"
-        )
-    if (
-        coeffs.dtype != torch.float32
-        or coeffs.dim() != 1
-        or coeffs.numel() > MAX_COEFFS
-    ):
-        raise ValueError(
-            f"{op}: coeffs must be a 1-D fp32 tensor of at most {MAX_COEFFS} values (highest power "
-            f"first), got {coeffs.dtype} {tuple(coeffs.shape)}"
-        )
-    if timestep.numel() < 1:
-        raise ValueError(
-            f"{op}: timestep must hold at least one value, got shape {tuple(timestep.shape)}"
-        )
+    op = "fastcache::cache_decision"
+    contracts.check_cache_decision(
+        sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold, accumulate
+    )
     for name, t in (("sums", sums), ("coeffs", coeffs), ("state", state)):
-        check_contiguous(op, name, t)
-    check_devices(op, "state", state, sums=sums, timestep=timestep, coeffs=coeffs, hold=hold)
-    check_hold(op, hold)
+        check_contiguous(op, name, t)  # read and written through flat offsets
+    check_triton_device(op, "state", state)
     launch, flag = plan_cache_decision(
         sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold, accumulate
     )
@@ -227,7 +218,7 @@ def plan_cache_decision(
     # element 0 of any-strided timestep: data_ptr() is the address of index (0, ..., 0)
     flag = torch.empty((), dtype=torch.bool, device=state.device)
     B = sums.numel() // 2
-    H = (state.numel() - STATE_HEADER) // 3
+    H = layout.history_len(state.numel())
     args = (
         sums, timestep, coeffs, state, flag, B, coeffs.numel(), H, to_fp32(threshold), max(int(warmup), 1),
         int(num_steps) - 1, int(max_skips), int(int(num_steps) > 0), int(int(max_skips) > 0), int(threshold <= 0),
@@ -248,22 +239,10 @@ def timestep_guard(
     ``(t_op (1,) fp32, hold 0-dim bool)`` on the state's device. See
     :func:`fastcache.ops.reference.timestep_guard`.
     """
-    op = "timestep_guard"
-    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
-        raise ValueError(
-            f"{op}: state must be a 1-D fp32 tensor from fastcache.ops.new_state(), got "
-            f"{state.dtype} {tuple(state.shape)}"
-        )
-    if aux.dtype != torch.float32 or aux.dim() != 1 or aux.numel() < AUX_SIZE:
-        raise ValueError(
-            f"{op}: aux must be a 1-D fp32 tensor of {AUX_SIZE} counters from fastcache.ops.new_aux(), got "
-            f"{aux.dtype} {tuple(aux.shape)}"
-        )
-    if timestep.numel() < 1:
-        raise ValueError(f"{op}: timestep must hold at least one value, got shape {tuple(timestep.shape)}")
-    for name, t in (("state", state), ("aux", aux)):
-        check_contiguous(op, name, t)
-    check_devices(op, "state", state, aux=aux, timestep=timestep)
+    op = "fastcache::timestep_guard"
+    contracts.check_timestep_guard(timestep, state, aux, rtol, atol, num_steps)
+    check_contiguous(op, "state", state)  # read through flat offsets
+    check_triton_device(op, "state", state)
     launch, t_op, hold = plan_timestep_guard(timestep, state, aux, rtol, atol, num_steps)
     launch.run()
     return t_op, hold

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Launch, acc_is_fp64, check_devices, check_float, check_out, next_pow2
+from fastcache.ops import contracts
+
+from ._checks import Launch, acc_is_fp64, check_contiguous, check_triton_device, next_pow2
 from .residual import _tile_offsets
 
 _TILE = 4096
@@ -63,26 +65,12 @@ def _gated_residual_kernel(
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(op, x, gate, cached, trend):
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be (B, N, D), got shape {tuple(x.shape)}")
-    B, N, D = x.shape
-    named = [("x", x), ("gate", gate), ("cached", cached)] + ([("trend", trend)] if trend is not None else [])
-    for name, t in named:
-        check_float(op, name, t)
-    if cached.shape != x.shape:
-        raise ValueError(f"{op}: cached must match x's shape {tuple(x.shape)}, got {tuple(cached.shape)}")
-    if tuple(gate.shape) != (B, D):
-        raise ValueError(
-            f"{op}: gate must be (B, D) = {(B, D)}, got {tuple(gate.shape)}; "
-            f"fastcache.ops.gated_residual broadcasts (1, D), (D,) and (B, 1, D) for you"
-        )
-    if trend is not None and tuple(trend.shape) not in ((N, D), (1, N, D), (D,)):
-        raise ValueError(f"{op}: trend must be (N, D) = {(N, D)} or (D,) = {(D,)}, got {tuple(trend.shape)}")
+def _check_triton(op, x, gate, trend):
+    """Triton's own rules on top of the contract: gate and trend are read through flat offsets."""
     for name, t in (("gate", gate), ("trend", trend)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{op}: {name} must be contiguous (it is small); pass {name}.contiguous()")
-    check_devices(op, "x", x, gate=gate, cached=cached, trend=trend)
+        if t is not None:
+            check_contiguous(op, name, t)
+    check_triton_device(op, "x", x)
 
 
 def plan_gated_residual(x, gate, cached, trend, w, out) -> Launch:
@@ -115,7 +103,8 @@ def gated_residual(
     ``(D,)`` (contiguous). Returns ``torch.empty_like(x)`` filled.
     See :func:`fastcache.ops.reference.gated_residual`.
     """
-    _check("gated_residual", x, gate, cached, trend)
+    contracts.check_gated_residual(x, gate, cached, trend, w)
+    _check_triton("fastcache::gated_residual", x, gate, trend)
     out = torch.empty_like(x)
     if x.numel():
         plan_gated_residual(x, gate, cached, trend, w, out).run()
@@ -132,10 +121,7 @@ def gated_residual_out(
 ) -> None:
     """Schema ``gated_residual_out(Tensor x, Tensor gate, Tensor cached, Tensor? trend, float w,
     Tensor(a!) out) -> ()``: :func:`gated_residual` into ``out`` (may be ``x``: in place)."""
-    op = "gated_residual_out"
-    _check(op, x, gate, cached, trend)
-    check_float(op, "out", out)
-    check_out(op, out, x, x=x, cached=cached)
-    check_devices(op, "x", x, out=out)
+    contracts.check_gated_residual_out(x, gate, cached, trend, w, out)
+    _check_triton("fastcache::gated_residual_out", x, gate, trend)
     if x.numel():
         plan_gated_residual(x, gate, cached, trend, w, out).run()

@@ -27,16 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    Launch,
-    acc_is_fp64,
-    check_contiguous,
-    check_devices,
-    check_float,
-    check_hold,
-    next_pow2,
-    sums_dtype,
-)
+from fastcache.ops import contracts
+
+from ._checks import Launch, acc_is_fp64, check_contiguous, check_triton_device, next_pow2, sums_dtype
 from ._partials import finish_sums
 
 # Whole rows live in one tile; 16384 channels covers every DiT we know of (FLUX 3072,
@@ -127,28 +120,12 @@ def modulated_rel_l1_sums(
     Returns ``(B, 2)`` fp32 (fp64 for fp64 x) and writes ``prev`` in place.
     See :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
     """
-    op = "modulated_rel_l1_sums"
-    if x.dim() != 3:
-        raise ValueError(
-            f"{op}: x must be (B, N, D) hidden states, got shape {tuple(x.shape)}"
-        )
+    op = "fastcache::modulated_rel_l1_sums"
+    contracts.check_modulated_rel_l1_sums(x, shift, scale, eps, prev, hold)
     B, N, D = x.shape
-    for name, t in (("x", x), ("shift", shift), ("scale", scale), ("prev", prev)):
-        check_float(op, name, t)
-    if prev.shape != x.shape:
-        raise ValueError(
-            f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
-        )
-    for name, t in (("shift", shift), ("scale", scale)):
-        if tuple(t.shape) != (B, D):
-            raise ValueError(
-                f"{op}: {name} must be (B, D) = {(B, D)}, got {tuple(t.shape)}; "
-                f"fastcache.ops.{op} broadcasts (1, D), (D,) and (B, 1, D) for you"
-            )
     for name, t in (("shift", shift), ("scale", scale), ("prev", prev)):
-        check_contiguous(op, name, t)
-    check_devices(op, "x", x, shift=shift, scale=scale, prev=prev, hold=hold)
-    check_hold(op, hold)
+        check_contiguous(op, name, t)  # read / written through flat offsets
+    check_triton_device(op, "x", x)
     if D > MAX_D:
         raise ValueError(
             f"{op}: D={D} channels exceeds the Triton kernel's whole-row tile ({MAX_D}); "

@@ -21,17 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import (
-    Launch,
-    acc_is_fp64,
-    check_contiguous,
-    check_devices,
-    check_float,
-    check_hold,
-    next_pow2,
-    sums_dtype,
-    view3,
-)
+from fastcache.ops import contracts
+
+from ._checks import Launch, acc_is_fp64, check_contiguous, check_triton_device, next_pow2, sums_dtype, view3
 from ._partials import finish_sums
 
 _BLOCK_MAX = 4096
@@ -90,20 +82,10 @@ def rel_l1_sums(
     last dim; otherwise copied), prev contiguous; any float dtype each. Returns ``(B, 2)``
     fp32 (fp64 for fp64 x). See :func:`fastcache.ops.reference.rel_l1_sums`.
     """
-    op = "rel_l1_sums"
-    if x.dim() < 1:
-        raise ValueError(
-            f"{op}: x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)"
-        )
-    check_float(op, "x", x)
-    check_float(op, "prev", prev)
-    if prev.shape != x.shape:
-        raise ValueError(
-            f"{op}: prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}"
-        )
-    check_contiguous(op, "prev", prev)
-    check_devices(op, "x", x, prev=prev, hold=hold)
-    check_hold(op, hold)
+    op = "fastcache::rel_l1_sums"
+    contracts.check_rel_l1_sums(x, prev, write_prev, hold)
+    check_contiguous(op, "prev", prev)  # written through flat offsets
+    check_triton_device(op, "x", x)
     B = x.shape[0]
     if B == 0:
         return torch.empty((0, 2), dtype=sums_dtype(x), device=x.device)

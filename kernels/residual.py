@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Launch, acc_is_fp64, check_devices, check_float, check_out, dims3, next_pow2, view3
+from fastcache.ops import contracts
+
+from ._checks import Launch, acc_is_fp64, check_triton_device, dims3, next_pow2, view3
 
 _TILE = 4096
 _BLOCK_D_MAX = 1024
@@ -75,12 +77,6 @@ def _store_residual_kernel(
     tl.store(r_ptr + r_offs, (out - x_in).to(r_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_same_shape(op: str, names: tuple[str, ...], *tensors: torch.Tensor) -> None:
-    if any(t.shape != tensors[0].shape for t in tensors):
-        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
-        raise ValueError(f"{op}: {shapes} must have one shape (the cached residual has x's shape)")
-
-
 def _tiles(B: int, N: int, D: int) -> tuple[tuple[int, int], dict]:
     BLOCK_D = min(next_pow2(D), _BLOCK_D_MAX)
     BLOCK_R = max(1, min(next_pow2(B * N), _TILE // BLOCK_D))
@@ -93,7 +89,10 @@ def plan_apply_residual(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> 
     B, N, D = dims3(x)
     x3, r3, o3 = (view3(t, (B, N, D)) for t in (x, r, out))
     if o3.data_ptr() != out.data_ptr():  # view3 had to copy: writes would be lost
-        raise ValueError("apply_residual: out must be viewable as (B, N, D); pass a contiguous buffer")
+        raise ValueError(
+            f"fastcache::apply_residual_out: out (shape {tuple(out.shape)}, strides {out.stride()}) must be "
+            "viewable as (B, N, D) for the Triton kernel; pass a contiguous buffer"
+        )
     grid, tiles = _tiles(B, N, D)
     args = (x3, r3, o3, B * N, N, D, *x3.stride(), *r3.stride(), *o3.stride())
     return Launch(_apply_residual_kernel, grid, args, dict(tiles, ACC_FP64=acc_is_fp64(x)), {"num_warps": 8})
@@ -108,20 +107,14 @@ def plan_store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tenso
     return Launch(_store_residual_kernel, grid, args, dict(tiles, ACC_FP64=acc_is_fp64(out)), {"num_warps": 8})
 
 
-def _check_apply(op: str, x: torch.Tensor, r: torch.Tensor) -> None:
-    for name, t in (("x", x), ("r", r)):
-        check_float(op, name, t)
-    _check_same_shape(op, ("x", "r"), x, r)
-    check_devices(op, "x", x, r=r)
-
-
 def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Schema ``apply_residual(Tensor x, Tensor r) -> Tensor``: ``x + r`` in ``x.dtype``.
 
     x, r: one shape, any strides, any float dtypes. Returns ``torch.empty_like(x)``
     filled. See :func:`fastcache.ops.reference.apply_residual`.
     """
-    _check_apply("apply_residual", x, r)
+    contracts.check_apply_residual(x, r)
+    check_triton_device("fastcache::apply_residual", "x", x)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
@@ -137,11 +130,8 @@ def apply_residual_out(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> N
     ``out <- x + r``; out: x's shape and dtype, any strides viewable as (B, N, D); may be
     ``x`` or ``r`` (in place), must not partially overlap them.
     """
-    op = "apply_residual_out"
-    _check_apply(op, x, r)
-    check_float(op, "out", out)
-    check_out(op, out, x, x=x, r=r)
-    check_devices(op, "x", x, out=out)
+    contracts.check_apply_residual_out(x, r, out)
+    check_triton_device("fastcache::apply_residual_out", "x", x)
     if x.numel():
         plan_apply_residual(x, r, out).run()
 
@@ -153,19 +143,15 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     dtype: nonzero = set) is set, read on the device. out, x_in, r: one shape, any
     strides. See :func:`fastcache.ops.reference.store_residual`.
     """
-    op = "store_residual"
-    for name, t in (("out", out), ("x_in", x_in), ("r", r)):
-        check_float(op, name, t)
-    _check_same_shape(op, ("out", "x_in", "r"), out, x_in, r)
-    if flag.numel() != 1:
-        raise ValueError(
-            f"{op}: flag must be the one-element decision flag (0-dim bool from cache_decision), "
-            f"got shape {tuple(flag.shape)}"
-        )
-    check_devices(op, "r", r, out=out, x_in=x_in, flag=flag)
+    op = "fastcache::store_residual"
+    contracts.check_store_residual(out, x_in, flag, r)
+    check_triton_device(op, "r", r)
     if r.numel() == 0:
         return
     r3 = view3(r, dims3(out))
     if r3.data_ptr() != r.data_ptr():  # view3 had to copy: writes would be lost
-        raise ValueError(f"{op}: r must be viewable as (B, N, D) (it is written in place); pass a contiguous r")
+        raise ValueError(
+            f"{op}: r (shape {tuple(r.shape)}, strides {r.stride()}) must be viewable as (B, N, D) for the Triton "
+            "kernel (it is written in place); pass a contiguous r"
+        )
     plan_store_residual(out, x_in, flag, r).run()

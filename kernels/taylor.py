@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Launch, acc_is_fp64, check_devices, check_float
+from fastcache.ops import contracts
+
+from ._checks import Launch, acc_is_fp64, check_triton_device
 
 _BLOCK = 1024
 
@@ -68,18 +70,6 @@ def _taylor_update_kernel(
             d = tl.where(nv > k, (d - old) / x, 0.0)
 
 
-def _check(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
-    check_float(op, "history", history)
-    if history.dim() < 2 or not history.is_contiguous():
-        raise ValueError(
-            f"{op}: history must be a contiguous (order+1, *feature_shape) tensor, got shape "
-            f"{tuple(history.shape)} strides {history.stride()}"
-        )
-    if dx.numel() != 1 or dx.dtype != torch.float32:
-        raise ValueError(f"{op}: dx must be a one-element fp32 tensor, got {dx.dtype} {tuple(dx.shape)}")
-    check_devices(op, "history", history, dx=dx)
-
-
 def plan_taylor_forecast(history: torch.Tensor, dx: torch.Tensor, out: torch.Tensor) -> Launch:
     """The launch of ``out <- sum_k history[k] dx^k / k!`` (checked arguments, numel > 0)."""
     E = out.numel()
@@ -103,7 +93,8 @@ def plan_taylor_update(
 def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Schema ``taylor_forecast(Tensor history, Tensor dx) -> Tensor``; see
     :func:`fastcache.ops.reference.taylor_forecast`. Returns ``(*S)`` in history's dtype."""
-    _check("taylor_forecast", history, dx)
+    contracts.check_taylor_forecast(history, dx)
+    check_triton_device("fastcache::taylor_forecast", "history", history)
     out = torch.empty(history.shape[1:], dtype=history.dtype, device=history.device)
     if out.numel():
         plan_taylor_forecast(history, dx, out).run()
@@ -115,18 +106,7 @@ def taylor_update(
 ) -> None:
     """Schema ``taylor_update(Tensor(a!) history, Tensor f, Tensor dx, Tensor valid, Tensor store) -> ()``;
     see :func:`fastcache.ops.reference.taylor_update`. f: contiguous, history's feature shape."""
-    op = "taylor_update"
-    _check(op, history, dx)
-    check_float(op, "f", f)
-    if tuple(f.shape) != tuple(history.shape[1:]) or not f.is_contiguous():
-        raise ValueError(
-            f"{op}: f must be contiguous with the history's feature shape {tuple(history.shape[1:])}, got "
-            f"{tuple(f.shape)} strides {f.stride()}"
-        )
-    if valid.numel() != 1 or valid.dtype != torch.float32:
-        raise ValueError(f"{op}: valid must be a one-element fp32 tensor, got {valid.dtype} {tuple(valid.shape)}")
-    if store.numel() != 1 or store.dtype != torch.bool:
-        raise ValueError(f"{op}: store must be a 0-dim bool tensor, got {store.dtype} {tuple(store.shape)}")
-    check_devices(op, "history", history, f=f, valid=valid, store=store)
+    contracts.check_taylor_update(history, f, dx, valid, store)
+    check_triton_device("fastcache::taylor_update", "history", history)
     if f.numel():
         plan_taylor_update(history, f, dx, valid, store).run()

@@ -1,11 +1,12 @@
 """fastcache's fused ops: the public Python entry points.
 
-Each function checks its arguments from metadata only (shapes, dtypes, devices: no
-value is read from the device), normalises broadcastable shapes, and calls the
-dispatcher op ``torch.ops.fastcache.<name>``, which runs the C++ kernel on CPU, the
-Triton kernel on CUDA, or the eager reference (:mod:`fastcache.ops.reference`).
-Inputs may have any strides (read in place, not copied); buffers written in place
-(``prev``, ``r``) must be contiguous. ``apply_residual`` and ``gated_residual`` take
+Each function normalises broadcastable shapes, checks the op's argument contract
+(:mod:`fastcache.ops.contracts`: metadata only, no value is read from the device;
+the residual ops leave it to the op itself) and calls the dispatcher op
+``torch.ops.fastcache.<name>``, which runs the C++ kernel on CPU, the Triton kernel on
+CUDA, or the eager reference (:mod:`fastcache.ops.reference`). Inputs may have any
+strides (read in place, not copied); the Triton kernels also need the buffers they
+write in place (``prev``, ``r``) contiguous. ``apply_residual`` and ``gated_residual`` take
 ``out=`` to write a buffer the caller keeps (``out=x`` updates x in place).
 
 Example::
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _library, reference
+from . import _library, contracts, reference
 from ._library import BACKEND, SCHEMAS
-from .reference import (
+from .layout import (
     AUX_JITTER,
     AUX_LAST_RUN_STEPS,
     AUX_REPEATS,
@@ -35,10 +36,8 @@ from .reference import (
     STATE_HEADER,
     TIMESTEP_ATOL,
     TIMESTEP_RTOL,
-    history_len,
-    new_aux,
-    new_state,
 )
+from .reference import history_len, new_aux, new_state
 
 __all__ = [
     "AUX_JITTER",
@@ -54,6 +53,7 @@ __all__ = [
     "TIMESTEP_RTOL",
     "apply_residual",
     "cache_decision",
+    "contracts",
     "gated_residual",
     "history_len",
     "modulated_rel_l1_sums",
@@ -70,8 +70,8 @@ __all__ = [
 
 _ops = torch.ops.fastcache
 # The residual ops are called once per block (or stack) per step: their wrappers are
-# kept minimal. Shape, dtype and overlap checks live in the ops themselves (C++, Triton
-# and the reference all raise on them), and in eager mode the wrappers call the
+# kept minimal. Their contract (shape, dtype, device, overlap) is checked by the ops
+# themselves (C++; Triton and the reference call fastcache.ops.contracts), and in eager mode the wrappers call the
 # OpOverload's dispatcher entry (``OpOverload._op``, what ``OpOverload.__call__`` itself
 # calls: the same dispatcher path, minus one Python frame). Measured with cold caches on
 # a DiT-XL/2 256px tensor, that frame and the wrapper's former checks cost 5-10 us of a
@@ -103,20 +103,7 @@ def _compiled_layout(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if _dynamo_compiling() else t
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor (fp32/fp16/bf16/fp64), got {t.dtype}")
-
-
-def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}; move it to {ref.device}")
-
-
-def _per_sample_vec(name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
+def _per_sample_vec(op: str, name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
     """Accept (B, D), (B, 1, D), (1, D), (D,) modulation vectors; return contiguous (B, D)."""
     if v.dim() == 3 and v.shape[1] == 1:
         v = v[:, 0]
@@ -124,21 +111,10 @@ def _per_sample_vec(name: str, v: torch.Tensor, B: int, D: int) -> torch.Tensor:
         v = v[None]
     if v.dim() != 2 or v.shape[-1] != D or v.shape[0] not in (1, B):
         raise ValueError(
-            f"{name} must have shape (B, D), (B, 1, D), (1, D) or (D,) with B={B}, D={D}; got {tuple(v.shape)}"
+            f"fastcache.ops.{op}: {name} must have shape (B, D), (B, 1, D), (1, D) or (D,) with B={B}, D={D}; "
+            f"got {tuple(v.shape)}"
         )
     return v.expand(B, D).contiguous()
-
-
-def _check_hold(hold: torch.Tensor | None, ref: torch.Tensor) -> None:
-    if hold is None:
-        return
-    if hold.dtype != torch.bool or hold.numel() != 1:
-        raise ValueError(
-            f"hold must be a 0-dim bool tensor (the second output of timestep_guard), got {hold.dtype} "
-            f"{tuple(hold.shape)}"
-        )
-    if hold.device != ref.device:
-        raise ValueError(f"hold is on {hold.device} but the op's tensors are on {ref.device}; move it there")
 
 
 def modulated_rel_l1_sums(
@@ -157,23 +133,11 @@ def modulated_rel_l1_sums(
     computed either way. Returns ``(B, 2)`` fp32. See
     :func:`fastcache.ops.reference.modulated_rel_l1_sums`.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be (B, N, D) hidden states, got shape {tuple(x.shape)}")
-    _check_float("x", x)
-    if prev.shape != x.shape:
-        raise ValueError(
-            f"prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}; a shape change "
-            "needs a fresh buffer (the runtime reallocates and recomputes)"
-        )
-    _check_float("prev", prev)
-    B, _, D = x.shape
-    for name, t in (("shift", shift), ("scale", scale), ("prev", prev)):
-        _check_device(name, t, x)
-    shift = _per_sample_vec("shift", shift, B, D)
-    scale = _per_sample_vec("scale", scale, B, D)
-    if not prev.is_contiguous():
-        raise ValueError("prev must be contiguous: it is written in place")
-    _check_hold(hold, x)
+    if x.dim() == 3:  # anything else: the contract says what is wrong
+        B, _, D = x.shape
+        shift = _per_sample_vec("modulated_rel_l1_sums", "shift", shift, B, D)
+        scale = _per_sample_vec("modulated_rel_l1_sums", "scale", scale, B, D)
+    contracts.check_modulated_rel_l1_sums(x, shift, scale, eps, prev, hold)
     # x goes in with its strides (a transposed patch-embedding view is read in place,
     # not copied whole every step); see _compiled_layout for torch.compile
     return _ops.modulated_rel_l1_sums(_compiled_layout(x), shift, scale, float(eps), prev, hold)
@@ -189,15 +153,7 @@ def rel_l1_sums(
     0-dim bool device flag ``hold`` (from :func:`timestep_guard`) is not set.
     Returns ``(B, 2)`` fp32 (fp64 for fp64 x).
     """
-    if x.dim() < 1:
-        raise ValueError("x must have a leading batch dimension, got a 0-dim tensor; use x.reshape(1)")
-    _check_float("x", x)
-    if prev.shape != x.shape:
-        raise ValueError(f"prev must match x's shape {tuple(x.shape)}, got {tuple(prev.shape)}")
-    _check_device("prev", prev, x)
-    if not prev.is_contiguous():
-        raise ValueError("prev must be contiguous: it is written in place")
-    _check_hold(hold, x)
+    contracts.check_rel_l1_sums(x, prev, write_prev, hold)
     return _ops.rel_l1_sums(_compiled_layout(x), prev, bool(write_prev), hold)
 
 
@@ -232,20 +188,10 @@ def cache_decision(
     """
     if sums.dtype == torch.float64:  # fp64 models: the decision itself runs in fp32
         sums = sums.float()
-    if sums.dtype != torch.float32 or sums.shape[-1] != 2:
-        raise ValueError(f"sums must be fp32 (B, 2) or (2,), got {sums.dtype} {tuple(sums.shape)}")
-    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER + 3:
-        raise ValueError("state must be a 1-D fp32 tensor from fastcache.ops.new_state()")
-    if coeffs.dtype != torch.float32 or coeffs.dim() != 1 or coeffs.numel() > MAX_COEFFS:
-        raise ValueError(f"coeffs must be a 1-D fp32 tensor of at most {MAX_COEFFS} values, got {tuple(coeffs.shape)}")
-    if timestep.numel() < 1:
-        raise ValueError("timestep must hold at least one value")
-    for name, t in (("sums", sums), ("coeffs", coeffs), ("timestep", timestep)):
-        if t.device != state.device:
-            raise ValueError(f"{name} is on {t.device} but state is on {state.device}")
-    _check_hold(hold, state)
+    sums = sums.contiguous()
+    contracts.check_cache_decision(sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold)
     return _ops.cache_decision(
-        sums.contiguous(),
+        sums,
         timestep,
         coeffs,
         state,
@@ -278,20 +224,7 @@ def timestep_guard(
     decision ops; a held call computes and must not store its residual (gate the store
     with ``flag & ~hold``). See :func:`fastcache.ops.reference.timestep_guard`.
     """
-    if state.dtype != torch.float32 or state.dim() != 1 or state.numel() < STATE_HEADER:
-        raise ValueError("state must be a 1-D fp32 tensor from fastcache.ops.new_state()")
-    if aux.dtype != torch.float32 or aux.dim() != 1 or aux.numel() < AUX_SIZE or not aux.is_contiguous():
-        raise ValueError(
-            f"aux must be a contiguous 1-D fp32 tensor of {AUX_SIZE} counters from fastcache.ops.new_aux(), "
-            f"got {aux.dtype} {tuple(aux.shape)}"
-        )
-    if timestep.numel() < 1:
-        raise ValueError("timestep must hold at least one value")
-    for name, t in (("aux", aux), ("timestep", timestep)):
-        if t.device != state.device:
-            raise ValueError(f"{name} is on {t.device} but state is on {state.device}; move it to {state.device}")
-    if not (rtol >= 0 and atol >= 0):
-        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    contracts.check_timestep_guard(timestep, state, aux, rtol, atol, num_steps)
     return _ops.timestep_guard(timestep, state, aux, float(rtol), float(atol), int(num_steps))
 
 
@@ -323,13 +256,13 @@ def gated_residual(
         h = gated_residual(h, gate_msa, attn_cache, out=h)     # FORA skipped branch, in place
     """
     if x.dim() != 3:
-        raise ValueError(f"x must be (B, N, D), got shape {tuple(x.shape)}")
+        contracts.check_gated_residual(x, gate, cached, trend, w)  # raises: x must be (B, N, D)
     B, N, D = x.shape
     if gate.dim() != 2 or gate.shape[0] != B or not gate.is_contiguous():
-        gate = _per_sample_vec("gate", gate, B, D)
+        gate = _per_sample_vec("gated_residual", "gate", gate, B, D)
     if trend is not None:
-        if tuple(trend.shape) not in ((N, D), (D,), (1, N, D)):
-            raise ValueError(f"trend must be (N, D)={N, D} or (D,)={(D,)}, got {tuple(trend.shape)}")
+        if tuple(trend.shape) not in ((N, D), (1, N, D), (D,)):
+            contracts.check_gated_residual(x, gate, cached, trend, w)  # raises: the trend's accepted shapes
         trend = trend.reshape(-1, D).contiguous() if trend.dim() != 1 else trend.contiguous()
     if _dynamo_compiling():
         x, cached = x.contiguous(), cached.contiguous()  # see _compiled_layout
@@ -379,18 +312,6 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
         _raw_store_residual(out, x_in, flag, r)
 
 
-def _check_taylor_args(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
-    if history.dim() < 2 or history.shape[0] < 1:
-        raise ValueError(f"{op}: history must be (order+1, *feature_shape), got shape {tuple(history.shape)}")
-    _check_float("history", history)
-    if not history.is_contiguous():
-        raise ValueError(f"{op}: history must be contiguous (it is the device-resident Taylor state)")
-    if dx.numel() != 1 or dx.dtype != torch.float32:
-        raise ValueError(f"{op}: dx must be a one-element fp32 tensor, got {dx.dtype} {tuple(dx.shape)}")
-    if dx.device != history.device:
-        raise ValueError(f"{op}: dx is on {dx.device} but history is on {history.device}; move it there")
-
-
 def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """TaylorSeer's forecast (docs/methods.md Eq. TS2): ``sum_k history[k] * dx^k / k!``.
 
@@ -403,7 +324,7 @@ def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
 
         f_hat = taylor_forecast(hist, torch.tensor([2.0]))   # two steps after the last compute
     """
-    _check_taylor_args("taylor_forecast", history, dx)
+    contracts.check_taylor_forecast(history, dx)
     return _ops.taylor_forecast(history, dx.reshape(1))
 
 
@@ -420,16 +341,9 @@ def taylor_update(
     torch.cond the update sits outside the branches and runs every step, gated by
     ``store``.
     """
-    _check_taylor_args("taylor_update", history, dx)
-    if tuple(f.shape) != tuple(history.shape[1:]):
-        raise ValueError(
-            f"taylor_update: f has shape {tuple(f.shape)} but the history holds {tuple(history.shape[1:])}"
-        )
-    if valid.numel() != 1 or valid.dtype != torch.float32 or valid.device != history.device:
-        raise ValueError("taylor_update: valid must be a one-element fp32 tensor on the history's device")
-    if store.dtype != torch.bool or store.numel() != 1 or store.device != history.device:
-        raise ValueError("taylor_update: store must be a 0-dim bool tensor on the history's device")
-    _ops.taylor_update(history, f.contiguous(), dx.reshape(1), valid.reshape(1), store.reshape(()))
+    f = f.contiguous()
+    contracts.check_taylor_update(history, f, dx, valid, store)
+    _ops.taylor_update(history, f, dx.reshape(1), valid.reshape(1), store.reshape(()))
 
 
 # keep the module object reachable for introspection (fastcache.info)

@@ -6,24 +6,9 @@ exactness, not speed: every accumulation is done in fp32 (fp64 when the inputs a
 fp64), in the same fixed order as the kernels' final reductions, so that the
 *decision* they produce is the same on every backend.
 
-State layout of the decision op (a flat fp32 tensor, see :data:`STATE_HEADER`):
-
-=======  ==========  ============================================================
-index    name        meaning
-=======  ==========  ============================================================
-0        ACC         accumulated rescaled distance since the last computed step
-1        STEP        index of the next step within the current sampling run
-2        SKIPS       consecutive skipped steps so far
-3        PREV_T      timestep of the previous call (-inf before the first call)
-4        RATIO       last raw relative-L1 ratio (NaN if undefined)
-5        RESCALED    last polynomial-rescaled ratio
-6        FLAG        last decision, 1.0 = compute, 0.0 = reuse the cache
-7        N_COMPUTED  computed steps in the current run
-8        N_SKIPPED   skipped steps in the current run
-9        N_RUNS      sampling runs seen (a run starts when the timestep rises)
-10..15   reserved    zero
-16..     history     three rows of H entries: ratio[s], acc[s], flag[s]
-=======  ==========  ============================================================
+The decision-state layout (``ACC``, ``STEP``, ... ``STATE_HEADER``, ``AUX_*``) is
+defined once in :mod:`fastcache.ops.layout` and re-exported here; each op's argument
+contract is :mod:`fastcache.ops.contracts`, checked at the top of every function below.
 """
 
 from __future__ import annotations
@@ -32,25 +17,30 @@ import math
 
 import torch
 
-# ---------------------------------------------------------------------------
-# Decision-state layout (shared by every backend; the kernels hard-code the same
-# numbers, and tests/ops/test_cpp.py::test_cache_decision_state_layout_matches_reference
-# and tests/ops/test_triton.py::test_decision_layout_matches_reference check that they agree).
-# ---------------------------------------------------------------------------
-ACC, STEP, SKIPS, PREV_T, RATIO, RESCALED, FLAG, N_COMPUTED, N_SKIPPED, N_RUNS = range(10)
-STATE_HEADER = 16
-MAX_COEFFS = 8
+from . import contracts, layout
 
-# Timestep guard (:func:`timestep_guard`): two timesteps closer than
-# ``TIMESTEP_RTOL * max(|t|, |prev_t|) + TIMESTEP_ATOL`` are the same step.
-TIMESTEP_RTOL = 1e-5
-TIMESTEP_ATOL = 1e-7
-# Sampling-run counters kept on the device next to the decision state (a flat fp32
-# tensor of AUX_SIZE values, :func:`new_aux`), updated in place by the guard:
-# repeated calls, steps of the last finished run, finished runs whose length was not
-# num_steps, jitter (a timestep within the tolerance of the previous one, not equal).
-AUX_REPEATS, AUX_LAST_RUN_STEPS, AUX_RUN_LENGTH_MISMATCHES, AUX_JITTER = range(4)
-AUX_SIZE = 4
+# The layout, re-exported: fastcache.ops and the policies import it from here.
+from .layout import (  # noqa: F401
+    ACC,
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    FLAG,
+    MAX_COEFFS,
+    N_COMPUTED,
+    N_RUNS,
+    N_SKIPPED,
+    PREV_T,
+    RATIO,
+    RESCALED,
+    SKIPS,
+    STATE_HEADER,
+    STEP,
+    TIMESTEP_ATOL,
+    TIMESTEP_RTOL,
+)
 
 
 def new_state(history: int = 1024, device=None) -> torch.Tensor:
@@ -68,7 +58,7 @@ def new_aux(device=None) -> torch.Tensor:
 
 
 def history_len(state: torch.Tensor) -> int:
-    return (state.numel() - STATE_HEADER) // 3
+    return layout.history_len(state.numel())
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -100,6 +90,7 @@ def modulated_rel_l1_sums(
 
     Shapes: x, prev ``(B, N, D)``; shift, scale ``(B, D)``; returns ``(B, 2)`` fp32.
     """
+    contracts.check_modulated_rel_l1_sums(x, shift, scale, eps, prev, hold)
     acc = _acc_dtype(x)
     xf = x.to(acc)
     mean = xf.mean(dim=-1, keepdim=True)
@@ -120,17 +111,7 @@ def _write_unless_held(prev: torch.Tensor, new: torch.Tensor, hold: torch.Tensor
     if hold is None:
         prev.copy_(new)
     else:
-        _check_hold(hold, prev)
         prev.copy_(torch.where(hold.to(torch.bool), prev, new))
-
-
-def _check_hold(hold: torch.Tensor, ref: torch.Tensor) -> None:
-    if hold.numel() != 1 or hold.dtype != torch.bool:
-        raise ValueError(
-            f"hold must be a 0-dim bool tensor (timestep_guard's repeat flag), got {hold.dtype} {tuple(hold.shape)}"
-        )
-    if hold.device != ref.device:
-        raise ValueError(f"hold is on {hold.device} but the op's tensors are on {ref.device}; move it there")
 
 
 def rel_l1_sums(
@@ -143,6 +124,7 @@ def rel_l1_sums(
     ``sum|prev|`` per batch element; ``prev <- x`` when ``write_prev`` and the
     optional 0-dim bool device flag ``hold`` is not set.
     """
+    contracts.check_rel_l1_sums(x, prev, write_prev, hold)
     acc = _acc_dtype(x)
     B = x.shape[0]
     xf = x.reshape(B, -1).to(acc)
@@ -151,8 +133,6 @@ def rel_l1_sums(
     den = p.abs().sum(dim=1)
     if write_prev:
         _write_unless_held(prev, x, hold)
-    elif hold is not None:
-        _check_hold(hold, prev)
     return torch.stack([num, den], dim=1)
 
 
@@ -195,6 +175,9 @@ def cache_decision(
       distance reaches the threshold (its indicator already measures against the last
       computed step). Everything else (forcing, history, counters) is unchanged.
     """
+    contracts.check_cache_decision(
+        sums, timestep, coeffs, state, threshold, warmup, max_skips, num_steps, hold, accumulate
+    )
     # Pure tensor math on the state's device: no value is read back to the host, so
     # this fallback is sync-free too (just unfused).
     f32 = torch.float32
@@ -257,7 +240,6 @@ def cache_decision(
     if hold is None:
         state.copy_(st)
         return compute.clone()
-    _check_hold(hold, state)
     held = hold.to(torch.bool).reshape(())
     state.copy_(torch.where(held, state, st))
     return compute | held
@@ -291,6 +273,7 @@ def timestep_guard(
     Returns ``(t_op, hold)``: ``(1,)`` fp32 and a 0-dim bool on the state's device.
     Pure tensor math (no host read); every operation rounds to fp32 like the kernels.
     """
+    contracts.check_timestep_guard(timestep, state, aux, rtol, atol, num_steps)
     f32 = torch.float32
     t0 = timestep.detach().reshape(-1)[:1].to(state.device, f32)
     prev_t = state[PREV_T : PREV_T + 1]
@@ -315,26 +298,6 @@ def timestep_guard(
     return torch.where(same, prev_t, t0), rep.reshape(())
 
 
-def _check_residual_shapes(op: str, **tensors: torch.Tensor) -> None:
-    """The kernels' shape rule, so the fallback never broadcasts silently."""
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
-        raise ValueError(f"{op}: {listed} must have one shape (the cached residual has x's shape)")
-
-
-def _check_out(op: str, out: torch.Tensor, like: torch.Tensor, **inputs: torch.Tensor) -> None:
-    if out.shape != like.shape or out.dtype != like.dtype:
-        raise ValueError(
-            f"{op}: out must have x's shape {tuple(like.shape)} and dtype {like.dtype}, "
-            f"got {tuple(out.shape)} {out.dtype}"
-        )
-    for name, t in inputs.items():
-        same = t.data_ptr() == out.data_ptr() and t.stride() == out.stride()
-        if not same and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            raise ValueError(f"{op}: out shares memory with {name} but is not {name} itself; pass a separate buffer")
-
-
 def gated_residual(
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -348,6 +311,11 @@ def gated_residual(
     ``x.dtype``. x, cached ``(B, N, D)``; gate ``(B, D)``; trend ``None``, ``(N, D)``
     or ``(D,)``. ``trend=None`` or ``w=0`` is FORA's skipped-step residual.
     """
+    contracts.check_gated_residual(x, gate, cached, trend, w)
+    return _gated(x, gate, cached, trend, w)
+
+
+def _gated(x, gate, cached, trend, w) -> torch.Tensor:
     acc = _acc_dtype(x)
     f = cached.to(acc)
     if trend is not None and w != 0.0:
@@ -365,14 +333,17 @@ def gated_residual_out(
 ) -> None:
     """:func:`gated_residual` written into ``out`` (x's shape and dtype). ``out`` may be
     ``x`` itself: the whole result is computed before ``out`` is written."""
-    _check_residual_shapes("gated_residual_out", x=x, cached=cached)
-    _check_out("gated_residual_out", out, x, x=x, cached=cached)
-    out.copy_(gated_residual(x, gate, cached, trend, w))
+    contracts.check_gated_residual_out(x, gate, cached, trend, w, out)
+    out.copy_(_gated(x, gate, cached, trend, w))
 
 
 def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """A skipped stack: ``out = x + r`` (fp32 math, ``x.dtype`` out)."""
-    _check_residual_shapes("apply_residual", x=x, r=r)
+    contracts.check_apply_residual(x, r)
+    return _add(x, r)
+
+
+def _add(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     acc = _acc_dtype(x)
     return (x.to(acc) + r.to(acc)).to(x.dtype)
 
@@ -380,8 +351,8 @@ def apply_residual(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def apply_residual_out(x: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> None:
     """:func:`apply_residual` written into ``out`` (x's shape and dtype; may be ``x`` or
     ``r``: an in-place ``x += r``)."""
-    _check_out("apply_residual_out", out, x, x=x, r=r)
-    out.copy_(apply_residual(x, r))
+    contracts.check_apply_residual_out(x, r, out)
+    out.copy_(_add(x, r))
 
 
 def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r: torch.Tensor) -> None:
@@ -390,7 +361,7 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
     The flag is read on the device: under ``torch.cond`` the store sits outside the
     branches and must not overwrite the cache on a skipped step.
     """
-    _check_residual_shapes("store_residual", out=out, x_in=x_in, r=r)
+    contracts.check_store_residual(out, x_in, flag, r)
     acc = _acc_dtype(out)
     new = (out.to(acc) - x_in.to(acc)).to(r.dtype)
     r.copy_(torch.where(flag.to(torch.bool), new, r))
@@ -399,20 +370,13 @@ def store_residual(out: torch.Tensor, x_in: torch.Tensor, flag: torch.Tensor, r:
 # ---------------------------------------------------------------------------
 # TaylorSeer (docs/methods.md section 8, Eq. TS1-TS2)
 # ---------------------------------------------------------------------------
-def _check_taylor(op: str, history: torch.Tensor, dx: torch.Tensor) -> None:
-    if history.dim() < 2:
-        raise ValueError(f"{op}: history must be (order+1, *feature_shape), got shape {tuple(history.shape)}")
-    if dx.numel() != 1 or not dx.is_floating_point():
-        raise ValueError(f"{op}: dx must be a one-element float tensor (steps since the last computed step)")
-
-
 def taylor_forecast(history: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Eq. TS2: ``f = sum_k history[k] * dx^k / k!`` (``history[k]`` = the k-th finite
     difference D^k at the last computed step; ``dx`` = steps since then, a one-element
     device tensor). history: ``(m+1, *S)``; returns ``(*S)`` in ``history.dtype``, fp32
     math (fp64 for fp64), accumulated in the order k = 0, 1, ..., m with the coefficient
     built as ``c_k = c_{k-1} * dx / k`` (the kernels do the same)."""
-    _check_taylor("taylor_forecast", history, dx)
+    contracts.check_taylor_forecast(history, dx)
     acc = _acc_dtype(history)
     x = dx.reshape(()).to(acc)
     out = history[0].to(acc)
@@ -431,11 +395,7 @@ def taylor_update(
     the history held before this update), else 0. history: ``(m+1, *S)``; f: ``(*S)``;
     dx, valid: one-element float tensors (steps since the previous computed step; number
     of valid orders, 0 after a reset). fp32 math (fp64 for fp64)."""
-    _check_taylor("taylor_update", history, dx)
-    if tuple(f.shape) != tuple(history.shape[1:]):
-        raise ValueError(
-            f"taylor_update: f has shape {tuple(f.shape)} but the history holds {tuple(history.shape[1:])}"
-        )
+    contracts.check_taylor_update(history, f, dx, valid, store)
     acc = _acc_dtype(history)
     x = dx.reshape(()).to(acc)
     nv = valid.reshape(()).to(acc)
