@@ -293,7 +293,7 @@ class DeltaDiTPolicy(Policy):
             out = dict(h)
             out.update(
                 residual_cond(
-                    runner, pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals
+                    pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals
                 )
             )
             for n, r in residuals.items():

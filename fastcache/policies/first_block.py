@@ -118,7 +118,6 @@ class FirstBlockCachePolicy(Policy):
             mid = dict(h)
             mid.update(
                 residual_cond(
-                    runner,
                     flag,
                     lambda ins: runner.run_range(call, ins, fn, stop),
                     h,

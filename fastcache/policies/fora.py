@@ -249,6 +249,8 @@ class InteriorCachePolicy(Policy):
         return run_blocks(self.layout, call, streams, ex)
 
     def _traced_step(self, st, call, streams, compute, store, s_idx, trend):
+        from ..graphs import skip_cond
+
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)
         if st.cache is None:
@@ -274,10 +276,11 @@ class InteriorCachePolicy(Policy):
                 *(f.clone(memory_format=torch.contiguous_format) for f in new),
             )
 
-        operands = (*[streams[n].contiguous() for n in names], *st.cache)
+        operands = (*[streams[n] for n in names], *st.cache)
         if trend is not None:
             operands = (*operands, trend)
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        shapes = [streams[n].shape for n in returned] + [c.shape for c in st.cache]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = dict(streams)
         result.update(zip(returned, outs[: len(returned)]))
         for c, f in zip(st.cache, outs[len(returned) :]):
@@ -304,6 +307,8 @@ class InteriorCachePolicy(Policy):
 
     def _traced_block(self, st, call, streams, li, compute, store, s_idx, trend):
         """Block ``li`` under its own ``torch.cond`` (see :meth:`_traced_blocks`)."""
+        from ..graphs import skip_cond
+
         entry = self.layout.entries[li]
         ids = [k for k, b in enumerate(self.layout.block_of_slot) if b == li]
         names = [n for n in self.spec.streams if streams.get(n) is not None]
@@ -326,10 +331,11 @@ class InteriorCachePolicy(Policy):
             )
 
         idx = torch.tensor(ids, device=st.last.device)
-        operands = (*[streams[n].contiguous() for n in names], *[st.cache[k] for k in ids])
+        operands = (*[streams[n] for n in names], *[st.cache[k] for k in ids])
         if trend is not None:  # one fresh tensor: cond operands must not alias each other
             operands = (*operands, trend.index_select(0, idx))
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        shapes = [streams[n].shape for n in pattern] + [st.cache[k].shape for k in ids]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = {n: None for n in self.spec.streams}
         result.update(zip(pattern, outs[: len(pattern)]))
         for k, f in zip(ids, outs[len(pattern) :]):

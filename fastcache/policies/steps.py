@@ -151,12 +151,18 @@ class DecisionState:
         return out
 
 
-def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict) -> dict:
+def residual_cond(flag, run, ins: dict, returned: list, residuals: dict) -> dict:
     """The skip under tracing / capture as one cond operator with functional branches:
     ``run(streams)`` (the blocks) on a computed step, ``x + R`` for each stream with a
     cached residual and a copy of the others on a skipped one. Returns the ``returned``
-    streams (plain dense tensors, as cond requires of both branches: a stack may end in
-    a view, Flux's single blocks slice the text off). The residual stores stay outside."""
+    streams (fresh dense tensors, as cond requires of both branches: a stack may end in
+    a view, Flux's single blocks slice the text off), each of its input stream's shape
+    (the skip branch's ``x + R``). The residual stores stay outside.
+
+    Operands and outputs cross the operator flat (:func:`fastcache.graphs.skip_cond`,
+    ``shapes``): a compiled model keeps working when the resolution changes."""
+    from ..graphs import skip_cond
+
     present = [n for n, v in ins.items() if v is not None]
     cached = list(residuals)
     k = len(present)
@@ -173,11 +179,9 @@ def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict)
             for n in returned
         )
 
-    # Contiguous operands: inductor may lay out a transposed producer (e.g. a patch
-    # embedding's flatten().transpose()) differently from its fake tensor, and cond
-    # subgraphs assert their input strides.
-    operands = (*[ins[n].contiguous() for n in present], *residuals.values())
-    return dict(zip(returned, runner.cond(flag, compute, skip, operands)))
+    operands = (*[ins[n] for n in present], *residuals.values())
+    shapes = [ins[n].shape for n in returned]
+    return dict(zip(returned, skip_cond(flag, compute, skip, operands, shapes)))
 
 
 def traced_stack(runner, call: dict, streams: dict, spec, flag, store, residuals: dict) -> dict:
@@ -186,7 +190,7 @@ def traced_stack(runner, call: dict, streams: dict, spec, flag, store, residuals
     outside the cond, gated by ``store`` on the device."""
     returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
     result = dict(streams)
-    result.update(residual_cond(runner, flag, lambda ins: runner.run(call, ins), streams, returned, residuals))
+    result.update(residual_cond(flag, lambda ins: runner.run(call, ins), streams, returned, residuals))
     store_residuals(result, streams, residuals, store)
     return result
 

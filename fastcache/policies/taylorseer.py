@@ -201,6 +201,8 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         return out
 
     def _traced_taylor_step(self, st: TaylorState, call, streams, compute, store, s_idx, dx, first):
+        from ..graphs import skip_cond
+
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)
         if st.hist is None:
@@ -228,8 +230,10 @@ class TaylorSeerPolicy(InteriorCachePolicy):
 
         # The forecast runs before the cond on every step (cheap next to the blocks); on a
         # computed step the compute branch ignores it.
-        operands = (*[streams[n].contiguous() for n in names], *self._forecast(st, dx))
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        forecast = self._forecast(st, dx)
+        operands = (*[streams[n] for n in names], *forecast)
+        shapes = [streams[n].shape for n in returned] + [f.shape for f in forecast]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = dict(streams)
         result.update(zip(returned, outs[: len(returned)]))
         self._update(st, list(outs[len(returned) :]), dx, first, store)
