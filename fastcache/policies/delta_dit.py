@@ -57,7 +57,7 @@ from .. import ops
 from ..config import DeltaDiTConfig
 from ..ops.reference import STEP
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy, warm_signatures
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, residual_cond, static_floats, timestep_guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +190,7 @@ class DeltaDiTPolicy(Policy):
         st.num_steps = step.num_steps or 0
 
     # -- the step -------------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: DeltaDiTState, runner: StackRunner, head, call, timestep):
         cfg = self.config
         streams = {n: call.get(n) for n in self.spec.streams}

@@ -35,7 +35,7 @@ from __future__ import annotations
 from .. import ops
 from ..config import FirstBlockCacheConfig
 from .base import Policy, StackRunner, is_tracing, register_policy
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, residual_cond, static_floats, timestep_guard
 
 
 class FirstBlockCacheState(DecisionState):
@@ -80,6 +80,7 @@ class FirstBlockCachePolicy(Policy):
         if st.prev is not None:
             st.prev.zero_()
 
+    @static_floats
     def run_stack(self, st: FirstBlockCacheState, runner: StackRunner, head, call, timestep):
         spec, cfg = self.spec, self.config
         n_blocks = runner.num_blocks

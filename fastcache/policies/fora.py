@@ -37,7 +37,15 @@ from ..interior import Executor, apply_cached, layout_for, run_blocks
 from ..interior.base import combine
 from ..ops.reference import N_RUNS, STATE_HEADER, STEP
 from .base import Policy, StepInfo, is_tracing, register_policy, warm_signatures
-from .steps import AUX_JITTER, AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, AUX_SIZE, timestep_guard
+from .steps import (
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    static_floats,
+    timestep_guard,
+)
 
 
 class InteriorState:
@@ -173,6 +181,7 @@ class InteriorCachePolicy(Policy):
         st.step = step
 
     # -- the step -----------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: InteriorState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         self._ensure(st, streams)

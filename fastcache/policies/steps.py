@@ -26,6 +26,45 @@ from ..ops import (  # noqa: F401  (re-exported for the policies' stats)
 from ..ops.reference import N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 
 
+def _float_specialization():
+    """A context that dynamo traces as "floats read from here on are constants"
+    (``torch._dynamo.config.specialize_float=True`` for the rest of the trace inside it,
+    restored on exit); None where this torch lacks the mechanism."""
+    try:
+        from torch._dynamo.decorators import DynamoConfigPatchProxy
+    except ImportError:
+        return None
+    # torch._dynamo.patch_dynamo_config builds the same proxy but refuses this key; the
+    # proxy is what dynamo recognises as a traceable config patch.
+    return DynamoConfigPatchProxy(torch._dynamo.config.patch(specialize_float=True))
+
+
+_STATIC_FLOATS = _float_specialization()
+
+
+def static_floats(run_stack):
+    """Decorator for a policy's ``run_stack``: under torch.compile, trace it with Python
+    floats specialized (guarded constants), as dynamo does without ``dynamic=True``.
+
+    Why: with ``torch.compile(dynamic=True)`` dynamo turns every float it reads (a
+    LayerNorm's ``eps``, an attention ``scale``, a dropout probability) into a symbolic
+    graph input, realized on first use. Read inside a ``torch.cond`` branch, such a float
+    becomes an operand of the cond, which torch refuses ("operands can only be of
+    (Tensor, int, SymInt)"), and a float realized in one branch and read in the other
+    fails with "lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer". Shapes stay symbolic. Eager calls are unaffected."""
+    import functools
+
+    @functools.wraps(run_stack)
+    def wrapper(self, *args, **kwargs):
+        if _STATIC_FLOATS is not None and torch.compiler.is_compiling():
+            with _STATIC_FLOATS:
+                return run_stack(self, *args, **kwargs)
+        return run_stack(self, *args, **kwargs)
+
+    return wrapper
+
+
 def timestep_guard(state: torch.Tensor, aux: torch.Tensor, timestep: torch.Tensor, num_steps: int = 0):
     """``(t_op, hold)`` for the decision about to run on ``state``; ``aux`` (the AUX_*
     counters) is updated in place. See :func:`fastcache.ops.timestep_guard`."""

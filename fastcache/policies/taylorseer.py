@@ -43,7 +43,7 @@ from ..interior import run_blocks
 from ..ops.reference import STEP
 from .base import StepInfo, is_tracing, register_policy
 from .fora import InteriorCachePolicy, InteriorState, _StepExecutor, _TraceExecutor
-from .steps import timestep_guard
+from .steps import static_floats, timestep_guard
 
 
 class TaylorState(InteriorState):
@@ -141,6 +141,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         return [ops.taylor_forecast(h, dx) for h in st.hist]
 
     # -- the step -------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: TaylorState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         self._ensure(st, streams)
