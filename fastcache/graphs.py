@@ -60,11 +60,12 @@ def _control_flow_mode_active() -> bool:
     return any(isinstance(m, kinds) for m in _get_current_dispatch_mode_stack())
 
 
-def skip_cond(flag: torch.Tensor, compute: Callable, skip: Callable, operands) -> tuple:
+def skip_cond(flag: torch.Tensor, compute: Callable, skip: Callable, operands, shapes=None) -> tuple:
     """``compute(*operands) if flag else skip(*operands)`` as torch's cond operator.
 
     flag: one-element bool tensor (the device decision); both branches return the same
-    tuple of tensors (same shapes, dtypes, strides).
+    tuple of fresh tensors (never an operand or a view of one: cond outputs may not alias
+    its inputs), with the same shapes and dtypes.
 
     * Under torch.compile tracing: ``torch.cond`` (dynamo turns it into the operator in
       the graph).
@@ -75,20 +76,66 @@ def skip_cond(flag: torch.Tensor, compute: Callable, skip: Callable, operands) -
       records as a conditional node; with no mode, torch's dense kernel reads the flag
       (``if pred:``) and runs one branch.
 
+    ``shapes``: the shape of each output, known before the branches run. Given it, every
+    tensor operand and output crosses the operator flat (1-D, contiguous: views, no copy,
+    unless an operand is strided) and the branches see and return the real shapes. Why:
+    the cond's output layout is inferred from the branches', and under symbolic shapes (a
+    compiled model called at a new resolution, which dynamo recompiles with dynamic sizes,
+    or ``torch.compile(dynamic=True)``) a dense ``(B, N, D)`` output has the stride
+    ``D*Max(1, N)`` that torch's cond rejects ("one of cond's output stride is not a
+    simple accumulative multiplication of sizes"), whatever copy produced it; inductor
+    also asserts each operand's stride inside the branches, which a transposed producer
+    (a patch embedding's ``flatten().transpose()``) may not match. A 1-D tensor has a
+    single layout. ``None``: operands and outputs cross as they are (static shapes only).
+
     Raises RuntimeError during a CUDA-graph capture without torch's control-flow capture
     mode: the dense kernel's flag read would fail the capture (use ``CUDAGraphStep``).
     """
     operands = tuple(operands)
+    if shapes is not None:
+        compute, skip, operands, shapes = _flat_branches(compute, skip, operands, shapes)
     if torch.compiler.is_compiling():
-        return torch.cond(flag, compute, skip, operands)
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not _control_flow_mode_active():
+        outs = torch.cond(flag, compute, skip, operands)
+    elif torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not _control_flow_mode_active():
         raise RuntimeError(
             "fastcache: a patched model is being captured into a CUDA graph without torch's "
             "control-flow capture mode, so its cache skip cannot become a conditional node. Capture "
             "it with fastcache.cudagraph.CUDAGraphStep, or inside "
             "torch._higher_order_ops.cudagraph_conditional_nodes.CUDAGraphCaptureControlFlowOpDispatchMode()."
         )
-    return _COND(flag, compute, skip, operands)
+    else:
+        outs = _COND(flag, compute, skip, operands)
+    if shapes is None:
+        return outs
+    return tuple(o.view(s) for o, s in zip(outs, shapes, strict=True))
+
+
+def _flat_branches(compute: Callable, skip: Callable, operands: tuple, shapes) -> tuple:
+    """The branches, operands and output shapes of :func:`skip_cond` with every tensor
+    crossing the operator as a flat contiguous tensor (see there)."""
+    shapes = tuple(tuple(s) for s in shapes)
+    in_shapes = tuple(tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in operands)
+    flat = tuple(o.reshape(-1) if isinstance(o, torch.Tensor) else o for o in operands)
+
+    def wrap(fn: Callable) -> Callable:
+        def branch(*ops):
+            outs = fn(*(o if s is None else o.view(s) for o, s in zip(ops, in_shapes)))
+            if len(outs) != len(shapes):
+                raise RuntimeError(
+                    f"fastcache internal error: a cond branch returned {len(outs)} tensors, "
+                    f"its shapes list has {len(shapes)}"
+                )
+            for o, s in zip(outs, shapes):
+                if tuple(o.shape) != s:  # equal expressions: no guard
+                    raise RuntimeError(
+                        f"fastcache internal error: a cond branch returned shape {tuple(o.shape)} where {s} "
+                        "was declared"
+                    )
+            return tuple(o.reshape(-1) for o in outs)
+
+        return branch
+
+    return wrap(compute), wrap(skip), flat, shapes
 
 
 def _runner(model: nn.Module) -> StackRunner:

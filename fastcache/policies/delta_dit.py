@@ -58,7 +58,7 @@ from .. import ops
 from ..config import CacheConfig, _check_int, _set, config_type
 from ..ops.reference import STEP
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy, warm_signatures
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, residual_cond, static_floats, timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -277,6 +277,7 @@ class DeltaDiTPolicy(Policy):
         st.num_steps = step.num_steps or 0
 
     # -- the step -------------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: DeltaDiTState, runner: StackRunner, head, call, timestep):
         cfg = self.config
         streams = {n: call.get(n) for n in self.spec.streams}
@@ -380,7 +381,7 @@ class DeltaDiTPolicy(Policy):
             out = dict(h)
             out.update(
                 residual_cond(
-                    runner, pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals
+                    pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals
                 )
             )
             for n, r in residuals.items():

@@ -38,7 +38,7 @@ from typing import ClassVar
 from .. import ops
 from ..config import CacheConfig, _check_decision_fields, _check_float, _check_int, _set, config_type
 from .base import Policy, StackRunner, is_tracing, register_policy
-from .steps import DecisionState, residual_cond, timestep_guard
+from .steps import DecisionState, residual_cond, static_floats, timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -126,6 +126,7 @@ class FirstBlockCachePolicy(Policy):
         if st.prev is not None:
             st.prev.zero_()
 
+    @static_floats
     def run_stack(self, st: FirstBlockCacheState, runner: StackRunner, head, call, timestep):
         spec, cfg = self.spec, self.config
         n_blocks = runner.num_blocks
@@ -164,7 +165,6 @@ class FirstBlockCachePolicy(Policy):
             mid = dict(h)
             mid.update(
                 residual_cond(
-                    runner,
                     flag,
                     lambda ins: runner.run_range(call, ins, fn, stop),
                     h,

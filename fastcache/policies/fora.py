@@ -39,7 +39,15 @@ from ..interior import Executor, apply_cached, layout_for, run_blocks
 from ..interior.base import combine
 from ..ops.reference import N_RUNS, STATE_HEADER, STEP
 from .base import Policy, StepInfo, is_tracing, register_policy, warm_signatures
-from .steps import AUX_JITTER, AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, AUX_SIZE, timestep_guard
+from .steps import (
+    AUX_JITTER,
+    AUX_LAST_RUN_STEPS,
+    AUX_REPEATS,
+    AUX_RUN_LENGTH_MISMATCHES,
+    AUX_SIZE,
+    static_floats,
+    timestep_guard,
+)
 
 
 # --------------------------------------------------------------------------- config
@@ -225,6 +233,7 @@ class InteriorCachePolicy(Policy):
         st.step = step
 
     # -- the step -----------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: InteriorState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         self._ensure(st, streams)
@@ -301,6 +310,8 @@ class InteriorCachePolicy(Policy):
         return run_blocks(self.layout, call, streams, ex)
 
     def _traced_step(self, st, call, streams, compute, store, s_idx, trend):
+        from ..graphs import skip_cond
+
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)
         if st.cache is None:
@@ -326,10 +337,11 @@ class InteriorCachePolicy(Policy):
                 *(f.clone(memory_format=torch.contiguous_format) for f in new),
             )
 
-        operands = (*[streams[n].contiguous() for n in names], *st.cache)
+        operands = (*[streams[n] for n in names], *st.cache)
         if trend is not None:
             operands = (*operands, trend)
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        shapes = [streams[n].shape for n in returned] + [c.shape for c in st.cache]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = dict(streams)
         result.update(zip(returned, outs[: len(returned)]))
         for c, f in zip(st.cache, outs[len(returned) :]):
@@ -356,6 +368,8 @@ class InteriorCachePolicy(Policy):
 
     def _traced_block(self, st, call, streams, li, compute, store, s_idx, trend):
         """Block ``li`` under its own ``torch.cond`` (see :meth:`_traced_blocks`)."""
+        from ..graphs import skip_cond
+
         entry = self.layout.entries[li]
         ids = [k for k, b in enumerate(self.layout.block_of_slot) if b == li]
         names = [n for n in self.spec.streams if streams.get(n) is not None]
@@ -378,10 +392,11 @@ class InteriorCachePolicy(Policy):
             )
 
         idx = torch.tensor(ids, device=st.last.device)
-        operands = (*[streams[n].contiguous() for n in names], *[st.cache[k] for k in ids])
+        operands = (*[streams[n] for n in names], *[st.cache[k] for k in ids])
         if trend is not None:  # one fresh tensor: cond operands must not alias each other
             operands = (*operands, trend.index_select(0, idx))
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        shapes = [streams[n].shape for n in pattern] + [st.cache[k].shape for k in ids]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = {n: None for n in self.spec.streams}
         result.update(zip(pattern, outs[: len(pattern)]))
         for k, f in zip(ids, outs[len(pattern) :]):

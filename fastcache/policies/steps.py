@@ -26,6 +26,45 @@ from ..ops import (  # noqa: F401  (re-exported for the policies' stats)
 from ..ops.reference import N_COMPUTED, N_RUNS, N_SKIPPED, STATE_HEADER, STEP
 
 
+def _float_specialization():
+    """A context that dynamo traces as "floats read from here on are constants"
+    (``torch._dynamo.config.specialize_float=True`` for the rest of the trace inside it,
+    restored on exit); None where this torch lacks the mechanism."""
+    try:
+        from torch._dynamo.decorators import DynamoConfigPatchProxy
+    except ImportError:
+        return None
+    # torch._dynamo.patch_dynamo_config builds the same proxy but refuses this key; the
+    # proxy is what dynamo recognises as a traceable config patch.
+    return DynamoConfigPatchProxy(torch._dynamo.config.patch(specialize_float=True))
+
+
+_STATIC_FLOATS = _float_specialization()
+
+
+def static_floats(run_stack):
+    """Decorator for a policy's ``run_stack``: under torch.compile, trace it with Python
+    floats specialized (guarded constants), as dynamo does without ``dynamic=True``.
+
+    Why: with ``torch.compile(dynamic=True)`` dynamo turns every float it reads (a
+    LayerNorm's ``eps``, an attention ``scale``, a dropout probability) into a symbolic
+    graph input, realized on first use. Read inside a ``torch.cond`` branch, such a float
+    becomes an operand of the cond, which torch refuses ("operands can only be of
+    (Tensor, int, SymInt)"), and a float realized in one branch and read in the other
+    fails with "lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer". Shapes stay symbolic. Eager calls are unaffected."""
+    import functools
+
+    @functools.wraps(run_stack)
+    def wrapper(self, *args, **kwargs):
+        if _STATIC_FLOATS is not None and torch.compiler.is_compiling():
+            with _STATIC_FLOATS:
+                return run_stack(self, *args, **kwargs)
+        return run_stack(self, *args, **kwargs)
+
+    return wrapper
+
+
 def timestep_guard(state: torch.Tensor, aux: torch.Tensor, timestep: torch.Tensor, num_steps: int = 0):
     """``(t_op, hold)`` for the decision about to run on ``state``; ``aux`` (the AUX_*
     counters) is updated in place. See :func:`fastcache.ops.timestep_guard`."""
@@ -151,12 +190,18 @@ class DecisionState:
         return out
 
 
-def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict) -> dict:
+def residual_cond(flag, run, ins: dict, returned: list, residuals: dict) -> dict:
     """The skip under tracing / capture as one cond operator with functional branches:
     ``run(streams)`` (the blocks) on a computed step, ``x + R`` for each stream with a
     cached residual and a copy of the others on a skipped one. Returns the ``returned``
-    streams (plain dense tensors, as cond requires of both branches: a stack may end in
-    a view, Flux's single blocks slice the text off). The residual stores stay outside."""
+    streams (fresh dense tensors, as cond requires of both branches: a stack may end in
+    a view, Flux's single blocks slice the text off), each of its input stream's shape
+    (the skip branch's ``x + R``). The residual stores stay outside.
+
+    Operands and outputs cross the operator flat (:func:`fastcache.graphs.skip_cond`,
+    ``shapes``): a compiled model keeps working when the resolution changes."""
+    from ..graphs import skip_cond
+
     present = [n for n, v in ins.items() if v is not None]
     cached = list(residuals)
     k = len(present)
@@ -173,11 +218,9 @@ def residual_cond(runner, flag, run, ins: dict, returned: list, residuals: dict)
             for n in returned
         )
 
-    # Contiguous operands: inductor may lay out a transposed producer (e.g. a patch
-    # embedding's flatten().transpose()) differently from its fake tensor, and cond
-    # subgraphs assert their input strides.
-    operands = (*[ins[n].contiguous() for n in present], *residuals.values())
-    return dict(zip(returned, runner.cond(flag, compute, skip, operands)))
+    operands = (*[ins[n] for n in present], *residuals.values())
+    shapes = [ins[n].shape for n in returned]
+    return dict(zip(returned, skip_cond(flag, compute, skip, operands, shapes)))
 
 
 def traced_stack(runner, call: dict, streams: dict, spec, flag, store, residuals: dict) -> dict:
@@ -186,7 +229,7 @@ def traced_stack(runner, call: dict, streams: dict, spec, flag, store, residuals
     outside the cond, gated by ``store`` on the device."""
     returned = [n for n in spec.returns if streams.get(n) is not None and n not in spec.dropped_streams]
     result = dict(streams)
-    result.update(residual_cond(runner, flag, lambda ins: runner.run(call, ins), streams, returned, residuals))
+    result.update(residual_cond(flag, lambda ins: runner.run(call, ins), streams, returned, residuals))
     store_residuals(result, streams, residuals, store)
     return result
 

@@ -46,7 +46,7 @@ from ..interior import run_blocks
 from ..ops.reference import STEP
 from .base import StepInfo, is_tracing, register_policy
 from .fora import InteriorCachePolicy, InteriorState, _StepExecutor, _TraceExecutor
-from .steps import timestep_guard
+from .steps import static_floats, timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -233,6 +233,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         return [ops.taylor_forecast(h, dx) for h in st.hist]
 
     # -- the step -------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: TaylorState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         self._ensure(st, streams)
@@ -293,6 +294,8 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         return out
 
     def _traced_taylor_step(self, st: TaylorState, call, streams, compute, store, s_idx, dx, first):
+        from ..graphs import skip_cond
+
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)
         if st.hist is None:
@@ -320,8 +323,10 @@ class TaylorSeerPolicy(InteriorCachePolicy):
 
         # The forecast runs before the cond on every step (cheap next to the blocks); on a
         # computed step the compute branch ignores it.
-        operands = (*[streams[n].contiguous() for n in names], *self._forecast(st, dx))
-        outs = torch.cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands)
+        forecast = self._forecast(st, dx)
+        operands = (*[streams[n] for n in names], *forecast)
+        shapes = [streams[n].shape for n in returned] + [f.shape for f in forecast]
+        outs = skip_cond(compute, lambda *o: run(True, o), lambda *o: run(False, o), operands, shapes)
         result = dict(streams)
         result.update(zip(returned, outs[: len(returned)]))
         self._update(st, list(outs[len(returned) :]), dx, first, store)

@@ -36,7 +36,7 @@ from ..config import CacheConfig, _check_decision_fields, _check_float, _set, co
 from ..ops.reference import ACC, MAX_COEFFS, STATE_HEADER
 from .base import Policy, StackRunner, is_tracing, register_policy
 from .memo import reuse_outputs
-from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
+from .steps import DecisionState, skipped_stack, static_floats, store_residuals, timestep_guard, traced_stack
 
 
 # --------------------------------------------------------------------------- config
@@ -128,6 +128,7 @@ class TeaCachePolicy(Policy):
         if st.state is not None:
             st.state[ACC : ACC + 1].fill_(math.inf)
 
+    @static_floats
     def run_stack(self, st: TeaCacheState, runner: StackRunner, head, call, timestep):
         spec = self.spec
         x, shift, scale, eps, *memo = spec.modulation(head, call)
