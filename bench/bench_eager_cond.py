@@ -65,7 +65,7 @@ def branch_fns(shape) -> dict[str, callable]:
 @contextlib.contextmanager
 def cond_as_torch_cond():
     """fastcache's cond path with ``torch.cond`` in place of the direct operator call."""
-    import fastcache.graphs as graphs
+    import fastcache.tracing as graphs
 
     saved = graphs._COND
     graphs._COND = torch.cond

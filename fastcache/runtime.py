@@ -260,6 +260,13 @@ class Patch:
         self._final_stats = None
         self._built_after_copy = False
 
+    @property
+    def runner(self) -> StackRunner:
+        """The :class:`~fastcache.policies.base.StackRunner` of the patched blocks (what
+        :func:`fastcache.cuda_graphs.compile_stack` compiles)."""
+        self._ensure_runtime()
+        return self._runner
+
     def _ensure_runtime(self) -> None:
         # After deepcopy / unpickling the modules are only complete once the whole object
         # graph is restored, so the derived objects are rebuilt on first use.

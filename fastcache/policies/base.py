@@ -19,10 +19,9 @@ policy overrides :meth:`Policy.block_forward` instead of :meth:`Policy.run_stack
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -30,56 +29,7 @@ from torch import nn
 
 from ..ops.reference import PREV_T
 from ..specs import ModelSpec
-
-_FORCE_COND = [False]
-
-
-@contextlib.contextmanager
-def force_cond() -> Iterator[None]:
-    """Take the cond path in eager mode too: the skip is dispatched as the
-    ``torch.ops.higher_order.cond`` operator (see :meth:`StackRunner.cond`). CUDA-graph
-    warm-up and capture need it (:mod:`fastcache.cudagraph`); outside them it is the same
-    computation as the Python branch, with the flag read by torch's cond kernel instead."""
-    old = _FORCE_COND[0]
-    _FORCE_COND[0] = True
-    try:
-        yield
-    finally:
-        _FORCE_COND[0] = old
-
-
-def is_tracing() -> bool:
-    """True under torch.compile tracing, inside :func:`force_cond`, or during CUDA-graph
-    stream capture: the skip must then be a cond operator (a Python branch on a device
-    value cannot be traced, and cannot be captured)."""
-    if torch.compiler.is_compiling():
-        return True
-    if _FORCE_COND[0]:
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def warm_signatures(modules) -> None:
-    """Build, outside any ``torch.cond``, the ``inspect.signature`` of every attention
-    processor under ``modules`` (diffusers' ``Attention.forward`` calls it on its processor
-    every call). Call it while tracing, before a policy's conds.
-
-    Why: torch 2.13's dynamo caches ``inspect.signature`` results for the whole traced
-    frame (``OutputGraph.signature_cache``). A signature first built inside a cond branch
-    keeps its cache entry after the branch's side effects (the Signature's own attribute
-    writes) are rolled back, so the next cond or block that reads it fails with
-    "'Signature' object has no attribute '_parameters'". Built in the root graph first, the
-    results stay valid in every branch. Scanned at trace time, so processors swapped after
-    patching are covered; no graph op."""
-    import inspect
-
-    seen = set()
-    for root in modules:
-        for m in root.modules():
-            proc = getattr(m, "processor", None)
-            if callable(proc) and id(proc) not in seen:
-                seen.add(id(proc))
-                inspect.signature(proc.__call__)
+from ..tracing import force_cond, is_tracing, skip_cond, warm_signatures  # noqa: F401  (the policies import them from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +60,7 @@ class StepInfo:
 class StackRunner:
     """Runs the unpatched blocks of every segment, threading the hidden-state streams.
 
-    ``compiled``: when set (by :func:`fastcache.graphs.compile_stack`), eager calls of
+    ``compiled``: when set (by :func:`fastcache.cuda_graphs.compile_stack`), eager calls of
     :meth:`run` go through it — the same blocks compiled as one graph of their own — while
     torch.compile tracing of the whole model still inlines the plain blocks.
     """
@@ -160,9 +110,7 @@ class StackRunner:
 
     def cond(self, flag: torch.Tensor, compute: Callable, skip: Callable, operands: tuple) -> tuple:
         """``compute(*operands) if flag else skip(*operands)`` as a cond operator (the
-        skip on the tracing/capture path; see :func:`fastcache.graphs.skip_cond`)."""
-        from ..graphs import skip_cond
-
+        skip on the tracing/capture path; see :func:`fastcache.tracing.skip_cond`)."""
         return skip_cond(flag, compute, skip, operands)
 
 

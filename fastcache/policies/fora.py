@@ -310,7 +310,7 @@ class InteriorCachePolicy(Policy):
         return run_blocks(self.layout, call, streams, ex)
 
     def _traced_step(self, st, call, streams, compute, store, s_idx, trend):
-        from ..graphs import skip_cond
+        from ..tracing import skip_cond
 
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)
@@ -368,7 +368,7 @@ class InteriorCachePolicy(Policy):
 
     def _traced_block(self, st, call, streams, li, compute, store, s_idx, trend):
         """Block ``li`` under its own ``torch.cond`` (see :meth:`_traced_blocks`)."""
-        from ..graphs import skip_cond
+        from ..tracing import skip_cond
 
         entry = self.layout.entries[li]
         ids = [k for k, b in enumerate(self.layout.block_of_slot) if b == li]

@@ -198,9 +198,9 @@ def residual_cond(flag, run, ins: dict, returned: list, residuals: dict) -> dict
     a view, Flux's single blocks slice the text off), each of its input stream's shape
     (the skip branch's ``x + R``). The residual stores stay outside.
 
-    Operands and outputs cross the operator flat (:func:`fastcache.graphs.skip_cond`,
+    Operands and outputs cross the operator flat (:func:`fastcache.tracing.skip_cond`,
     ``shapes``): a compiled model keeps working when the resolution changes."""
-    from ..graphs import skip_cond
+    from ..tracing import skip_cond
 
     present = [n for n, v in ins.items() if v is not None]
     cached = list(residuals)

@@ -294,7 +294,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         return out
 
     def _traced_taylor_step(self, st: TaylorState, call, streams, compute, store, s_idx, dx, first):
-        from ..graphs import skip_cond
+        from ..tracing import skip_cond
 
         names = [n for n in self.spec.streams if streams[n] is not None]
         k = len(names)

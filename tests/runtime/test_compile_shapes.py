@@ -3,7 +3,7 @@ model does: ``torch.compile(fullgraph=True)`` recompiles for a new resolution (d
 the changed sizes symbolic), and ``torch.compile(dynamic=True)`` compiles symbolic shapes
 on the first call.
 
-What used to break (``fastcache.graphs.skip_cond``, ``fastcache.policies.steps.static_floats``):
+What used to break (``fastcache.tracing.skip_cond``, ``fastcache.policies.steps.static_floats``):
 under symbolic sizes a dense ``(B, N, D)`` cond output has the stride ``D*Max(1, N)``, which
 torch's cond refuses ("one of cond's output stride is not a simple accumulative
 multiplication of sizes"); and with ``dynamic=True`` the floats the blocks read (a norm's
@@ -21,8 +21,8 @@ first call after a reset taking its own path), and under ``dynamic=True`` nothin
 import pytest
 import torch
 import torch._dynamo
+from support.zoo import dit_case
 from torch._dynamo.utils import counters
-from zoo import dit_case
 
 import fastcache
 

@@ -13,7 +13,7 @@ from support.hostreads import HostReadMode, python_level_reads
 from support.zoo import CASES
 
 import fastcache
-from fastcache.cudagraph import CUDAGraphStep, conditional_nodes_available
+from fastcache.cuda_graphs import CUDAGraphStep, conditional_nodes_available
 from fastcache.policies.base import force_cond
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

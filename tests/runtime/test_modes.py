@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import fastcache
-from fastcache.graphs import compile_stack, uncompile_stack, warm_compiled_stack
+from fastcache.cuda_graphs import compile_stack, uncompile_stack, warm_compiled_stack
 from fastcache.policies.base import force_cond
 
 pytestmark = pytest.mark.compile

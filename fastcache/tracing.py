@@ -1,4 +1,5 @@
-"""How the cache skip runs in each execution mode, and the sync-free compiled path.
+"""How the cache skip is traced and dispatched, in every execution mode.
+
 
 A patched step decides on the device (:func:`fastcache.ops.cache_decision` writes a
 one-element bool ``flag``); what differs between modes is who reads that flag. Host
@@ -16,30 +17,81 @@ evidence is ``docs/modes.md``):
   dense kernel runs ``if pred:``: 1 read.
 * ``torch.compile(backend="cudagraphs")`` — the same graph, run by torch's CUDA-graph trees,
   which capture the cond operator as a conditional node (GPU only; never run here).
-* :class:`fastcache.cudagraph.CUDAGraphStep` — the whole step, captured once; the skip is
+* :class:`fastcache.cuda_graphs.CUDAGraphStep` — the whole step, captured once; the skip is
   dispatched straight to the cond operator (:func:`skip_cond`), which torch's capture mode
   records as a conditional node; replays run no Python: 0 reads (GPU only). With
   ``compile_stack=True`` the compute branch is the block stack compiled by inductor as its
-  own graph (:func:`compile_stack`): fused kernels and no host read — the sync-free compiled
+  own graph (:func:`fastcache.cuda_graphs.compile_stack`): fused kernels and no host read — the sync-free compiled
   path.
 
 Example (GPU)::
 
     handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25, num_steps=28))
-    step = fastcache.cudagraph.CUDAGraphStep(
+    step = fastcache.cuda_graphs.CUDAGraphStep(
         lambda x, t: transformer(x, t, labels), latents, t0, model=transformer, compile_stack=True)
+
+This module holds what the policies need for that (the skip as a cond, whether a call is
+traced or captured); :mod:`fastcache.cuda_graphs` holds the user-facing CUDA-graph tools.
+It imports nothing of fastcache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.utils._pytree as pytree
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .policies.base import StackRunner, force_cond
+_FORCE_COND = [False]
+
+
+@contextlib.contextmanager
+def force_cond() -> Iterator[None]:
+    """Take the cond path in eager mode too: the skip is dispatched as the
+    ``torch.ops.higher_order.cond`` operator (see :meth:`StackRunner.cond`). CUDA-graph
+    warm-up and capture need it (:mod:`fastcache.cuda_graphs`); outside them it is the same
+    computation as the Python branch, with the flag read by torch's cond kernel instead."""
+    old = _FORCE_COND[0]
+    _FORCE_COND[0] = True
+    try:
+        yield
+    finally:
+        _FORCE_COND[0] = old
+
+
+def is_tracing() -> bool:
+    """True under torch.compile tracing, inside :func:`force_cond`, or during CUDA-graph
+    stream capture: the skip must then be a cond operator (a Python branch on a device
+    value cannot be traced, and cannot be captured)."""
+    if torch.compiler.is_compiling():
+        return True
+    if _FORCE_COND[0]:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def warm_signatures(modules) -> None:
+    """Build, outside any ``torch.cond``, the ``inspect.signature`` of every attention
+    processor under ``modules`` (diffusers' ``Attention.forward`` calls it on its processor
+    every call). Call it while tracing, before a policy's conds.
+
+    Why: torch 2.13's dynamo caches ``inspect.signature`` results for the whole traced
+    frame (``OutputGraph.signature_cache``). A signature first built inside a cond branch
+    keeps its cache entry after the branch's side effects (the Signature's own attribute
+    writes) are rolled back, so the next cond or block that reads it fails with
+    "'Signature' object has no attribute '_parameters'". Built in the root graph first, the
+    results stay valid in every branch. Scanned at trace time, so processors swapped after
+    patching are covered; no graph op."""
+    import inspect
+
+    seen = set()
+    for root in modules:
+        for m in root.modules():
+            proc = getattr(m, "processor", None)
+            if callable(proc) and id(proc) not in seen:
+                seen.add(id(proc))
+                inspect.signature(proc.__call__)
+
 
 _COND = torch.ops.higher_order.cond
 
@@ -100,7 +152,7 @@ def skip_cond(flag: torch.Tensor, compute: Callable, skip: Callable, operands, s
         raise RuntimeError(
             "fastcache: a patched model is being captured into a CUDA graph without torch's "
             "control-flow capture mode, so its cache skip cannot become a conditional node. Capture "
-            "it with fastcache.cudagraph.CUDAGraphStep, or inside "
+            "it with fastcache.cuda_graphs.CUDAGraphStep, or inside "
             "torch._higher_order_ops.cudagraph_conditional_nodes.CUDAGraphCaptureControlFlowOpDispatchMode()."
         )
     else:
@@ -136,87 +188,3 @@ def _flat_branches(compute: Callable, skip: Callable, operands: tuple, shapes) -
         return branch
 
     return wrap(compute), wrap(skip), flat, shapes
-
-
-def _runner(model: nn.Module) -> StackRunner:
-    from .runtime import get_patch
-
-    p = get_patch(model)
-    if p.policy.granularity != "stack":
-        raise ValueError(
-            f"compile_stack needs a stack-granularity policy (the whole stack is one graph); "
-            f"{p.config.kind} runs at {p.policy.granularity!r} granularity"
-        )
-    p._ensure_runtime()
-    return p._runner
-
-
-def compile_stack(model: nn.Module, *, dynamic: bool | None = False, options: dict | None = None) -> StackRunner:
-    """Compile the block stack of a patched ``model`` with inductor as a graph of its own.
-
-    Every eager run of the stack (a computed step; the compute branch of the cond under
-    CUDA-graph capture) then calls ``torch.compile(runner.run_blocks, fullgraph=True)``:
-    the blocks fused, with no cond and no host read inside (checked on CPU by
-    ``tests/runtime/test_modes.py``). Inductor's own CUDA graphs are off
-    (``triton.cudagraphs=False``) so an outer capture (``CUDAGraphStep``) records its
-    kernels. The first computed step compiles (10-15 s for the small test models on
-    2 CPU cores); a change of shape recompiles (``dynamic=False``), and so does the first
-    call from inside the cond operator (different dispatch keys): before a CUDA-graph
-    capture use :func:`warm_compiled_stack`, which ``CUDAGraphStep`` does. Undo with
-    :func:`uncompile_stack`.
-
-    Returns the model's :class:`~fastcache.policies.base.StackRunner`.
-    """
-    runner = _runner(model)
-    opts = {"triton.cudagraphs": False, **(options or {})}
-    runner.compiled = torch.compile(runner.run_blocks, fullgraph=True, dynamic=dynamic, options=opts)
-    return runner
-
-
-def uncompile_stack(model: nn.Module) -> None:
-    """Run the stack of ``model`` eagerly again (undoes :func:`compile_stack`)."""
-    _runner(model).compiled = None
-
-
-class _BothBranchesMode(TorchDispatchMode):
-    """Runs a dispatched cond the way a CUDA graph records it — both branches, from inside
-    the operator's dispatch — and selects on the device (``torch.where``), with no graph."""
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True  # compiled code (the stack) must run, and compile, under this mode
-
-    def __init__(self):
-        super().__init__()
-        self.supports_higher_order_operators = True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _COND:
-            pred, true_fn, false_fn, operands = args
-            with self:
-                outs = true_fn(*operands)
-                other = false_fn(*operands)
-                for a, b in zip(pytree.tree_iter(outs), pytree.tree_iter(other)):
-                    a.copy_(torch.where(pred, a, b))
-            return outs
-        return func(*args, **(kwargs or {}))
-
-
-def warm_compiled_stack(model: nn.Module, fn: Callable, *inputs):
-    """Compile the stack of ``model`` (see :func:`compile_stack`) for a CUDA-graph capture:
-    reset the cache state, then one call ``fn(*inputs)`` with the cond path taken and both
-    branches run from inside the cond operator's dispatch, as the capture will run them.
-
-    Why: dynamo guards a compiled function on its inputs' dispatch keys, and inside the
-    cond operator autograd is below the dispatch (no Autograd key): a stack compiled by an
-    ordinary eager step would be recompiled during the capture. Returns ``fn``'s output;
-    the cache state is left advanced by one step (reset it before use).
-    """
-    runner = _runner(model)
-    if runner.compiled is None:
-        compile_stack(model)
-    from .runtime import reset
-
-    reset(model)
-    with force_cond(), _BothBranchesMode():
-        return fn(*inputs)

@@ -2,11 +2,11 @@
 
 fastcache's decision lives on the device, so a patched transformer call can be captured
 whole: under capture the skip is dispatched straight to torch's cond operator
-(:func:`fastcache.graphs.skip_cond`), which torch's capture mode records as CUDA-graph
+(:func:`fastcache.tracing.skip_cond`), which torch's capture mode records as CUDA-graph
 *conditional nodes* (``torch/_higher_order_ops/cudagraph_conditional_nodes.py``). A
 replay runs no Python and reads nothing to the host; the GPU decides whether the block
 stack runs. ``compile_stack=True`` makes the compute branch the block stack compiled by
-inductor as its own graph (:func:`fastcache.graphs.compile_stack`): fused kernels, still
+inductor as its own graph (:func:`compile_stack`): fused kernels, still
 no host read.
 
 Verified here (CPU, ``tests/runtime/test_modes.py``): the cond reaches a stand-in of the
@@ -21,7 +21,7 @@ tensor arguments (a Python-number timestep would be baked into the graph).
 Example::
 
     handle = fastcache.patch(transformer, fastcache.TeaCacheConfig(threshold=0.25, num_steps=28))
-    step = fastcache.cudagraph.CUDAGraphStep(
+    step = fastcache.cuda_graphs.CUDAGraphStep(
         lambda x, t: transformer(hidden_states=x, timestep=t, ...).sample, latents, t0,
         model=transformer, compile_stack=True)
     for t in timesteps:
@@ -35,9 +35,13 @@ import importlib
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import graphs
-from .policies.base import force_cond
+from .policies.base import StackRunner
+from .runtime import get_patch, reset
+from .tracing import _COND, force_cond
 
 
 def conditional_nodes_available() -> tuple[bool, str]:
@@ -64,9 +68,9 @@ class CUDAGraphStep:
             place, so the graph keeps pointing at the same buffers).
         warmup_iters: eager warm-up calls through the cond operator (both branches).
         compile_stack: compile the block stack with inductor as its own graph
-            (:func:`fastcache.graphs.compile_stack`; needs ``model``) and capture its kernels
+            (:func:`compile_stack`; needs ``model``) and capture its kernels
             in the compute branch. It compiles before any capture, in one call that runs the
-            cond as the capture does (:func:`fastcache.graphs.warm_compiled_stack`).
+            cond as the capture does (:func:`warm_compiled_stack`).
     """
 
     def __init__(
@@ -92,14 +96,13 @@ class CUDAGraphStep:
                 raise ValueError(f"input {i} is on {x.device}; CUDA graphs need every tensor input on CUDA")
         self.fn = fn
         self.static_inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
-        from .runtime import reset
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             if compile_stack:
-                graphs.compile_stack(model)
-                graphs.warm_compiled_stack(model, fn, *self.static_inputs)  # inductor compiles here, not in capture
+                compile_stack(model)
+                warm_compiled_stack(model, fn, *self.static_inputs)  # inductor compiles here, not in capture
             with force_cond():
                 for _ in range(warmup_iters):
                     with ControlFlowOpWarmupDispatchMode():
@@ -119,3 +122,83 @@ class CUDAGraphStep:
                 static.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.static_output
+
+
+# ------------------------------------------------------------ the block stack compiled on its own
+def _runner(model: nn.Module) -> StackRunner:
+    p = get_patch(model)
+    if p.policy.granularity != "stack":
+        raise ValueError(
+            f"compile_stack needs a stack-granularity policy (the whole stack is one graph); "
+            f"{p.config.kind} runs at {p.policy.granularity!r} granularity"
+        )
+    return p.runner
+
+
+def compile_stack(model: nn.Module, *, dynamic: bool | None = False, options: dict | None = None) -> StackRunner:
+    """Compile the block stack of a patched ``model`` with inductor as a graph of its own.
+
+    Every eager run of the stack (a computed step; the compute branch of the cond under
+    CUDA-graph capture) then calls ``torch.compile(runner.run_blocks, fullgraph=True)``:
+    the blocks fused, with no cond and no host read inside (checked on CPU by
+    ``tests/runtime/test_modes.py``). Inductor's own CUDA graphs are off
+    (``triton.cudagraphs=False``) so an outer capture (``CUDAGraphStep``) records its
+    kernels. The first computed step compiles (10-15 s for the small test models on
+    2 CPU cores); a change of shape recompiles (``dynamic=False``), and so does the first
+    call from inside the cond operator (different dispatch keys): before a CUDA-graph
+    capture use :func:`warm_compiled_stack`, which ``CUDAGraphStep`` does. Undo with
+    :func:`uncompile_stack`.
+
+    Returns the model's :class:`~fastcache.policies.base.StackRunner`.
+    """
+    runner = _runner(model)
+    opts = {"triton.cudagraphs": False, **(options or {})}
+    runner.compiled = torch.compile(runner.run_blocks, fullgraph=True, dynamic=dynamic, options=opts)
+    return runner
+
+
+def uncompile_stack(model: nn.Module) -> None:
+    """Run the stack of ``model`` eagerly again (undoes :func:`compile_stack`)."""
+    _runner(model).compiled = None
+
+
+class _BothBranchesMode(TorchDispatchMode):
+    """Runs a dispatched cond the way a CUDA graph records it — both branches, from inside
+    the operator's dispatch — and selects on the device (``torch.where``), with no graph."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # compiled code (the stack) must run, and compile, under this mode
+
+    def __init__(self):
+        super().__init__()
+        self.supports_higher_order_operators = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _COND:
+            pred, true_fn, false_fn, operands = args
+            with self:
+                outs = true_fn(*operands)
+                other = false_fn(*operands)
+                for a, b in zip(pytree.tree_iter(outs), pytree.tree_iter(other)):
+                    a.copy_(torch.where(pred, a, b))
+            return outs
+        return func(*args, **(kwargs or {}))
+
+
+def warm_compiled_stack(model: nn.Module, fn: Callable, *inputs):
+    """Compile the stack of ``model`` (see :func:`compile_stack`) for a CUDA-graph capture:
+    reset the cache state, then one call ``fn(*inputs)`` with the cond path taken and both
+    branches run from inside the cond operator's dispatch, as the capture will run them.
+
+    Why: dynamo guards a compiled function on its inputs' dispatch keys, and inside the
+    cond operator autograd is below the dispatch (no Autograd key): a stack compiled by an
+    ordinary eager step would be recompiled during the capture. Returns ``fn``'s output;
+    the cache state is left advanced by one step (reset it before use).
+    """
+    runner = _runner(model)
+    if runner.compiled is None:
+        compile_stack(model)
+    reset(model)
+    with force_cond(), _BothBranchesMode():
+        return fn(*inputs)
