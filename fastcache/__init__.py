@@ -45,7 +45,6 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleSearchResult",
     "calibrate",
-    "interior",
     "ModelSpec",
     "Patch",
     "TaylorSeerConfig",
@@ -53,7 +52,6 @@ __all__ = [
     "TGateConfig",
     "context",
     "get_patch",
-    "ops",
     "patch",
     "patched",
     "register",
@@ -61,6 +59,5 @@ __all__ = [
     "search_schedule",
     "search_threshold",
     "stats",
-    "tuning",
     "unpatch",
 ]
