@@ -8,9 +8,9 @@ handle.remove()
 
 from . import (
     families,  # noqa: F401  (registers the built-in model families)
-    interior,
-    ops,
-    tuning,
+    interior,  # noqa: F401  (fastcache.interior: the block-program API)
+    ops,  # noqa: F401  (fastcache.ops: the fused ops)
+    tuning,  # noqa: F401  (fastcache.tuning: calibration and search)
 )
 from .config import CacheConfig
 from .policies.block_cache import BlockCacheConfig

@@ -48,7 +48,7 @@ _FORCE_COND = [False]
 @contextlib.contextmanager
 def force_cond() -> Iterator[None]:
     """Take the cond path in eager mode too: the skip is dispatched as the
-    ``torch.ops.higher_order.cond`` operator (see :meth:`StackRunner.cond`). CUDA-graph
+    ``torch.ops.higher_order.cond`` operator (see :func:`skip_cond`). CUDA-graph
     warm-up and capture need it (:mod:`fastcache.cuda_graphs`); outside them it is the same
     computation as the Python branch, with the flag read by torch's cond kernel instead."""
     old = _FORCE_COND[0]
@@ -188,3 +188,42 @@ def _flat_branches(compute: Callable, skip: Callable, operands: tuple, shapes) -
         return branch
 
     return wrap(compute), wrap(skip), flat, shapes
+
+
+def _float_specialization():
+    """A context that dynamo traces as "floats read from here on are constants"
+    (``torch._dynamo.config.specialize_float=True`` for the rest of the trace inside it,
+    restored on exit); None where this torch lacks the mechanism."""
+    try:
+        from torch._dynamo.decorators import DynamoConfigPatchProxy
+    except ImportError:
+        return None
+    # torch._dynamo.patch_dynamo_config builds the same proxy but refuses this key; the
+    # proxy is what dynamo recognises as a traceable config patch.
+    return DynamoConfigPatchProxy(torch._dynamo.config.patch(specialize_float=True))
+
+
+_STATIC_FLOATS = _float_specialization()
+
+
+def static_floats(run_stack):
+    """Decorator for a policy's ``run_stack``: under torch.compile, trace it with Python
+    floats specialized (guarded constants), as dynamo does without ``dynamic=True``.
+
+    Why: with ``torch.compile(dynamic=True)`` dynamo turns every float it reads (a
+    LayerNorm's ``eps``, an attention ``scale``, a dropout probability) into a symbolic
+    graph input, realized on first use. Read inside a ``torch.cond`` branch, such a float
+    becomes an operand of the cond, which torch refuses ("operands can only be of
+    (Tensor, int, SymInt)"), and a float realized in one branch and read in the other
+    fails with "lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer". Shapes stay symbolic. Eager calls are unaffected."""
+    import functools
+
+    @functools.wraps(run_stack)
+    def wrapper(self, *args, **kwargs):
+        if _STATIC_FLOATS is not None and torch.compiler.is_compiling():
+            with _STATIC_FLOATS:
+                return run_stack(self, *args, **kwargs)
+        return run_stack(self, *args, **kwargs)
+
+    return wrapper

@@ -5,7 +5,8 @@ from .block_cache import BlockCachePolicy
 from .delta_dit import DeltaDiTPolicy
 from .eoc import EOCPolicy
 from .first_block import FirstBlockCachePolicy
-from .fora import FORAPolicy, InteriorCachePolicy
+from .fora import FORAPolicy
+from .interior_engine import InteriorCachePolicy
 from .magcache import MagCachePolicy
 from .schedule import SchedulePolicy
 from .taylorseer import TaylorSeerPolicy

@@ -11,10 +11,12 @@ runs and what is reused. The runtime gives it three things:
 * a per-context state object it creates itself (:meth:`Policy.new_state`), holding
   device tensors that only fused ops update.
 
-Branch-level policies (FORA, EOC: reuse attention/MLP outputs before gating, applied
-with :func:`fastcache.ops.gated_residual`) plug in the same way at block granularity:
-the runtime already patches every block's ``forward`` and passes the spec, so such a
-policy overrides :meth:`Policy.block_forward` instead of :meth:`Policy.run_stack`.
+Branch-level policies (FORA, EOC, TaylorSeer, ScheduleConfig, T-GATE, Block Caching) are
+stack policies too: they run the blocks through their block programs
+(:mod:`fastcache.policies.interior_engine`). ``granularity = "block"`` is the extension
+point for a policy that needs each block's own call (:meth:`Policy.block_forward`, with
+the block's original forward; tests/runtime/test_policy_interface.py); no shipped policy
+uses it.
 """
 
 from __future__ import annotations
@@ -108,19 +110,14 @@ class StackRunner:
                 i += 1
         return streams
 
-    def cond(self, flag: torch.Tensor, compute: Callable, skip: Callable, operands: tuple) -> tuple:
-        """``compute(*operands) if flag else skip(*operands)`` as a cond operator (the
-        skip on the tracing/capture path; see :func:`fastcache.tracing.skip_cond`)."""
-        return skip_cond(flag, compute, skip, operands)
-
 
 class Policy:
     """Base policy.
 
     ``granularity = "stack"``: the runtime hands the first block's call to
-    :meth:`run_stack` and makes every other block a pass-through (TeaCache, First-Block
-    Cache, Δ-DiT). ``granularity = "block"``: every block's call goes through
-    :meth:`block_forward` with the block's original forward (FORA, EOC, Block Caching).
+    :meth:`run_stack` and makes every other block a pass-through (every shipped
+    policy). ``granularity = "block"``: every block's call goes through
+    :meth:`block_forward` with the block's original forward (an extension point).
     :meth:`begin_step` runs at the start of every model call, in both cases.
     """
 

@@ -57,8 +57,10 @@ import torch
 from .. import ops
 from ..config import CacheConfig, _check_int, _set, config_type
 from ..ops.reference import STEP
+from ..tracing import static_floats
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy, warm_signatures
-from .steps import DecisionState, residual_cond, static_floats, timestep_guard
+from .stack_engine import DecisionState, residual_cond
+from .steps import timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -380,9 +382,7 @@ class DeltaDiTPolicy(Policy):
             a, b = part.start, part.stop
             out = dict(h)
             out.update(
-                residual_cond(
-                    pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals
-                )
+                residual_cond(pred, lambda ins, a=a, b=b: runner.run_range(call, ins, a, b), h, returned, residuals)
             )
             for n, r in residuals.items():
                 ops.store_residual(out[n], h[n], store, r)

@@ -49,7 +49,8 @@ from ..config import CacheConfig, _as_mask, _check_float, _check_int, _profile_s
 from ..interior import run_blocks
 from ..tuning.profile import TimestepWatch
 from .base import StepInfo, register_policy
-from .fora import FORAConfig, FORAPolicy, InteriorCachePolicy, InteriorState, _StepExecutor
+from .fora import FORAConfig, FORAPolicy
+from .interior_engine import InteriorCachePolicy, InteriorState, StepExecutor
 from .teacache import TeaCacheConfig
 
 
@@ -260,7 +261,7 @@ class EOCPolicy(InteriorCachePolicy):
         if repeated:  # computed in full, cache untouched (as every policy does)
             L = self.layout.num_blocks
             st.counts.add_(torch.tensor([1.0, 0.0, 0.0, 0.0, float(L)], device=st.counts.device))
-            return run_blocks(self.layout, call, streams, _StepExecutor(self, st, [True] * L, False, None, 0.0))
+            return run_blocks(self.layout, call, streams, StepExecutor(self, st, [True] * L, False, None, 0.0))
         return self._host_step(st, call, streams, s, [bool(f) for f in flags])
 
     def device_block_flags(self, st, s_idx):

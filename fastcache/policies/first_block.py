@@ -37,8 +37,10 @@ from typing import ClassVar
 
 from .. import ops
 from ..config import CacheConfig, _check_decision_fields, _check_float, _check_int, _set, config_type
+from ..tracing import static_floats
 from .base import Policy, StackRunner, is_tracing, register_policy
-from .steps import DecisionState, residual_cond, static_floats, timestep_guard
+from .stack_engine import DecisionState, residual_cond
+from .steps import timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -87,7 +89,7 @@ class FirstBlockCacheConfig(CacheConfig):
 class FirstBlockCacheState(DecisionState):
     """One cache context: ``prev`` is ``q_last`` (the first blocks' residual at the last
     computed step), ``residuals`` the middle residual per stream, ``coeffs`` empty (no
-    rescaling; see :class:`~fastcache.policies.steps.DecisionState`)."""
+    rescaling; see :class:`~fastcache.policies.stack_engine.DecisionState`)."""
 
 
 @register_policy(FirstBlockCacheConfig)

@@ -17,7 +17,7 @@ diffusers' arithmetic) and the policy only has to know where it is in the run:
   without accumulation: the op's own timeline, counters and repeated-call ``hold`` then
   apply unchanged). Eager reads that one flag per step; under ``torch.compile`` /
   CUDA-graph capture the skip is one ``torch.cond`` (TeaCache's functional
-  :func:`~fastcache.policies.steps.residual_cond`), the table a constant device tensor,
+  :func:`~fastcache.policies.stack_engine.residual_cond`), the table a constant device tensor,
   so nothing recompiles across steps.
 
 Computed step: the stack runs and ``R <- out - in`` per cached stream (stored unless the
@@ -38,9 +38,11 @@ import torch
 from .. import ops
 from ..config import CacheConfig, _check_float, _check_int, _set, config_type, nearest_interp
 from ..ops.reference import PREV_T, STEP
+from ..tracing import static_floats
 from ..tuning.profile import load_profile
 from .base import Policy, StackRunner, StepInfo, is_tracing, register_policy
-from .steps import DecisionState, skipped_stack, store_residuals, timestep_guard, traced_stack
+from .stack_engine import DecisionState, skipped_stack, store_residuals, traced_stack
+from .steps import timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -243,6 +245,7 @@ class MagCachePolicy(Policy):
             st.force[0, 0] = 1.0
 
     # -- the step -----------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: MagCacheState, runner: StackRunner, head, call, timestep):
         spec = self.spec
         streams = {n: call[n] for n in spec.streams}

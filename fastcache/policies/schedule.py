@@ -45,7 +45,7 @@ from ..interior import run_blocks
 from ..ops.reference import STEP
 from ..tuning.profile import TimestepWatch
 from .base import StepInfo, is_tracing, register_policy
-from .fora import _TraceExecutor
+from .interior_engine import TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
 # --------------------------------------------------------------------------- config
@@ -329,7 +329,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         c = float(st.planned)
         st.counts.add_(torch.tensor([c, 1.0 - c, 0.0, 1.0, L * c], device=st.counts.device))
         if st.planned:
-            ex = _TraceExecutor(self, True, None, None, 0.0)
+            ex = TraceExecutor(self, True, None, None, 0.0)
             out = run_blocks(self.layout, call, dict(streams), ex)
             fs = [ex.outputs[i] for i in range(self.K)]
             if st.hist is None:
@@ -348,7 +348,7 @@ class SchedulePolicy(TaylorSeerPolicy):
             cache = [ops.taylor_forecast(h[: k + 1], st.plan_dx) for h in st.hist]
             if st.plan_corrects:
                 cache = self._correct(cache, st.plan_trend)
-        return run_blocks(self.layout, call, dict(streams), _TraceExecutor(self, False, cache, None, 0.0))
+        return run_blocks(self.layout, call, dict(streams), TraceExecutor(self, False, cache, None, 0.0))
 
     def _fresh(self, st: ScheduleState) -> None:
         """After fresh buffers the announced step computes and starts the history again

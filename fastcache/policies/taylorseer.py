@@ -44,9 +44,10 @@ from .. import ops
 from ..config import CacheConfig, _check_int, _set, config_type
 from ..interior import run_blocks
 from ..ops.reference import STEP
+from ..tracing import static_floats
 from .base import StepInfo, is_tracing, register_policy
-from .fora import InteriorCachePolicy, InteriorState, _StepExecutor, _TraceExecutor
-from .steps import static_floats, timestep_guard
+from .interior_engine import InteriorCachePolicy, InteriorState, StepExecutor, TraceExecutor
+from .steps import timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -255,7 +256,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         L = self.layout.num_blocks
         if code & 1:
             st.cache = [None] * self.K
-            out = run_blocks(self.layout, call, streams, _StepExecutor(self, st, [True] * L, True, None, 0.0))
+            out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [True] * L, True, None, 0.0))
             fs, st.cache = st.cache, None
             if code & 2:
                 if st.hist is None:
@@ -266,7 +267,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         if st.hist is None:
             raise RuntimeError("fastcache: internal error, a forecast step before any computed step")
         st.cache = self._forecast(st, dx)
-        out = run_blocks(self.layout, call, streams, _StepExecutor(self, st, [False] * L, False, None, 0.0))
+        out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [False] * L, False, None, 0.0))
         st.cache = None
         return out
 
@@ -279,7 +280,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         dx = torch.tensor([float(s - st.host_last[0])], device=dev)
         st.cache = [None] * self.K
         if compute:
-            out = run_blocks(self.layout, call, streams, _StepExecutor(self, st, [True] * L, True, None, 0.0))
+            out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [True] * L, True, None, 0.0))
             fs = st.cache
             if st.hist is None:
                 self._alloc_hist(st, fs)
@@ -289,7 +290,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             st.last.fill_(s)
         else:
             st.cache = self._forecast(st, dx)
-            out = run_blocks(self.layout, call, streams, _StepExecutor(self, st, [False] * L, False, None, 0.0))
+            out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [False] * L, False, None, 0.0))
         st.cache = None
         return out
 
@@ -300,7 +301,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         k = len(names)
         if st.hist is None:
             # First traced call of this shape: a fresh decision state, so a forced compute.
-            ex = _TraceExecutor(self, True, None, None, 0.0)
+            ex = TraceExecutor(self, True, None, None, 0.0)
             out = run_blocks(self.layout, call, dict(streams), ex)
             fs = [ex.outputs[i] for i in range(self.K)]
             self._alloc_hist(st, fs)
@@ -313,7 +314,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             ins = dict(streams)
             ins.update(zip(names, operands[:k]))
             cache = list(operands[k : k + self.K])
-            ex = _TraceExecutor(self, compute_all, cache, None, 0.0)
+            ex = TraceExecutor(self, compute_all, cache, None, 0.0)
             outs = run_blocks(self.layout, call, ins, ex)
             new = [ex.outputs[i] for i in range(self.K)] if compute_all else cache
             return (

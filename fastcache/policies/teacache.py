@@ -34,9 +34,11 @@ from typing import ClassVar
 from .. import ops
 from ..config import CacheConfig, _check_decision_fields, _check_float, _set, config_type
 from ..ops.reference import ACC, MAX_COEFFS, STATE_HEADER
+from ..tracing import static_floats
 from .base import Policy, StackRunner, is_tracing, register_policy
 from .memo import reuse_outputs
-from .steps import DecisionState, skipped_stack, static_floats, store_residuals, timestep_guard, traced_stack
+from .stack_engine import DecisionState, skipped_stack, store_residuals, traced_stack
+from .steps import timestep_guard
 
 
 # --------------------------------------------------------------------------- config
@@ -97,7 +99,7 @@ class TeaCacheConfig(CacheConfig):
 # --------------------------------------------------------------------------- policy
 class TeaCacheState(DecisionState):
     """One cache context: ``prev`` is the previous modulated input (B, N, D), ``residuals``
-    the stack residual per cached stream (see :class:`~fastcache.policies.steps.DecisionState`)."""
+    the stack residual per cached stream (see :class:`~fastcache.policies.stack_engine.DecisionState`)."""
 
 
 @register_policy(TeaCacheConfig)

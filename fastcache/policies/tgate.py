@@ -49,8 +49,9 @@ from ..config import CacheConfig, _check_int, _set, config_type
 from ..interior import Executor, apply_cached, run_blocks
 from ..interior.base import combine
 from ..ops.reference import STEP
+from ..tracing import skip_cond, static_floats
 from .base import is_tracing, register_policy, warm_signatures
-from .fora import _SUMS_ZERO_CHANGE, InteriorCachePolicy, InteriorState
+from .interior_engine import SUMS_ZERO_CHANGE, InteriorCachePolicy, InteriorState
 from .steps import AUX_LAST_RUN_STEPS, AUX_REPEATS, AUX_RUN_LENGTH_MISMATCHES, timestep_guard
 
 SELF, CROSS = "attn", "cross"
@@ -294,7 +295,7 @@ class TGatePolicy(InteriorCachePolicy):
 
     def allocate(self, st: TGateState, streams: dict, dev) -> None:
         st.coeffs = torch.zeros(0, dtype=torch.float32, device=dev)
-        st.sums = torch.tensor(_SUMS_ZERO_CHANGE, dtype=torch.float32, device=dev)
+        st.sums = torch.tensor(SUMS_ZERO_CHANGE, dtype=torch.float32, device=dev)
         st.valid = [False] * self.K
         st.prev_step = None
         if st.dev_counts is None or st.dev_counts.device != dev:
@@ -317,6 +318,7 @@ class TGatePolicy(InteriorCachePolicy):
         self.num_steps = num_steps or 0
 
     # -- the step -----------------------------------------------------------------------
+    @static_floats
     def run_stack(self, st: TGateState, runner, head, call, timestep):
         streams = {n: call.get(n) for n in self.spec.streams}
         x = streams[self.spec.streams[0]]
@@ -430,17 +432,21 @@ class TGatePolicy(InteriorCachePolicy):
                 *(f.clone(memory_format=torch.contiguous_format) for f in new),
             )
 
+        # outputs cross each cond flat (skip_cond's shapes): a compiled model keeps working
+        # at a new resolution
+        shapes = [streams[n].shape for n in returned] + [st.cache[k].shape for k in gated]
+
         def stage(cross_on_: bool):
             sas = sorted({a for a, b in combos if b == cross_on_})
             if len(sas) == 2:
-                return lambda *o: torch.cond(
-                    sa_c, lambda *p: run(True, cross_on_, p), lambda *p: run(False, cross_on_, p), o
+                return lambda *o: skip_cond(
+                    sa_c, lambda *p: run(True, cross_on_, p), lambda *p: run(False, cross_on_, p), o, shapes
                 )
             return lambda *o: run(sas[0], cross_on_, o)
 
         operands = (*[streams[n].contiguous() for n in names], *[st.cache[k] for k in gated])
         if {b for _, b in combos} == {True, False}:
-            outs = torch.cond(cross_c, stage(True), stage(False), operands)
+            outs = skip_cond(cross_c, stage(True), stage(False), operands, shapes)
         else:
             outs = stage(True)(*operands)
         result = dict(streams)

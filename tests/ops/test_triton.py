@@ -32,9 +32,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package")
-from fastcache.kernels import LAUNCHERS, decision
+from fastcache.kernels import LAUNCHERS, decision  # noqa: E402  (after the importorskip)
 
-from fastcache.ops import reference as ref
+from fastcache.ops import reference as ref  # noqa: E402
 
 KERNELS_DIR = str(Path(decision.__file__).resolve().parent)
 LOWP = (torch.bfloat16, torch.float16)

@@ -3,7 +3,7 @@ model does: ``torch.compile(fullgraph=True)`` recompiles for a new resolution (d
 the changed sizes symbolic), and ``torch.compile(dynamic=True)`` compiles symbolic shapes
 on the first call.
 
-What used to break (``fastcache.tracing.skip_cond``, ``fastcache.policies.steps.static_floats``):
+What used to break (``fastcache.tracing.skip_cond``, ``fastcache.tracing.static_floats``):
 under symbolic sizes a dense ``(B, N, D)`` cond output has the stride ``D*Max(1, N)``, which
 torch's cond refuses ("one of cond's output stride is not a simple accumulative
 multiplication of sizes"); and with ``dynamic=True`` the floats the blocks read (a norm's
@@ -21,7 +21,7 @@ first call after a reset taking its own path), and under ``dynamic=True`` nothin
 import pytest
 import torch
 import torch._dynamo
-from support.zoo import dit_case
+from support.zoo import dit_case, pixart_case
 from torch._dynamo.utils import counters
 
 import fastcache
@@ -88,15 +88,28 @@ def test_compiled_model_recompiles_for_a_new_resolution(name):
     assert graphs[0] in (1, 2) and graphs[1] == graphs[0], graphs
 
 
-@pytest.mark.parametrize("name", ["first_block", "fora", "teacache"])
-def test_dynamic_compile_first_call(name):
-    """One policy per traced path: the residual cond (TeaCache; First-Block's block range)
-    and the interior step (FORA; TaylorSeer and ScheduleConfig share its cond site)."""
+def _dynamic_case(name):
+    if name == "tgate":  # a text-conditioned model (cross-attention to gate)
+        case = pixart_case()
+        return case, fastcache.TGateConfig(gate_step=2, warm_up=1, sp_interval=1, fi_interval=1)
     case = small_dit()
+    if name == "magcache":
+        prof = fastcache.calibrate(case.model, lambda: [case.sample(steps=STEPS, seed=1)], progress=False)
+        return case, fastcache.MagCacheConfig(threshold=1.0, max_skips=2, profile=prof)
+    return case, configs()[name]
+
+
+@pytest.mark.parametrize("name", ["first_block", "fora", "magcache", "teacache", "tgate"])
+def test_dynamic_compile_first_call(name):
+    """One policy per traced path: the residual cond (TeaCache, MagCache; First-Block's block
+    range), the interior step (FORA; TaylorSeer and ScheduleConfig share its cond site) and
+    T-GATE's nested conds (which failed with "lift_tracked_freevar_to_input" before it
+    traced with static floats and crossed its conds flat)."""
+    case, cfg = _dynamic_case(name)
     m = case.model
     torch._dynamo.reset()
     counters.clear()
-    with fastcache.patched(m, configs()[name]):
+    with fastcache.patched(m, cfg):
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager", dynamic=True)
         eager, out, (eager_tl, tl), n = eager_then_compiled(case, compiled, SIZES[0])
         assert tl == eager_tl

@@ -286,7 +286,7 @@ def test_host_reads_none_with_a_host_schedule_one_flag_on_a_dynamic_base():
         ours = [r for r in mode.reads if r is not None]
         assert st["corrected"] > 0
         assert len(ours) == expected, ours
-        assert all("policies/fora.py:run_stack" in r and ".item()" in r for r in ours), ours
+        assert all("policies/interior_engine.py:run_stack" in r and ".item()" in r for r in ours), ours
 
 
 @pytest.mark.compile

@@ -93,7 +93,7 @@ def test_host_schedule_reads_nothing_device_schedule_one_flag():
         ours = [r for r in mode.reads if r is not None]
         assert st["skipped"] == 4
         assert len(ours) == expected, ours
-        assert all("policies/fora.py:run_stack" in r and ".item()" in r for r in ours), ours
+        assert all("policies/interior_engine.py:run_stack" in r and ".item()" in r for r in ours), ours
 
 
 @pytest.mark.compile
