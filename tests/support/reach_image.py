@@ -526,9 +526,7 @@ def auraflow_case(B=2) -> Case:
     return Case(
         "auraflow",
         m,
-        inputs=lambda x, t: dict(
-            hidden_states=x, encoder_hidden_states=text[: x.shape[0]], timestep=_flow_t(t, x)
-        ),
+        inputs=lambda x, t: dict(hidden_states=x, encoder_hidden_states=text[: x.shape[0]], timestep=_flow_t(t, x)),
         latents=lambda g: torch.randn(B, 4, 8, 8, generator=g),
         scheduler=FlowMatchEulerDiscreteScheduler,
         batch=B,
