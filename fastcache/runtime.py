@@ -42,6 +42,7 @@ from torch import nn
 
 from .config import CacheConfig
 from .distributed import check_policy, resolve_group
+from .families.auto import auto_spec
 from .policies import policy_for
 from .policies.base import StackRunner, StepInfo, is_tracing
 from .specs import ModelSpec, find_spec, spec_by_name
@@ -203,7 +204,7 @@ class Patch:
     def _build_policy(self) -> None:
         """The policy, the block list it runs and fresh per-context state (at patch time,
         after a copy, and when the model's blocks were replaced: :meth:`_follow_blocks`)."""
-        self.policy = policy_for(self.config)(self.config, self.spec, self.model)
+        self.policy = policy_for(self.config, self.spec)(self.config, self.spec, self.model)
         self.policy.group = getattr(self, "group", None)
         check_policy(self.policy, self.policy.group)
         self.segments = self.spec.blocks(self.model)
@@ -217,6 +218,7 @@ class Patch:
         self._model_fwd = _original(self.model, saved.get(id(self.model), _MISSING))
         self._model_binder = _Binder(self._model_fwd)
         self._block_binders = [_Binder(seg[0]) for seg in self._originals]
+        self._sub_originals = [_original(m, saved.get(id(m), _MISSING)) for m in self.policy.submodules()]
         self._runner = StackRunner(self.spec, self._originals)
         # the blocks patched (segments may be the model's live ModuleLists: ids, not the lists)
         self._block_ids = [[id(b) for b in seg] for seg in self.segments]
@@ -297,6 +299,9 @@ class Patch:
                 self._saved.append((blk, _instance_attr(blk, "forward")))
                 kind = "block" if block_kind == "block" else ("head" if (i, j) == (0, 0) else "pass")
                 _set_instance_attr(blk, "forward", _Forward(self, kind, (i, j)))
+        for k, sub in enumerate(self.policy.submodules()):
+            self._saved.append((sub, _instance_attr(sub, "forward")))
+            _set_instance_attr(sub, "forward", _Forward(self, "sub", (k, 0)))
 
     def _restore_forwards(self, keep_model: bool = False) -> None:
         """Put back every patched ``forward`` (the blocks' only, with ``keep_model``)."""
@@ -345,6 +350,8 @@ class Patch:
         if not self.active:  # removed, but still reachable under a foreign wrapper
             if kind == "model":
                 return self._model_fwd(*args, **kwargs)
+            if kind == "sub":
+                return self._sub_originals[index[0]](*args, **kwargs)
             return self._originals[index[0]][index[1]](*args, **kwargs)
         if kind == "model":
             if is_tracing():
@@ -353,6 +360,12 @@ class Patch:
         if kind == "pass":
             call = self._block_binders[index[0]](args, kwargs)
             return self.spec.pack({n: call.get(n) for n in self.spec.returns})
+        if kind == "sub":
+            if self._bypass or self._timestep is None:
+                # the bypass, or a submodule called outside the model's call (its own use)
+                return self._sub_originals[index[0]](*args, **kwargs)
+            state = self.contexts[self.current_context]
+            return self.policy.sub_call(state, index[0], self._sub_originals[index[0]], args, kwargs, self._timestep)
         if self._bypass:
             return (
                 self._originals[index[0]][index[1]](*args, **kwargs)
@@ -366,6 +379,8 @@ class Patch:
                 "(the cache decision needs the step's timestep)."
             )
         state = self.contexts[self.current_context]
+        if kind == "block" and self.policy.raw_block_calls:
+            return self.policy.block_call(state, index, self._originals[index[0]][index[1]], args, kwargs, t)
         call = self._block_binders[index[0]](args, kwargs)
         if kind == "block":
             return self.policy.block_forward(state, index, self._originals[index[0]][index[1]], call, t)
@@ -760,12 +775,26 @@ def patch(model: nn.Module, config: CacheConfig, spec: ModelSpec | None = None, 
             f"{type(model).__name__} is already patched with {existing.config.kind}; "
             "call fastcache.unpatch(model) (or handle.remove()) before patching again."
         )
-    spec = spec or find_spec(model)
+    spec = spec or spec_for(model)
     group = resolve_group(model, process_group)
     p = Patch(model, config, spec, group)
     p._install()
     model.__dict__[PATCH_ATTR] = p
     return p
+
+
+def spec_for(model: nn.Module) -> ModelSpec:
+    """A registered family's spec, else the automatic path's
+    (:func:`fastcache.families.auto.auto_spec`), else a TypeError saying what is missing."""
+    try:
+        return find_spec(model)
+    except TypeError:
+        pass
+    try:
+        return auto_spec(model)
+    except TypeError as e:
+        find_spec(model, why=str(e))
+        raise
 
 
 def _unwrap(model):

@@ -65,6 +65,9 @@ class ModelSpec:
         teacache_coefficients: published TeaCache polynomial (numpy.poly1d order), if any.
         interior: ``block -> fastcache.interior.BlockProgram`` for branch-level policies
             (FORA, EOC); None = no interior known (those policies refuse the model).
+        auto: made by :func:`fastcache.families.auto.auto_spec` for a model no family
+            describes: only the segments and the timestep argument are known; the policies
+            of the automatic path learn the rest from the calls.
     """
 
     name: str
@@ -79,10 +82,13 @@ class ModelSpec:
     refuse_args: tuple[str, ...] = ()
     teacache_coefficients: tuple[float, ...] | None = None
     interior: Any = None
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if not self.segments:
             raise ValueError(f"ModelSpec {self.name!r}: segments must name at least one ModuleList")
+        if self.auto:
+            return
         if not self.streams or not set(self.returns) <= set(self.streams):
             raise ValueError(
                 f"ModelSpec {self.name!r}: returns {self.returns} must be stream names from {self.streams}"
@@ -152,6 +158,8 @@ def qualified_name(cls: type) -> str:
 
 
 _REGISTRY: list[ModelSpec] = []
+
+
 def register(spec: ModelSpec, builtin: bool = False) -> ModelSpec:
     """Add (or replace, by name) a model spec; user specs are tried before built-ins
     (``builtin=True``: after every spec registered so far, as ``fastcache.families`` does)."""
@@ -177,13 +185,18 @@ def spec_by_name(name: str) -> ModelSpec:
     )
 
 
-def find_spec(model: nn.Module) -> ModelSpec:
+def find_spec(model: nn.Module, why: str = "") -> ModelSpec:
+    """The registered (not automatic) spec of ``model``; ``why``: the automatic path's
+    refusal, quoted in the error."""
     for spec in _REGISTRY:
-        if spec.matches(model):
+        if spec.matches(model) and not spec.auto:
             return spec
-    names = sorted({t.rsplit(".", 1)[-1] if isinstance(t, str) else t.__name__ for s in _REGISTRY for t in s.types()})
+    names = sorted(
+        {t.rsplit(".", 1)[-1] if isinstance(t, str) else t.__name__ for s in _REGISTRY if not s.auto for t in s.types()}
+    )
     raise TypeError(
-        f"fastcache does not know how to cache {type(model).__name__}. Supported: {', '.join(names)}. "
+        f"{why or f'fastcache does not know how to cache {type(model).__name__}.'} "
+        f"Families fastcache describes by hand: {', '.join(names)}. "
         "For your own model describe it with fastcache.register(fastcache.ModelSpec(...)) "
         "(see fastcache.specs for the fields and an example), or pass spec=... to fastcache.patch."
     )

@@ -191,21 +191,54 @@ class Policy:
     ) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
 
+    # -- the automatic path (granularity "block", raw calls) ----------------------------
+    #: True: block calls reach :meth:`block_call` with the call's own (args, kwargs)
+    raw_block_calls: ClassVar[bool] = False
+
+    def block_call(self, state, index: tuple[int, int], forward: Callable, args: tuple, kwargs: dict, timestep):
+        """One block's call as the model made it (``raw_block_calls``)."""
+        raise NotImplementedError
+
+    def submodules(self) -> list[nn.Module]:
+        """Modules inside the blocks whose calls the policy takes (:meth:`sub_call`), in a
+        fixed order (a module's position is its index); the runtime patches and restores
+        their ``forward`` as it does the blocks'."""
+        return []
+
+    def sub_call(self, state, index: int, forward: Callable, args: tuple, kwargs: dict, timestep):
+        """A call of ``submodules()[index]``, inside a patched model's call."""
+        raise NotImplementedError
+
 
 _POLICIES: dict[type, type[Policy]] = {}
+_AUTO_POLICIES: dict[type, type[Policy]] = {}
 
 
-def register_policy(config_type: type):
-    """Class decorator: ``@register_policy(MyConfig) class MyPolicy(Policy): ...``."""
+def register_policy(config_type: type, auto: bool = False):
+    """Class decorator: ``@register_policy(MyConfig) class MyPolicy(Policy): ...``;
+    ``auto=True``: the policy of ``config_type`` on the automatic path (models no family
+    file describes: :mod:`fastcache.families.auto`)."""
 
     def deco(cls):
-        _POLICIES[config_type] = cls
+        (_AUTO_POLICIES if auto else _POLICIES)[config_type] = cls
         return cls
 
     return deco
 
 
-def policy_for(config) -> type[Policy]:
+def policy_for(config, spec: ModelSpec | None = None) -> type[Policy]:
+    if spec is not None and spec.auto:
+        cls = _AUTO_POLICIES.get(type(config))
+        if cls is not None:
+            return cls
+        model = spec.name.split(":", 1)[-1].rsplit(".", 1)[-1]
+        known = ", ".join(sorted(c.__name__ for c in _AUTO_POLICIES)) or "none"
+        raise TypeError(
+            f"fastcache: {type(config).__name__} needs what a model family file describes (the block program "
+            f"or the modulation of {model}), and no family file describes {model}: it runs on the automatic "
+            f"path, where these configs work: {known}. To use {type(config).__name__}, register a "
+            f"fastcache.ModelSpec for {model} (fastcache/families/ holds one file per family as examples)."
+        )
     try:
         return _POLICIES[type(config)]
     except KeyError:
