@@ -1,0 +1,43 @@
+"""Reach: every diffusers transformer class of the reach zoo x every method that should work
+everywhere (tests/support/reach.py measures each cell; bench/reach_table.py writes the same
+cells to docs/reach.md). A cell works (never-skip bitwise, a skipping setting finite with
+fewer attention calls, remove restores) or is refused with a message that names the class
+and says what to do; it never crashes or runs wrong. ``FLOOR``: how many classes each method
+must work on (the issue's bar: First-Block, TaylorSeer, ScheduleConfig on 32 of 36)."""
+
+import pytest
+from support.reach import CLASSES, SETTINGS, built, run_cell
+
+CELLS = [(c, m) for c in CLASSES for m in SETTINGS]
+_RESULTS: dict = {}
+
+#: classes each method must work on (raised as the automatic path and the families grow)
+FLOOR = {
+    "FirstBlockCacheConfig": 5,
+    "TaylorSeerConfig": 5,
+    "FORAConfig": 5,
+    "ScheduleConfig": 5,
+    "TeaCacheConfig": 5,
+}
+
+
+def _result(name, method):
+    if (name, method) not in _RESULTS:
+        _RESULTS[(name, method)] = run_cell(name, method)
+    return _RESULTS[(name, method)]
+
+
+@pytest.mark.parametrize("name,method", CELLS)
+def test_cell_works_or_is_refused_with_what_to_do(name, method):
+    cell = _result(name, method)
+    assert cell.status in ("works", "refused"), f"{name} x {method}: {cell.status}: {cell.detail}"
+    if cell.status == "refused":
+        cls = type(built(name)[0].model).__name__
+        assert cls in cell.detail, f"the refusal must name {cls}: {cell.detail}"
+        assert any(w in cell.detail for w in ("register", "Register", "use ", "Use ")), cell.detail
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_method_works_on_enough_classes(method):
+    working = [c for c in CLASSES if _result(c, method).status == "works"]
+    assert len(working) >= FLOOR[method], f"{method} works on {len(working)} classes: {working}"
