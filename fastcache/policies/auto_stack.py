@@ -111,6 +111,7 @@ class _Plan:
     residual: dict  # head slot k -> (tail slot j, dim, offset, size)
     joined: bool  # a concatenation of streams is crossed inside the cached range
     note: str = ""
+    position: dict = dataclasses.field(default_factory=dict)  # block index -> position in the step
 
 
 class AutoFirstBlockState(DecisionState):
@@ -212,9 +213,12 @@ class AutoFirstBlockPolicy(Policy):
 
     # -- the step -------------------------------------------------------------------------
     def block_call(self, st: AutoFirstBlockState, index, forward, args, kwargs, timestep):
-        pos = st.pos
-        st.pos = pos + 1
-        if pos == 0:
+        # The position in the step. A planned step places each block by its index: a host
+        # counter mutated across calls does not survive dynamo's speculation of the cond
+        # branches; eager calls also check the counter (the model's call order is the plan's).
+        counted = st.pos
+        st.pos = counted + 1
+        if st.mode == "idle":
             leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             st.sig = (index, tuple((tuple(t.shape), t.dtype, t.device) for t in leaves))
             plan = self.plans.get(st.sig)
@@ -232,11 +236,14 @@ class AutoFirstBlockPolicy(Policy):
             out = forward(*args, **kwargs)
             self._probe_call(st.probe, index, forward, args, kwargs, out)
             return out
-        plan = st.plan
-        if st.mode != "plan" or pos < plan.first or pos > plan.tail:
+        if st.mode != "plan":
             return forward(*args, **kwargs)
-        if pos >= len(plan.calls) or plan.calls[pos].index != index:
+        plan = st.plan
+        pos = plan.position.get(index, -1)
+        if pos < 0 or (not is_tracing() and pos != counted):
             return self._off_plan(st, pos, index, forward, args, kwargs)
+        if pos < plan.first or pos > plan.tail:
+            return forward(*args, **kwargs)
         if pos < plan.decide:
             if pos == plan.first:
                 st.first_in = _get(args, kwargs, plan.c0_in)
@@ -247,11 +254,10 @@ class AutoFirstBlockPolicy(Policy):
 
     def _off_plan(self, st, pos, index, forward, args, kwargs):
         plan = st.plan
-        if pos > plan.decide and (st.skipping or is_tracing()):
+        if st.skipping or is_tracing():
             raise RuntimeError(
-                f"fastcache: {type(self.model).__name__} called block {self._block_name(index)} where the call "
-                f"order learnt at its first call has {self._block_name(plan.calls[pos].index) if pos < len(plan.calls) else 'no block'}, "
-                "inside a skipped step. The model's block order depends on something other than the input shapes; "
+                f"fastcache: {type(self.model).__name__} called block {self._block_name(index)} at a place its first "
+                f"call (the plan learnt for these input shapes) did not, inside a skipped step. The model's block order depends on something other than the input shapes; "
                 "FirstBlockCacheConfig cannot cache it automatically: register a fastcache.ModelSpec for it."
             )
         # computed so far: compute the rest, and learn the step again next time
@@ -260,7 +266,6 @@ class AutoFirstBlockPolicy(Policy):
         st.replans += 1
         return forward(*args, **kwargs)
 
-    @static_floats
     def _head(self, st: AutoFirstBlockState, plan: _Plan, forward, args, kwargs, timestep):
         cfg = self.config
         out = forward(*args, **kwargs)
@@ -311,11 +316,13 @@ class AutoFirstBlockPolicy(Policy):
                 )
 
             operands = [outs[k] for k in present] + [st.residuals[str(k)] for k in keys]
+            # the tail's residual store reads the computed head outputs (what the compute branch
+            # returns), kept before the cond: dynamo drops Python state written after it
+            st.head_out = outs
             new = skip_cond(flag, compute, skip, operands, [outs[k].shape for k in present])
             outs = list(outs)
             for k, v in zip(present, new):
                 outs[k] = v
-            st.head_out = outs
             return self._pack(plan.calls[plan.decide], outs)
         st.skipping = not flag.item()  # host-read-ok: the single eager decision read per step
         if st.skipping:
@@ -601,6 +608,13 @@ class AutoFirstBlockPolicy(Policy):
                 f"register a fastcache.ModelSpec for {cls}."
             )
         plan = _Plan(calls, decide, first, tail, c0, c0_in, residual, joined)
+        indices = [c.index for c in calls]
+        if len(set(indices)) != len(indices):
+            raise ValueError(
+                f"fastcache: {cls} calls one block more than once per step; FirstBlockCacheConfig on the automatic path "
+                f"places each block by its position. Register a fastcache.ModelSpec for {cls}."
+            )
+        plan.position = {ix: p for p, ix in enumerate(indices)}
         plan.note = (
             f"head {self._block_name(calls[first].index)}, decision at {self._block_name(calls[decide].index)}, tail "
             f"{self._block_name(calls[tail].index)}: {tail - decide} of {len(calls)} block calls cached"
