@@ -253,11 +253,11 @@ class AutoFirstBlockPolicy(Policy):
         return self._cached(st, plan, pos, forward, args, kwargs)
 
     def _off_plan(self, st, pos, index, forward, args, kwargs):
-        plan = st.plan
         if st.skipping or is_tracing():
             raise RuntimeError(
                 f"fastcache: {type(self.model).__name__} called block {self._block_name(index)} at a place its first "
-                f"call (the plan learnt for these input shapes) did not, inside a skipped step. The model's block order depends on something other than the input shapes; "
+                f"call (the plan learnt for these input shapes) did not, inside a skipped step. The model's block "
+                "order depends on something other than the input shapes; "
                 "FirstBlockCacheConfig cannot cache it automatically: register a fastcache.ModelSpec for it."
             )
         # computed so far: compute the rest, and learn the step again next time
@@ -266,6 +266,7 @@ class AutoFirstBlockPolicy(Policy):
         st.replans += 1
         return forward(*args, **kwargs)
 
+    @static_floats
     def _head(self, st: AutoFirstBlockState, plan: _Plan, forward, args, kwargs, timestep):
         cfg = self.config
         out = forward(*args, **kwargs)
@@ -302,7 +303,9 @@ class AutoFirstBlockPolicy(Policy):
         st.flag, st.store = flag, store
         keys = list(plan.residual)
         if is_tracing():
-            warm_signatures([self.segments[i][j] for i, j in (c.index for c in plan.calls[plan.decide : plan.tail + 1])])
+            warm_signatures(
+                [self.segments[i][j] for i, j in (c.index for c in plan.calls[plan.decide : plan.tail + 1])]
+            )
             present = [k for k, o in enumerate(outs) if o is not None]
 
             def compute(*xs):
@@ -346,12 +349,14 @@ class AutoFirstBlockPolicy(Policy):
             v = _get(args, kwargs, loc)
             if not isinstance(v, torch.Tensor):
                 raise RuntimeError(
-                    f"fastcache: block {self._block_name(info.index)} was called without its stream argument {loc[1]!r} "
-                    "where its first call passed it; FirstBlockCacheConfig cannot skip it (register a fastcache.ModelSpec)"
+                    f"fastcache: block {self._block_name(info.index)} was called without its stream argument "
+                    f"{loc[1]!r} where its first call passed it; FirstBlockCacheConfig cannot skip it (register a "
+                    "fastcache.ModelSpec)"
                 )
             outs.append(v)
         return outs
 
+    @static_floats
     def _cached(self, st: AutoFirstBlockState, plan: _Plan, pos, forward, args, kwargs):
         info = plan.calls[pos]
         if is_tracing():
@@ -430,9 +435,7 @@ class AutoFirstBlockPolicy(Policy):
                 info.shapes.append(None)
                 continue
             cands = [
-                (loc, n, t)
-                for loc, n, t in inputs
-                if t.shape == o.shape and t.dtype == o.dtype and loc not in used
+                (loc, n, t) for loc, n, t in inputs if t.shape == o.shape and t.dtype == o.dtype and loc not in used
             ]
             pick = None
             if k in by_meta:
@@ -611,8 +614,8 @@ class AutoFirstBlockPolicy(Policy):
         indices = [c.index for c in calls]
         if len(set(indices)) != len(indices):
             raise ValueError(
-                f"fastcache: {cls} calls one block more than once per step; FirstBlockCacheConfig on the automatic path "
-                f"places each block by its position. Register a fastcache.ModelSpec for {cls}."
+                f"fastcache: {cls} calls one block more than once per step; FirstBlockCacheConfig on the automatic "
+                f"path places each block by its position. Register a fastcache.ModelSpec for {cls}."
             )
         plan.position = {ix: p for p, ix in enumerate(indices)}
         plan.note = (
@@ -637,8 +640,16 @@ class AutoFirstBlockPolicy(Policy):
         t_op, rep = timestep_guard(st.state, st.aux, t, st.num_steps)
         sums = self.reduce_sums(ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep))
         flag = ops.cache_decision(
-            sums, t_op, st.coeffs, st.state, cfg.threshold, cfg.warmup_steps, cfg.max_consecutive_skips,
-            st.num_steps, hold=rep, accumulate=False,
+            sums,
+            t_op,
+            st.coeffs,
+            st.state,
+            cfg.threshold,
+            cfg.warmup_steps,
+            cfg.max_consecutive_skips,
+            st.num_steps,
+            hold=rep,
+            accumulate=False,
         )
         store = flag & ~rep
         ops.store_residual(h, x_in, store, st.prev)
