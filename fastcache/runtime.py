@@ -550,7 +550,9 @@ class Patch:
         self._step = step
         self.policy.begin_step(self.contexts[self.current_context], t, step)
         try:
-            return self._model_fwd(*args, **kwargs)
+            out = self._model_fwd(*args, **kwargs)
+            self.policy.end_step(self.contexts[self.current_context])
+            return out
         finally:
             self._timestep = None
             self._step = None

@@ -181,6 +181,9 @@ class Policy:
     def begin_step(self, state, timestep: torch.Tensor, step: StepInfo) -> None:
         """Called once per model call, before any block runs (no host reads here)."""
 
+    def end_step(self, state) -> None:
+        """Called once per model call, after the model's forward returned (eager and traced)."""
+
     def block_forward(self, state, index: tuple[int, int], forward: Callable, call: dict, timestep: torch.Tensor):
         """One block's call (``granularity = "block"``); ``index`` = (segment, block).
         Returns what the block returns; ``forward(**call)`` runs the original block."""
