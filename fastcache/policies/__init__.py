@@ -1,5 +1,6 @@
 """Caching policies: one file per method; each registers itself for its config type."""
 
+from .auto_branch import AutoBranchPolicy  # noqa: F401  (the automatic path's FORA, TaylorSeer, ScheduleConfig)
 from .base import Policy, StackRunner, policy_for, register_policy
 from .block_cache import BlockCachePolicy
 from .delta_dit import DeltaDiTPolicy
