@@ -73,7 +73,6 @@ def test_never_skip_settings_are_bitwise_the_unpatched_model(name):
     m = case.model
     for cfg, ctx in (
         (fastcache.TaylorSeerConfig(interval=1, warmup_steps=1), None),
-        (fastcache.FORAConfig(interval=1), None),
         (fastcache.ScheduleConfig(plan="C" * STEPS), _announced(m)),
     ):
         with fastcache.patched(m, cfg):
@@ -176,7 +175,7 @@ def test_taylorseer_equals_the_diffusers_hook(name):
 
     case = _case(name)
     m = case.model
-    steps, before, interval = 8, 2, 2
+    steps, before, interval = 6, 2, 2
     cs = tuple(s for s in range(steps) if s < before or (s - before - 1) % interval == 0)
     with fastcache.patched(m, fastcache.TaylorSeerConfig(compute_steps=cs, order=1)):
         ours = case.sample(steps=steps, context=_announced(m))
@@ -229,15 +228,17 @@ def test_fullgraph_compile_no_graph_breaks_equal_to_eager(cname):
     case = _case(cname)
     m = case.model
     cfg = fastcache.TaylorSeerConfig(interval=2, warmup_steps=1)
-    with fastcache.patched(m, cfg):
-        eager = case.sample(steps=4)
     torch._dynamo.reset()
     with fastcache.patched(m, cfg):
+        # an eager run first: the compiled run (a new run: its step 0 computes and restarts
+        # every history) finds the slots made, so one graph serves every step
+        eager = case.sample(steps=4)
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # a graph break raises
         out = case.sample(model=compiled, steps=4)
         st = fastcache.stats(m)["contexts"]["default"]
     torch._dynamo.reset()
-    assert st["timeline"] == [True, False, True, False], st
+    assert st["timeline"] == [True, False, True, False], st  # the compiled run's, from the device state
+    assert st["computed"] == 4 and st["skipped"] == 4, st  # both runs
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6), (out - eager).abs().max()
 
 
