@@ -126,7 +126,9 @@ class _Slot:
         self.out_spec = out_spec  # pytree spec of the outputs
         self.shapes = [None if o is None else tuple(o.shape) for o in outs]
         self.dtypes = [None if o is None else o.dtype for o in outs]
-        self.hist = [None if o is None else torch.zeros((m + 1, *o.shape), dtype=torch.float32, device=dev) for o in outs]
+        self.hist = [
+            None if o is None else torch.zeros((m + 1, *o.shape), dtype=torch.float32, device=dev) for o in outs
+        ]
         self.valid = torch.zeros(1, dtype=torch.float32, device=dev)  # orders the history holds
         self.last = torch.zeros(1, dtype=torch.float32, device=dev)  # step of the last stored outputs
         self.stored = 0  # computed steps stored since the slot was made (eager only, capped)
@@ -337,7 +339,9 @@ class AutoBranchPolicy(Policy):
         orders = self.device_orders(dev)
         if is_tracing():
             st.compute_t, st.store_t = compute, store
-            st.order_t = None if orders is None else orders.index_select(0, s_idx.to(torch.long).clamp(max=orders.numel() - 1))
+            st.order_t = (
+                None if orders is None else orders.index_select(0, s_idx.to(torch.long).clamp(max=orders.numel() - 1))
+            )
             cf = compute.to(torch.float32)
             st.counts.add_(torch.stack([cf, 1.0 - cf]))
             return
@@ -369,7 +373,10 @@ class AutoBranchPolicy(Policy):
         if not compute:
             st.host["calls_reused"] += 1
             dx = st.s_dev - slot.last
-            outs = [None if h is None else ops.taylor_forecast(h[: st.order + 1], dx).to(dt) for h, dt in zip(slot.hist, slot.dtypes)]
+            outs = [
+                None if h is None else ops.taylor_forecast(h[: st.order + 1], dx).to(dt)
+                for h, dt in zip(slot.hist, slot.dtypes)
+            ]
             return pytree.tree_unflatten(outs, slot.out_spec)
         st.host["calls_computed"] += 1
         out = forward(*args, **kwargs)
