@@ -152,6 +152,8 @@ def qualified_name(cls: type) -> str:
 
 
 _REGISTRY: list[ModelSpec] = []
+
+
 def register(spec: ModelSpec, builtin: bool = False) -> ModelSpec:
     """Add (or replace, by name) a model spec; user specs are tried before built-ins
     (``builtin=True``: after every spec registered so far, as ``fastcache.families`` does)."""

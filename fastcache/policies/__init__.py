@@ -9,6 +9,7 @@ from .fora import FORAPolicy
 from .interior_engine import InteriorCachePolicy
 from .magcache import MagCachePolicy
 from .schedule import SchedulePolicy
+from .smoothcache import SmoothCachePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 from .tgate import TGatePolicy
@@ -23,6 +24,7 @@ __all__ = [
     "MagCachePolicy",
     "Policy",
     "SchedulePolicy",
+    "SmoothCachePolicy",
     "StackRunner",
     "TaylorSeerPolicy",
     "TeaCachePolicy",
