@@ -23,6 +23,7 @@ THRESHOLDS = {
     "diffusers-flux": 0.2,
     "diffusers-sd3": 0.1,
     "diffusers-wan": 0.2,
+    "diffusers-qwenimage": 0.2,
     "fastcache-dit": 0.3,
 }
 

@@ -33,6 +33,9 @@ INDICATORS = {
     "diffusers-wan": lambda b, kw: _modulate(
         b.norm1(kw["hidden_states"].float()), *(b.scale_shift_table + kw["temb"].float()).chunk(6, 1)[:2]
     ),
+    "diffusers-qwenimage": lambda b, kw: _modulate(
+        b.img_norm1(kw["hidden_states"]), *(c[:, None] for c in b.img_mod(kw["temb"]).chunk(6, -1)[:2])
+    ),
 }
 STREAM = {"fastcache-dit": "x"}
 POSITIONAL = {

@@ -222,6 +222,18 @@ def wan_case(B=2) -> Case:
     )
 
 
+def _reach(name: str, builder: str) -> Callable[..., Case]:
+    """The reach zoo's builder ``builder`` (tests/support/reach_image.py) under the family's
+    name; imported when called (reach_image imports this module)."""
+
+    def build(B=2) -> Case:
+        from support import reach_image
+
+        return dataclasses.replace(getattr(reach_image, builder)(B), name=name)
+
+    return build
+
+
 def reference_dit_case(B=2) -> Case:
     from fastcache.models import DiT
 
@@ -276,3 +288,4 @@ CASES = {
     "diffusers-wan": wan_case,
     "fastcache-dit": reference_dit_case,
 }
+CASES["diffusers-qwenimage"] = _reach("diffusers-qwenimage", "qwenimage_case")
