@@ -54,3 +54,15 @@ def test_qwenimage_edit_runs_under_a_stack_level_method():
     with fastcache.patched(m, fastcache.FirstBlockCacheConfig(threshold=2.0)):
         case.sample(steps=6)
         assert fastcache.stats(m)["contexts"]["default"]["skipped"] > 0
+
+
+def test_flux2_refuses_the_reference_kv_cache():
+    """Flux.2's reference-image KV cache hands each block its own layer cache by mutating
+    one kwargs dict between block calls: the stack, which calls every block with the first
+    block's arguments, refuses it before running."""
+    case = CASES["diffusers-flux2"]()
+    m = case.model
+    x = case.latents(torch.Generator().manual_seed(1))
+    with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.1)):
+        with pytest.raises(ValueError, match="kv_cache_mode=.*adds values between blocks"):
+            m(**case.inputs(x, torch.tensor(999.0)), kv_cache_mode="extract", num_ref_tokens=0)

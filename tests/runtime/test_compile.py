@@ -24,6 +24,7 @@ THRESHOLDS = {
     "diffusers-sd3": 0.1,
     "diffusers-wan": 0.2,
     "diffusers-qwenimage": 0.2,
+    "diffusers-flux2": 0.2,
     "fastcache-dit": 0.3,
 }
 

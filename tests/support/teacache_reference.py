@@ -36,6 +36,7 @@ INDICATORS = {
     "diffusers-qwenimage": lambda b, kw: _modulate(
         b.img_norm1(kw["hidden_states"]), *(c[:, None] for c in b.img_mod(kw["temb"]).chunk(6, -1)[:2])
     ),
+    "diffusers-flux2": lambda b, kw: _modulate(b.norm(kw["hidden_states"]), *kw["temb_mod"][:, None].chunk(3, -1)[:2]),
 }
 STREAM = {"fastcache-dit": "x"}
 POSITIONAL = {
@@ -48,6 +49,7 @@ BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
     "diffusers-wan": ("blocks",),
+    "diffusers-flux2": ("single_transformer_blocks",),
 }
 
 

@@ -289,3 +289,4 @@ CASES = {
     "fastcache-dit": reference_dit_case,
 }
 CASES["diffusers-qwenimage"] = _reach("diffusers-qwenimage", "qwenimage_case")
+CASES["diffusers-flux2"] = _reach("diffusers-flux2", "flux2_case")
