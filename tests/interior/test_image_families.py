@@ -9,6 +9,7 @@ import torch
 from support.zoo import CASES
 
 import fastcache
+from fastcache.interior import ComputeExecutor
 
 
 def _qwen_edit_case():
@@ -66,3 +67,29 @@ def test_flux2_refuses_the_reference_kv_cache():
     with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.1)):
         with pytest.raises(ValueError, match="kv_cache_mode=.*adds values between blocks"):
             m(**case.inputs(x, torch.tensor(999.0)), kv_cache_mode="extract", num_ref_tokens=0)
+
+
+def test_a_model_whose_timestep_rises_during_a_run_is_one_run():
+    """Z-Image's ``t`` is ``1 - sigma`` (it rises over the run; ModelSpec.timestep_rises):
+    the 20 steps are one run, and TeaCache skips within it."""
+    case = CASES["diffusers-zimage"]()
+    with fastcache.patched(case.model, fastcache.TeaCacheConfig(threshold=0.5, num_steps=20)):
+        case.sample(steps=20)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["runs"] == 1 and st["run_length_mismatches"] == 0, st
+    assert st["skipped"] >= 4, st
+
+
+def test_zimage_omni_per_token_modulation_is_refused():
+    """Omni mode (``noise_mask``) modulates noisy and clean tokens apart: the indicator and
+    the branch program say so instead of reading one modulation per sample."""
+    from fastcache.families import zimage
+
+    case = CASES["diffusers-zimage"]()
+    block = case.model.layers[0]
+    x = torch.randn(2, 64, 32)
+    call = {"x": x, "attn_mask": None, "freqs_cis": None, "adaln_input": None, "noise_mask": torch.ones(2, 64)}
+    with pytest.raises(ValueError, match="omni mode.*TeaCache indicator.*FirstBlockCacheConfig"):
+        zimage.SPEC.modulation(block, call)
+    with pytest.raises(ValueError, match="omni mode.*branch-level caching"):
+        zimage.ZImageProgram().run(block, call, {"x": x}, ComputeExecutor())

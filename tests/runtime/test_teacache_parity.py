@@ -22,6 +22,7 @@ THRESHOLDS = {
     "diffusers-wan": 0.2,
     "diffusers-qwenimage": 0.2,
     "diffusers-flux2": 0.2,
+    "diffusers-zimage": 0.5,
     "fastcache-dit": 0.3,
 }
 

@@ -234,6 +234,28 @@ def _reach(name: str, builder: str) -> Callable[..., Case]:
     return build
 
 
+class _TensorList(list):
+    """Z-Image takes its latents as a list of per-sample tensors; scaling the list scales
+    each (the suites perturb a call's latents as ``kw[case.stream] * 0.5``)."""
+
+    def __mul__(self, k):
+        return _TensorList(t * k for t in self)
+
+    __rmul__ = __mul__
+
+
+def zimage_case(B=2) -> Case:
+    case = _reach("diffusers-zimage", "zimage_case")(B)
+    base = case.inputs
+
+    def inputs(x, t):
+        kw = base(x, t)
+        kw["x"] = _TensorList(kw["x"])
+        return kw
+
+    return dataclasses.replace(case, inputs=inputs)
+
+
 def reference_dit_case(B=2) -> Case:
     from fastcache.models import DiT
 
@@ -290,3 +312,4 @@ CASES = {
 }
 CASES["diffusers-qwenimage"] = _reach("diffusers-qwenimage", "qwenimage_case")
 CASES["diffusers-flux2"] = _reach("diffusers-flux2", "flux2_case")
+CASES["diffusers-zimage"] = zimage_case
