@@ -20,6 +20,7 @@ from .policies.first_block import FirstBlockCacheConfig
 from .policies.fora import FORAConfig
 from .policies.magcache import MagCacheConfig
 from .policies.schedule import ScheduleConfig
+from .policies.smoothcache import SmoothCacheConfig
 from .policies.taylorseer import TaylorSeerConfig
 from .policies.teacache import TeaCacheConfig
 from .policies.tgate import TGateConfig
@@ -43,6 +44,7 @@ __all__ = [
     "FORAConfig",
     "Profile",
     "ScheduleConfig",
+    "SmoothCacheConfig",
     "ScheduleSearchResult",
     "calibrate",
     "ModelSpec",

@@ -536,6 +536,8 @@ class Patch:
             )
         if not isinstance(t, torch.Tensor):
             t = torch.tensor([float(t)], dtype=torch.float32)
+        if spec.timestep_rises:  # every policy expects a run's timesteps to fall (ModelSpec.timestep_rises)
+            t = -t
         clock = self.clocks[self.current_context]
         if is_tracing():
             # Host counters change every step: read inside a compiled region they would be

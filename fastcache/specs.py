@@ -60,6 +60,8 @@ class ModelSpec:
         modulation: reads the first block's timestep modulation for the indicator.
         timestep_arg: name of the model forward's timestep argument (a rise in the
             timestep starts a new sampling run).
+        timestep_rises: the timestep argument rises during a run (Z-Image: ``1 - sigma``);
+            the runtime then reads it negated, so the run-start rule above holds.
         refuse_args: model forward arguments that add values between blocks
             (ControlNet residuals, skipped layers); stack caching refuses them when set.
         teacache_coefficients: published TeaCache polynomial (numpy.poly1d order), if any.
@@ -77,6 +79,7 @@ class ModelSpec:
     returns: tuple[str, ...]
     modulation: ModulationFn
     timestep_arg: str = "timestep"
+    timestep_rises: bool = False
     cached_streams: tuple[str, ...] | None = None
     dropped_streams: tuple[str, ...] = ()
     refuse_args: tuple[str, ...] = ()

@@ -13,6 +13,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The test models are tiny: one intra-op thread runs them as fast as two, and on a shared
+# machine two threads wait on each other (measured: tests/contracts -k "never_skip and (pixart
+# or flux)" 13 s with one thread, 38 s with two, on the 2 loaded cores). Override with
+# FASTCACHE_TEST_THREADS=N.
+torch.set_num_threads(int(os.environ.get("FASTCACHE_TEST_THREADS", "1")))
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -11,9 +11,10 @@ are named, never imported, so nothing here imports diffusers or the demo model.
 from __future__ import annotations
 
 from ..specs import register
-from . import dit, flux, pixart, reference_dit, sd3, wan
+from . import dit, flux, flux2, pixart, qwenimage, reference_dit, sd3, wan, zimage
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
+FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 
 
 def _register() -> None:

@@ -11,6 +11,7 @@ from .fora import FORAPolicy
 from .interior_engine import InteriorCachePolicy
 from .magcache import MagCachePolicy
 from .schedule import SchedulePolicy
+from .smoothcache import SmoothCachePolicy
 from .taylorseer import TaylorSeerPolicy
 from .teacache import TeaCachePolicy
 from .tgate import TGatePolicy
@@ -25,6 +26,7 @@ __all__ = [
     "MagCachePolicy",
     "Policy",
     "SchedulePolicy",
+    "SmoothCachePolicy",
     "StackRunner",
     "TaylorSeerPolicy",
     "TeaCachePolicy",

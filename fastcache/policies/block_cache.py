@@ -106,11 +106,6 @@ def block_schedule(change, delta: float) -> tuple[tuple[bool, ...], ...]:
     return tuple(rows)
 
 
-# --- Schedule ---
-# "C": computed; a digit: forecast with the Taylor series to that order (0 = reuse);
-# "E": reuse corrected by EOC's trend (docs/methods.md section 4, Eq. E4), needs a profile
-
-
 # --------------------------------------------------------------------------- policy
 @register_policy(BlockCacheConfig)
 class BlockCachePolicy(EOCPolicy):

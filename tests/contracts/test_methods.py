@@ -47,7 +47,7 @@ def test_config_is_frozen_round_trips_and_refuses_bad_values(method):
         cfg.kind_field = 1  # noqa: B010  (any attribute: the dataclass is frozen)
     if not m.needs_profile:  # a profile is a tensor file: its configs round-trip by path (test_profile)
         assert fastcache.CacheConfig.from_dict(cfg.to_dict()) == cfg
-    (field, bad), = m.invalid.items()
+    ((field, bad),) = m.invalid.items()
     with pytest.raises(ValueError, match=field):
         dataclasses.replace(cfg, **{field: bad})
 

@@ -20,6 +20,9 @@ THRESHOLDS = {
     "diffusers-flux": 0.2,
     "diffusers-sd3": 0.1,
     "diffusers-wan": 0.2,
+    "diffusers-qwenimage": 0.2,
+    "diffusers-flux2": 0.2,
+    "diffusers-zimage": 0.5,
     "fastcache-dit": 0.3,
 }
 

@@ -100,6 +100,14 @@ METHODS = {
             invalid={"delta": -1.0},
         ),
         Method(
+            "SmoothCacheConfig",
+            lambda p, s: F.SmoothCacheConfig(alpha=10.0, profile=p),
+            lambda p, s: F.SmoothCacheConfig(alpha=0.0, profile=p),
+            static=True,
+            needs_profile=True,
+            invalid={"alpha": -1.0},
+        ),
+        Method(
             "ScheduleConfig",
             lambda p, s: F.ScheduleConfig(plan="CC1C" + "1" * (s - 4)),
             lambda p, s: F.ScheduleConfig(plan="C" * s),

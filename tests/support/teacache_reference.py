@@ -10,6 +10,7 @@ about semantics, not speed), so its outputs are what a correct cache must produc
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def _modulate(h, shift, scale):
@@ -33,18 +34,29 @@ INDICATORS = {
     "diffusers-wan": lambda b, kw: _modulate(
         b.norm1(kw["hidden_states"].float()), *(b.scale_shift_table + kw["temb"].float()).chunk(6, 1)[:2]
     ),
+    "diffusers-qwenimage": lambda b, kw: _modulate(
+        b.img_norm1(kw["hidden_states"]), *(c[:, None] for c in b.img_mod(kw["temb"]).chunk(6, -1)[:2])
+    ),
+    "diffusers-flux2": lambda b, kw: _modulate(b.norm(kw["hidden_states"]), *kw["temb_mod"][:, None].chunk(3, -1)[:2]),
+    "diffusers-zimage": lambda b, kw: (
+        torch.nn.functional.layer_norm(kw["x"], kw["x"].shape[-1:], eps=b.attention_norm1.eps)
+        * (b.attention_norm1.weight * (1 + b.adaLN_modulation(kw["adaln_input"]).chunk(4, 1)[0]))[:, None]
+    ),
 }
-STREAM = {"fastcache-dit": "x"}
+STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
     "diffusers-pixart": ["hidden_states"],
     "fastcache-dit": ["x", "c"],
     "diffusers-wan": ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"],
+    "diffusers-zimage": ["x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"],
 }
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
     "diffusers-wan": ("blocks",),
+    "diffusers-flux2": ("single_transformer_blocks",),
+    "diffusers-zimage": ("layers",),
 }
 
 

@@ -222,6 +222,40 @@ def wan_case(B=2) -> Case:
     )
 
 
+def _reach(name: str, builder: str) -> Callable[..., Case]:
+    """The reach zoo's builder ``builder`` (tests/support/reach_image.py) under the family's
+    name; imported when called (reach_image imports this module)."""
+
+    def build(B=2) -> Case:
+        from support import reach_image
+
+        return dataclasses.replace(getattr(reach_image, builder)(B), name=name)
+
+    return build
+
+
+class _TensorList(list):
+    """Z-Image takes its latents as a list of per-sample tensors; scaling the list scales
+    each (the suites perturb a call's latents as ``kw[case.stream] * 0.5``)."""
+
+    def __mul__(self, k):
+        return _TensorList(t * k for t in self)
+
+    __rmul__ = __mul__
+
+
+def zimage_case(B=2) -> Case:
+    case = _reach("diffusers-zimage", "zimage_case")(B)
+    base = case.inputs
+
+    def inputs(x, t):
+        kw = base(x, t)
+        kw["x"] = _TensorList(kw["x"])
+        return kw
+
+    return dataclasses.replace(case, inputs=inputs)
+
+
 def reference_dit_case(B=2) -> Case:
     from fastcache.models import DiT
 
@@ -276,3 +310,6 @@ CASES = {
     "diffusers-wan": wan_case,
     "fastcache-dit": reference_dit_case,
 }
+CASES["diffusers-qwenimage"] = _reach("diffusers-qwenimage", "qwenimage_case")
+CASES["diffusers-flux2"] = _reach("diffusers-flux2", "flux2_case")
+CASES["diffusers-zimage"] = zimage_case
