@@ -23,6 +23,12 @@ from ..specs import ModelSpec, qualified_name
 #: names of a model forward's timestep argument, in the order they are tried
 TIMESTEP_ARGS = ("timestep", "timesteps", "t", "time_step", "sigma", "sigmas")
 _ATTENTION_BASES = ("Attention", "AttentionModuleMixin", "MultiheadAttention")
+#: classes whose pipelines pass a timestep that rises during a run (Lumina2Pipeline passes
+#: ``1 - t / 1000``, ZImagePipeline ``(1000 - t) / 1000``): ModelSpec.timestep_rises
+RISING_TIMESTEP = (
+    "diffusers.models.transformers.transformer_lumina2.Lumina2Transformer2DModel",
+    "diffusers.models.transformers.transformer_z_image.ZImageTransformer2DModel",
+)
 
 
 def is_attention(m: nn.Module) -> bool:
@@ -87,6 +93,7 @@ def auto_spec(model: nn.Module) -> ModelSpec:
         returns=(),
         modulation=None,
         timestep_arg=t,
+        timestep_rises=any(qualified_name(c) in RISING_TIMESTEP for c in cls.__mro__),
         auto=True,
     )
     return register(spec, builtin=True)
