@@ -11,9 +11,10 @@ are named, never imported, so nothing here imports diffusers or the demo model.
 from __future__ import annotations
 
 from ..specs import register
-from . import dit, flux, pixart, reference_dit, sd3, wan
+from . import dit, flux, hunyuan_video, pixart, reference_dit, sd3, wan
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
+FAMILIES += (hunyuan_video,)
 
 
 def _register() -> None:

@@ -25,6 +25,7 @@ THRESHOLDS = {
     "diffusers-wan": 0.2,
     "fastcache-dit": 0.3,
 }
+THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

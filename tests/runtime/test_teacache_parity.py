@@ -22,6 +22,7 @@ THRESHOLDS = {
     "diffusers-wan": 0.2,
     "fastcache-dit": 0.3,
 }
+THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

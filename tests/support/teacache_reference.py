@@ -34,6 +34,7 @@ INDICATORS = {
         b.norm1(kw["hidden_states"].float()), *(b.scale_shift_table + kw["temb"].float()).chunk(6, 1)[:2]
     ),
 }
+INDICATORS["diffusers-hunyuanvideo"] = lambda b, kw: b.norm1(kw["hidden_states"], emb=kw["temb"])[0]
 STREAM = {"fastcache-dit": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -41,11 +42,15 @@ POSITIONAL = {
     "fastcache-dit": ["x", "c"],
     "diffusers-wan": ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"],
 }
+POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
     "diffusers-wan": ("blocks",),
 }
+BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
+# the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
+HIDDEN_AT = {"diffusers-hunyuanvideo": 0}
 
 
 class ReferenceTeaCache:
@@ -92,9 +97,14 @@ class ReferenceTeaCache:
         self.trace.append(compute)
 
     def _post(self, module, args, out):
-        hidden = out[1] if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            out, at = (out,), 0
+        else:
+            at = HIDDEN_AT.get(self.name, 1)
+        hidden = out[at]
         if self.skip:
             hidden = self.x_in + self.residual
         else:
             self.residual = hidden - self.x_in
-        return (out[0], hidden) if isinstance(out, tuple) else hidden
+        out = out[:at] + (hidden,) + out[at + 1 :]
+        return out if len(out) > 1 else out[0]

@@ -268,6 +268,19 @@ def _randomize_zero_init(m: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def _reach_video_case(family: str, builder: str) -> Callable[..., Case]:
+    """A video class's tiny case from tests/support/reach_video.py, named after its family."""
+
+    def build(B=2) -> Case:
+        from support import reach_video  # imports this module: imported late
+
+        case = getattr(reach_video, builder)(B)
+        case.name = family
+        return case
+
+    return build
+
+
 CASES = {
     "diffusers-dit": dit_case,
     "diffusers-pixart": pixart_case,
@@ -276,3 +289,4 @@ CASES = {
     "diffusers-wan": wan_case,
     "fastcache-dit": reference_dit_case,
 }
+CASES["diffusers-hunyuanvideo"] = _reach_video_case("diffusers-hunyuanvideo", "hunyuan_video_case")
