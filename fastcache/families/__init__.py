@@ -11,10 +11,10 @@ are named, never imported, so nothing here imports diffusers or the demo model.
 from __future__ import annotations
 
 from ..specs import register
-from . import dit, flux, hunyuan_video, pixart, reference_dit, sd3, wan
+from . import cogvideox, dit, flux, hunyuan_video, ltx, mochi, pixart, reference_dit, sd3, wan
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
-FAMILIES += (hunyuan_video,)
+FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)
 
 
 def _register() -> None:

@@ -35,6 +35,12 @@ INDICATORS = {
     ),
 }
 INDICATORS["diffusers-hunyuanvideo"] = lambda b, kw: b.norm1(kw["hidden_states"], emb=kw["temb"])[0]
+INDICATORS["diffusers-cogvideox"] = lambda b, kw: kw["temb"]  # TeaCache-CogVideoX: the time embedding
+INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
+    b.norm1(kw["hidden_states"]),
+    *(b.scale_shift_table[None, None] + kw["temb"].reshape(kw["temb"].shape[0], 1, 6, -1)).unbind(2)[:2],
+)
+INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 STREAM = {"fastcache-dit": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -50,7 +56,7 @@ BLOCK_LISTS = {
 }
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
-HIDDEN_AT = {"diffusers-hunyuanvideo": 0}
+HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
 
 
 class ReferenceTeaCache:

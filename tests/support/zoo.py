@@ -290,3 +290,6 @@ CASES = {
     "fastcache-dit": reference_dit_case,
 }
 CASES["diffusers-hunyuanvideo"] = _reach_video_case("diffusers-hunyuanvideo", "hunyuan_video_case")
+CASES["diffusers-ltx"] = _reach_video_case("diffusers-ltx", "ltx_case")
+CASES["diffusers-cogvideox"] = _reach_video_case("diffusers-cogvideox", "cogvideox_case")
+CASES["diffusers-mochi"] = _reach_video_case("diffusers-mochi", "mochi_case")
