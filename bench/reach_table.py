@@ -32,8 +32,12 @@ PEERS = ("diffusers FBC", "diffusers TaylorSeer")
 
 
 def _peer(name: str, cls_name: str) -> str:
-    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache
-    from diffusers.hooks import apply_taylorseer_cache
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        TaylorSeerCacheConfig,
+        apply_first_block_cache,
+        apply_taylorseer_cache,
+    )
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     case, ref, _ = built(cls_name)
@@ -103,9 +107,14 @@ def main(argv=None) -> int:
         f"{STEPS}-step sampling loops; the same runner as tests/reach/test_reach.py). "
         "✓ = never-skip setting bitwise the model, skipping setting finite with fewer attention "
         "calls, remove() restores. diffusers columns: its hooks at their defaults on the same models "
-        "(\"no effect\": ran, output bitwise uncached).\n\n"
+        '("no effect": ran, output bitwise uncached).\n\n'
         f"Works: {summary} (of {len(names)} classes). Measured in {time.time() - t0:.0f} s.\n\n"
-        + head + "\n" + sep + "\n" + "\n".join(rows) + "\n"
+        + head
+        + "\n"
+        + sep
+        + "\n"
+        + "\n".join(rows)
+        + "\n"
     )
     out = os.path.abspath(a.out)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), suffix=".tmp")

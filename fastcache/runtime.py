@@ -44,7 +44,7 @@ from .config import CacheConfig
 from .distributed import check_policy, resolve_group
 from .families.auto import auto_spec
 from .policies import policy_for
-from .policies.base import StackRunner, StepInfo, is_tracing
+from .policies.base import VARARGS, StackRunner, StepInfo, is_tracing
 from .specs import ModelSpec, find_spec, spec_by_name
 
 DEFAULT_CONTEXT = "default"
@@ -59,6 +59,7 @@ class _Binder:
     def __init__(self, fn):
         params = list(inspect.signature(fn).parameters.values())
         self.names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
         self.defaults = {
             p.name: p.default
             for p in params
@@ -66,11 +67,14 @@ class _Binder:
         }
 
     def __call__(self, args, kwargs) -> dict:
-        if len(args) > len(self.names):
+        n = len(self.names)
+        if len(args) > n and not self.varargs:
             raise TypeError(f"too many positional arguments: {len(args)} for {self.names}")
         out = dict(self.defaults)
         out.update(zip(self.names, args))
         out.update(kwargs)
+        if len(args) > n:  # forward(..., *args): replayed positionally (policies.base.call_block)
+            out[VARARGS] = (tuple(self.names), tuple(args[n:]))
         return out
 
 

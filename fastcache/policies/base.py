@@ -59,6 +59,24 @@ class StepInfo:
     run_steps: int | None = None
 
 
+#: Key of a block call's extra positional arguments, for a block ``forward(..., *args)``
+#: called with more positional arguments than it names (HunyuanVideo's blocks get 7, name 5):
+#: ``(named positional parameters of the first block, the extra values)``. Such a call is
+#: replayed positionally, as the model makes it (the stack's segments may name a parameter
+#: differently at the same position: HunyuanVideo's ``freqs_cis`` / ``image_rotary_emb``).
+VARARGS = "*args"
+
+
+def call_block(fwd: Callable, kwargs: dict):
+    """Call one original block forward with a bound call (``VARARGS``: positionally)."""
+    varargs = kwargs.get(VARARGS)
+    if varargs is None:
+        return fwd(**kwargs)
+    names, extra = varargs
+    rest = {k: v for k, v in kwargs.items() if k != VARARGS and k not in names}
+    return fwd(*(kwargs[n] for n in names), *extra, **rest)
+
+
 class StackRunner:
     """Runs the unpatched blocks of every segment, threading the hidden-state streams.
 
@@ -83,7 +101,7 @@ class StackRunner:
         for seg in self.segments:
             for fwd in seg:
                 kwargs.update(streams)
-                streams = self.spec.unpack(fwd(**kwargs))
+                streams = self.spec.unpack(call_block(fwd, kwargs))
         return streams
 
     @property
@@ -106,7 +124,7 @@ class StackRunner:
             for fwd in seg:
                 if start <= i < stop:
                     kwargs.update(streams)
-                    streams = self.spec.unpack(fwd(**kwargs))
+                    streams = self.spec.unpack(call_block(fwd, kwargs))
                 i += 1
         return streams
 

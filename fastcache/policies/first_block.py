@@ -200,6 +200,9 @@ class FirstBlockCachePolicy(Policy):
             # block work: the first fn and last bn blocks run on every step
             n = out["computed"] + out["skipped"]
             if n and self.num_blocks:
-                always = (self.config.fn + self.config.bn) / self.num_blocks
-                out["computed_fraction"] = always + (1 - always) * out["computed"] / n
+                # one division of integer block counts: exactly 1.0 when every step computed
+                # (0.2 + 0.8 * 1 is not, for a 5-block stack)
+                always = self.config.fn + self.config.bn
+                rest = self.num_blocks - always
+                out["computed_fraction"] = (always * n + rest * out["computed"]) / (self.num_blocks * n)
         return out

@@ -26,10 +26,6 @@ from fastcache.policies.auto_branch import branch_modules
 
 CASES = {**CASES_IMAGE, **CASES_VIDEO}
 STEPS = 5
-#: classes whose model timestep RISES during sampling (Lumina-Image 2: 1 - t/1000; Z-Image:
-#: (1000 - t)/1000): the device step counter sees every call as a new run and computes
-#: (never wrong); with the steps announced they skip as every other class
-RISING_T = {"lumina2", "zimage"}
 #: classes where diffusers' TaylorSeer hook fails: CogView4 calls its ``ff`` twice per
 #: step (image, then text tokens); the hook keeps one state per module, so the second call
 #: differences text against image features (a shape error)
@@ -75,7 +71,7 @@ def test_never_skip_settings_are_bitwise_the_unpatched_model(name):
         (fastcache.TaylorSeerConfig(interval=1, warmup_steps=1), None),
         (fastcache.ScheduleConfig(plan="C" * STEPS), _announced(m)),
     ):
-        with fastcache.patched(m, cfg):
+        with fastcache.patched(m, cfg, spec=auto_spec(m)):
             out = case.sample(steps=STEPS, context=ctx)
             st = fastcache.stats(m)["contexts"]["default"]
         assert torch.equal(out, ref), f"{name}: {type(cfg).__name__} never skipping differs from unpatched"
@@ -106,7 +102,7 @@ def test_skipping_runs_finite_and_calls_fewer_attention_layers(name):
     full = _attention_linear_calls(case, m, lambda: case.sample(steps=STEPS))
     got = {}
     for cfg in (fastcache.TaylorSeerConfig(interval=2, warmup_steps=1), fastcache.FORAConfig(interval=2)):
-        with fastcache.patched(m, cfg):
+        with fastcache.patched(m, cfg, spec=auto_spec(m)):
             calls = _attention_linear_calls(
                 case, m, lambda cfg=cfg: got.__setitem__(type(cfg), case.sample(steps=STEPS, context=_announced(m)))
             )
@@ -117,7 +113,7 @@ def test_skipping_runs_finite_and_calls_fewer_attention_layers(name):
         assert st["skipped"] == 2 and st["computed"] == 3 and st["calls_reused"] > 0, (name, st)
         assert st["timeline"] == [True, False, True, False, True], (name, st["timeline"])
     # FORA is TaylorSeer of order 0 on the same schedule
-    with fastcache.patched(m, fastcache.TaylorSeerConfig(interval=2, warmup_steps=1, order=0)):
+    with fastcache.patched(m, fastcache.TaylorSeerConfig(interval=2, warmup_steps=1, order=0), spec=auto_spec(m)):
         ts0 = case.sample(steps=STEPS, context=_announced(m))
     assert torch.equal(ts0, got[fastcache.FORAConfig]), name
 
@@ -128,7 +124,7 @@ def test_announced_steps_read_nothing_unannounced_one_read_per_step(name):
     cfg = fastcache.ScheduleConfig(plan="CC1C0")
     outs, reads, stats = [], [], []
     for ctx in (_announced(m), None):
-        with fastcache.patched(m, cfg):
+        with fastcache.patched(m, cfg, spec=auto_spec(m)):
             mode = HostReadMode()
             with mode, python_level_reads() as py:
                 outs.append(case.sample(steps=STEPS, context=ctx))
@@ -137,11 +133,8 @@ def test_announced_steps_read_nothing_unannounced_one_read_per_step(name):
     assert reads[0] == [], (name, reads[0])
     assert len(reads[1]) == STEPS, (name, reads[1])  # the one eager flag read per step
     assert stats[0]["timeline"] == [True, True, False, True, False], (name, stats[0])
-    if name in RISING_T:
-        assert stats[1]["skipped"] == 0, (name, stats[1])  # every call looks like a new run: computed
-    else:
-        assert stats[1]["timeline"] == stats[0]["timeline"], (name, stats[1])
-        assert torch.equal(outs[0], outs[1]), f"{name}: announced and device-decided schedules differ"
+    assert stats[1]["timeline"] == stats[0]["timeline"], (name, stats[1])
+    assert torch.equal(outs[0], outs[1]), f"{name}: announced and device-decided schedules differ"
 
 
 def _ours(read) -> bool:
@@ -177,7 +170,7 @@ def test_taylorseer_equals_the_diffusers_hook(name):
     m = case.model
     steps, before, interval = 6, 2, 2
     cs = tuple(s for s in range(steps) if s < before or (s - before - 1) % interval == 0)
-    with fastcache.patched(m, fastcache.TaylorSeerConfig(compute_steps=cs, order=1)):
+    with fastcache.patched(m, fastcache.TaylorSeerConfig(compute_steps=cs, order=1), spec=auto_spec(m)):
         ours = case.sample(steps=steps, context=_announced(m))
         st = fastcache.stats(m)["contexts"]["default"]
     assert st["skipped"] == steps - len(cs), (name, st)
@@ -229,7 +222,7 @@ def test_fullgraph_compile_no_graph_breaks_equal_to_eager(cname):
     m = case.model
     cfg = fastcache.TaylorSeerConfig(interval=2, warmup_steps=1)
     torch._dynamo.reset()
-    with fastcache.patched(m, cfg):
+    with fastcache.patched(m, cfg, spec=auto_spec(m)):
         # an eager run first: the compiled run (a new run: its step 0 computes and restarts
         # every history) finds the slots made, so one graph serves every step
         eager = case.sample(steps=4)
@@ -257,7 +250,7 @@ def test_a_plan_needing_a_profile_is_refused_at_patch():
 def test_a_run_of_another_length_than_the_plan_is_refused():
     case = _case("ltx")
     m = case.model
-    with fastcache.patched(m, fastcache.ScheduleConfig(plan="CC1")):
+    with fastcache.patched(m, fastcache.ScheduleConfig(plan="CC1"), spec=auto_spec(m)):
         with pytest.raises(ValueError, match="plans 3 steps but the run has 5"):
             case.sample(steps=5, context=lambda i: fastcache.context(m, "default", step_index=i, num_steps=5))
 

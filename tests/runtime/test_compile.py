@@ -28,12 +28,25 @@ THRESHOLDS = {
     "diffusers-zimage": 0.5,
     "fastcache-dit": 0.3,
 }
+THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
+THRESHOLDS["diffusers-ltx"] = 0.2
+THRESHOLDS["diffusers-cogvideox"] = 0.2
+THRESHOLDS["diffusers-mochi"] = 0.2
+# models that torch.compile(fullgraph=True) cannot capture even unpatched: the reason, checked
+UNCOMPILABLE = {"diffusers-mochi": "diffusers' MochiAttnProcessor2_0 runs torch.nonzero on the prompt mask"}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fullgraph_compile_matches_eager(name):
     case = CASES[name]()
     m = case.model
+    if name in UNCOMPILABLE:
+        sch = case.scheduler()
+        sch.set_timesteps(STEPS)
+        with torch.no_grad():
+            explain = torch._dynamo.explain(m)(**case.inputs(case.latents(torch.Generator()), sch.timesteps[0]))
+        assert explain.graph_break_count > 0, f"{name} now compiles unpatched: remove it from UNCOMPILABLE"
+        pytest.skip(f"{name}: the unpatched model breaks the graph ({UNCOMPILABLE[name]})")
     cfg = fastcache.TeaCacheConfig(threshold=THRESHOLDS[name], num_steps=STEPS)
     with fastcache.patched(m, cfg):
         eager = case.sample(steps=STEPS)

@@ -25,6 +25,10 @@ THRESHOLDS = {
     "diffusers-zimage": 0.5,
     "fastcache-dit": 0.3,
 }
+THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
+THRESHOLDS["diffusers-ltx"] = 0.2
+THRESHOLDS["diffusers-cogvideox"] = 0.2
+THRESHOLDS["diffusers-mochi"] = 0.2
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

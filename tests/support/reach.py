@@ -32,7 +32,11 @@ from .zoo import CASES as CURATED
 
 STEPS = 6
 #: every class of the reach zoo: short name -> builder
-CLASSES: dict[str, Callable] = {**{k: v for k, v in CURATED.items() if k != "fastcache-dit"}, **CASES_IMAGE, **CASES_VIDEO}
+CLASSES: dict[str, Callable] = {
+    **{k: v for k, v in CURATED.items() if k != "fastcache-dit"},
+    **CASES_IMAGE,
+    **CASES_VIDEO,
+}
 
 F = fastcache
 

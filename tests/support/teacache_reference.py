@@ -43,6 +43,13 @@ INDICATORS = {
         * (b.attention_norm1.weight * (1 + b.adaLN_modulation(kw["adaln_input"]).chunk(4, 1)[0]))[:, None]
     ),
 }
+INDICATORS["diffusers-hunyuanvideo"] = lambda b, kw: b.norm1(kw["hidden_states"], emb=kw["temb"])[0]
+INDICATORS["diffusers-cogvideox"] = lambda b, kw: kw["temb"]  # TeaCache-CogVideoX: the time embedding
+INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
+    b.norm1(kw["hidden_states"]),
+    *(b.scale_shift_table[None, None] + kw["temb"].reshape(kw["temb"].shape[0], 1, 6, -1)).unbind(2)[:2],
+)
+INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -51,6 +58,7 @@ POSITIONAL = {
     "diffusers-wan": ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"],
     "diffusers-zimage": ["x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"],
 }
+POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
@@ -58,6 +66,9 @@ BLOCK_LISTS = {
     "diffusers-flux2": ("single_transformer_blocks",),
     "diffusers-zimage": ("layers",),
 }
+BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
+# the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
+HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
 
 
 class ReferenceTeaCache:
@@ -104,9 +115,14 @@ class ReferenceTeaCache:
         self.trace.append(compute)
 
     def _post(self, module, args, out):
-        hidden = out[1] if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            out, at = (out,), 0
+        else:
+            at = HIDDEN_AT.get(self.name, 1)
+        hidden = out[at]
         if self.skip:
             hidden = self.x_in + self.residual
         else:
             self.residual = hidden - self.x_in
-        return (out[0], hidden) if isinstance(out, tuple) else hidden
+        out = out[:at] + (hidden,) + out[at + 1 :]
+        return out if len(out) > 1 else out[0]

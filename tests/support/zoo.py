@@ -222,14 +222,14 @@ def wan_case(B=2) -> Case:
     )
 
 
-def _reach(name: str, builder: str) -> Callable[..., Case]:
-    """The reach zoo's builder ``builder`` (tests/support/reach_image.py) under the family's
-    name; imported when called (reach_image imports this module)."""
+def _reach(name: str, builder: str, module: str = "reach_image") -> Callable[..., Case]:
+    """The reach zoo's builder ``builder`` (tests/support/reach_image.py or reach_video.py)
+    under the family's name; imported when called (those modules import this one)."""
 
     def build(B=2) -> Case:
-        from support import reach_image
+        import importlib
 
-        return dataclasses.replace(getattr(reach_image, builder)(B), name=name)
+        return dataclasses.replace(getattr(importlib.import_module(f"support.{module}"), builder)(B), name=name)
 
     return build
 
@@ -313,3 +313,7 @@ CASES = {
 CASES["diffusers-qwenimage"] = _reach("diffusers-qwenimage", "qwenimage_case")
 CASES["diffusers-flux2"] = _reach("diffusers-flux2", "flux2_case")
 CASES["diffusers-zimage"] = zimage_case
+CASES["diffusers-hunyuanvideo"] = _reach("diffusers-hunyuanvideo", "hunyuan_video_case", "reach_video")
+CASES["diffusers-ltx"] = _reach("diffusers-ltx", "ltx_case", "reach_video")
+CASES["diffusers-cogvideox"] = _reach("diffusers-cogvideox", "cogvideox_case", "reach_video")
+CASES["diffusers-mochi"] = _reach("diffusers-mochi", "mochi_case", "reach_video")
