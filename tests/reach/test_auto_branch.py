@@ -205,7 +205,7 @@ def test_remove_restores_every_patched_forward(name):
     subs = [mod for _, mod in branch_modules(m, auto_spec(m).segments)] + [m]
     subs += [b for path in auto_spec(m).segments for b in m.get_submodule(path)]
     before = [mod.__dict__.get("forward") for mod in subs]
-    h = fastcache.patch(m, fastcache.TaylorSeerConfig(interval=2, warmup_steps=1))
+    h = fastcache.patch(m, fastcache.TaylorSeerConfig(interval=2, warmup_steps=1), spec=auto_spec(m))
     assert all(mod.__dict__.get("forward") is not b for mod, b in zip(subs, before)), name
     skipped = case.sample(steps=STEPS, context=_announced(m))
     h.remove()
@@ -243,7 +243,7 @@ def test_a_plan_needing_a_profile_is_refused_at_patch():
     before = attn.__dict__.get("forward")
     prof = Profile(prior=torch.zeros(3, 1, 4), slots=["0.attn.x"], meta={"granularity": "channel"})
     with pytest.raises(ValueError, match=r"holds 'E'.*LTXVideoTransformer3DModel.*'C' and digits"):
-        fastcache.patch(m, fastcache.ScheduleConfig(plan="CEE", profile=prof))
+        fastcache.patch(m, fastcache.ScheduleConfig(plan="CEE", profile=prof), spec=auto_spec(m))
     assert attn.__dict__.get("forward") is before  # nothing patched
 
 
