@@ -68,8 +68,12 @@ def _cell(c) -> str:
     if c.status == "works":
         return "✓"
     if c.status == "refused":
-        first = c.detail.split(". ")[0].replace("|", "/")
-        return f"refused: {first[:90]}"
+        d = c.detail
+        if "needs what a model family file describes" in d:
+            return "— (needs a family file)"
+        if "consecutive block calls" in d:
+            return "refused: no chain of block calls to skip (the model changes the streams between blocks)"
+        return f"refused: {d.split('. ')[0][:90]}".replace("|", "/")
     return f"✗ {c.status}: {c.detail[:80]}".replace("|", "/")
 
 

@@ -22,6 +22,13 @@ COLUMNS = {  # README column -> zoo case
     "SD3 / 3.5": "diffusers-sd3",
     "Wan 2.1 / 2.2": "diffusers-wan",
     "reference DiT": "fastcache-dit",
+    "Qwen-Image": "diffusers-qwenimage",
+    "Flux.2": "diffusers-flux2",
+    "Z-Image": "diffusers-zimage",
+    "HunyuanVideo": "diffusers-hunyuanvideo",
+    "LTX-Video": "diffusers-ltx",
+    "CogVideoX": "diffusers-cogvideox",
+    "Mochi": "diffusers-mochi",
 }
 STEPS = 4
 

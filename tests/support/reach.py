@@ -31,12 +31,10 @@ from .reach_video import CASES_VIDEO
 from .zoo import CASES as CURATED
 
 STEPS = 6
-#: every class of the reach zoo: short name -> builder
-CLASSES: dict[str, Callable] = {
-    **{k: v for k, v in CURATED.items() if k != "fastcache-dit"},
-    **CASES_IMAGE,
-    **CASES_VIDEO,
-}
+#: every class of the reach zoo, once: short name -> builder (a class a family file curates
+#: gets its family's spec, the others the automatic path's)
+_FIRST = ("diffusers-dit", "diffusers-pixart", "diffusers-flux", "diffusers-sd3", "diffusers-wan")
+CLASSES: dict[str, Callable] = {**{k: CURATED[k] for k in _FIRST}, **CASES_IMAGE, **CASES_VIDEO}
 
 F = fastcache
 
