@@ -42,9 +42,8 @@ from torch.utils import _pytree as pytree
 from .. import ops
 from ..tracing import skip_cond, static_floats, warm_signatures
 from .base import Policy, is_tracing, register_policy
-from .first_block import FirstBlockCacheConfig
+from .first_block import FirstBlockCacheConfig, first_block_decision
 from .stack_engine import DecisionState
-from .steps import timestep_guard
 
 #: argument names of a block's main (hidden-state) stream, in the order preferred
 MAIN_STREAM_NAMES = ("hidden_states", "x", "hidden", "visual_embed", "sample", "img", "hidden_state")
@@ -268,7 +267,6 @@ class AutoFirstBlockPolicy(Policy):
 
     @static_floats
     def _head(self, st: AutoFirstBlockState, plan: _Plan, forward, args, kwargs, timestep):
-        cfg = self.config
         out = forward(*args, **kwargs)
         outs, _ = _outputs(out)
         x_in = st.first_in if plan.first < plan.decide else _get(args, kwargs, plan.c0_in)
@@ -283,23 +281,7 @@ class AutoFirstBlockPolicy(Policy):
         st.ensure({str(k): outs[k] for k in plan.residual}, indicator=q)
         if timestep.device != h.device:
             timestep = timestep.to(h.device, non_blocking=True)
-        t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
-        sums = ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep)
-        sums = self.reduce_sums(sums)
-        flag = ops.cache_decision(
-            sums,
-            t_op,
-            st.coeffs,
-            st.state,
-            cfg.threshold,
-            cfg.warmup_steps,
-            cfg.max_consecutive_skips,
-            st.num_steps,
-            hold=rep,
-            accumulate=False,
-        )
-        store = flag & ~rep
-        ops.store_residual(h, x_in, store, st.prev)
+        flag, store, rep = first_block_decision(self, st, q, timestep, h, x_in)
         st.flag, st.store = flag, store
         keys = list(plan.residual)
         if is_tracing():
@@ -637,22 +619,7 @@ class AutoFirstBlockPolicy(Policy):
         t = probe.t
         if t.device != h.device:
             t = t.to(h.device)
-        t_op, rep = timestep_guard(st.state, st.aux, t, st.num_steps)
-        sums = self.reduce_sums(ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep))
-        flag = ops.cache_decision(
-            sums,
-            t_op,
-            st.coeffs,
-            st.state,
-            cfg.threshold,
-            cfg.warmup_steps,
-            cfg.max_consecutive_skips,
-            st.num_steps,
-            hold=rep,
-            accumulate=False,
-        )
-        store = flag & ~rep
-        ops.store_residual(h, x_in, store, st.prev)
+        flag, store, rep = first_block_decision(self, st, q, t, h, x_in)
         for k, (j, dim, off, size) in residual.items():
             tt = t_outs[j] if dim is None else t_outs[j].narrow(dim, off, size)
             ops.store_residual(tt, d_outs[k], store, st.residuals[str(k)])

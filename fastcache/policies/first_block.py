@@ -92,6 +92,33 @@ class FirstBlockCacheState(DecisionState):
     rescaling; see :class:`~fastcache.policies.stack_engine.DecisionState`)."""
 
 
+def first_block_decision(policy, st, q, timestep, h, x):
+    """First-Block Cache's decision on the device (FB2-FB4, docs/methods.md section 7), shared
+    by the curated policy and the automatic path's: the relative L1 change of the first
+    blocks' residual ``q`` against the last computed step's (reduced over the process group),
+    the fused decision, and ``q_last <- h - x`` on computed steps only. A repeated call
+    (``rep``) computes and leaves q_last, the residuals and the state as they were. Returns
+    ``(flag, store, rep)``: compute, store the residuals, repeated call (0-dim bools)."""
+    cfg = policy.config
+    t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
+    sums = policy.reduce_sums(ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep))  # FB2
+    flag = ops.cache_decision(
+        sums,
+        t_op,
+        st.coeffs,
+        st.state,
+        cfg.threshold,
+        cfg.warmup_steps,
+        cfg.max_consecutive_skips,
+        st.num_steps,
+        hold=rep,
+        accumulate=False,
+    )
+    store = flag & ~rep
+    ops.store_residual(h, x, store, st.prev)  # FB4
+    return flag, store, rep
+
+
 @register_policy(FirstBlockCacheConfig)
 class FirstBlockCachePolicy(Policy):
     decides_from_data = True  # the indicator sums are reduced over a process group (fastcache.distributed)
@@ -139,25 +166,7 @@ class FirstBlockCachePolicy(Policy):
         q = h[c0] - streams[c0]
         names = self._residual_streams(h)
         st.ensure({n: h[n] for n in names}, indicator=q)  # new buffers: q_last = 0, so the next step computes
-        t_op, rep = timestep_guard(st.state, st.aux, timestep, st.num_steps)
-        # A repeated call (rep) computes and leaves q_last, the residuals and the state as they were.
-        sums = ops.rel_l1_sums(q, st.prev, write_prev=False, hold=rep)  # FB2
-        sums = self.reduce_sums(sums)  # multi-device: every rank decides from the group's sums
-        flag = ops.cache_decision(
-            sums,
-            t_op,
-            st.coeffs,
-            st.state,
-            cfg.threshold,
-            cfg.warmup_steps,
-            cfg.max_consecutive_skips,
-            st.num_steps,
-            hold=rep,
-            accumulate=False,
-        )
-        store = flag & ~rep
-        # q_last <- q = h - x on computed steps only (FB4), on the device
-        ops.store_residual(h[c0], streams[c0], store, st.prev)
+        flag, store, rep = first_block_decision(self, st, q, timestep, h[c0], streams[c0])
         residuals = [st.residuals[n] for n in names]
 
         if is_tracing():

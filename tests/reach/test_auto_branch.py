@@ -35,14 +35,6 @@ _built: dict = {}
 _refs: dict = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _case(name):
     if name not in _built:
         _built[name] = CASES[name]()

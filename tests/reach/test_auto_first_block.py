@@ -36,14 +36,6 @@ PARITY = ["cogvideox", "cogview4", "hunyuanimage", "hunyuanvideo", "hunyuanvideo
 STEPS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 _BUILT: dict = {}
 
 

@@ -14,16 +14,6 @@ import torch
 from support.reach_image import CASES_IMAGE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only contend (on the 2 shared cores a
-    forward takes ~0.5 s with 2 threads and ~0.015 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES_IMAGE))
 def case(request):
     return CASES_IMAGE[request.param]()

@@ -6,16 +6,6 @@ import torch
 from support.reach_video import CASES_VIDEO
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: with 2+ intra-op threads on a shared, loaded machine every op
-    pays a thread-barrier wait (measured: 1.5 s vs 0.02 s per forward), so run on one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=sorted(CASES_VIDEO))
 def case(request):
     return CASES_VIDEO[request.param]()
