@@ -30,6 +30,7 @@ COLUMNS = {  # README column -> zoo case
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
 }
+COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2"})
 STEPS = 4
 
 

@@ -116,3 +116,7 @@ METHODS = {
         ),
     )
 }
+# the Wan copies (one program with Wan: self-attention, ungated cross-attention, MLP)
+METHODS["TGateConfig"] = dataclasses.replace(
+    METHODS["TGateConfig"], families=METHODS["TGateConfig"].families | {"diffusers-chronoedit", "diffusers-skyreelsv2"}
+)
