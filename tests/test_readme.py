@@ -30,7 +30,7 @@ COLUMNS = {  # README column -> zoo case
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
 }
-COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2"})
+COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2", "Sana": "diffusers-sana"})
 STEPS = 4
 
 

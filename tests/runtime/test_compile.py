@@ -33,6 +33,7 @@ THRESHOLDS["diffusers-ltx"] = 0.2
 THRESHOLDS["diffusers-cogvideox"] = 0.2
 THRESHOLDS["diffusers-mochi"] = 0.2
 THRESHOLDS["diffusers-chronoedit"] = THRESHOLDS["diffusers-skyreelsv2"] = 0.2
+THRESHOLDS["diffusers-sana"] = 0.2
 # models that torch.compile(fullgraph=True) cannot capture even unpatched: the reason, checked
 UNCOMPILABLE = {"diffusers-mochi": "diffusers' MochiAttnProcessor2_0 runs torch.nonzero on the prompt mask"}
 

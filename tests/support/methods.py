@@ -116,7 +116,8 @@ METHODS = {
         ),
     )
 }
-# the Wan copies (one program with Wan: self-attention, ungated cross-attention, MLP)
+# self-attention, ungated cross-attention, MLP, as in Wan: the Wan copies and Sana
 METHODS["TGateConfig"] = dataclasses.replace(
-    METHODS["TGateConfig"], families=METHODS["TGateConfig"].families | {"diffusers-chronoedit", "diffusers-skyreelsv2"}
+    METHODS["TGateConfig"],
+    families=METHODS["TGateConfig"].families | {"diffusers-chronoedit", "diffusers-skyreelsv2", "diffusers-sana"},
 )

@@ -51,6 +51,7 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
 )
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 INDICATORS["diffusers-chronoedit"] = INDICATORS["diffusers-skyreelsv2"] = INDICATORS["diffusers-wan"]
+INDICATORS["diffusers-sana"] = INDICATORS["diffusers-pixart"]
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -60,6 +61,8 @@ POSITIONAL = {
     "diffusers-zimage": ["x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"],
 }
 POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
+POSITIONAL["diffusers-sana"] = ["hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"]
+POSITIONAL["diffusers-sana"] += ["timestep", "height", "width"]
 POSITIONAL["diffusers-chronoedit"] = POSITIONAL["diffusers-wan"]
 POSITIONAL["diffusers-skyreelsv2"] = [*POSITIONAL["diffusers-wan"], "attention_mask"]
 BLOCK_LISTS = {
