@@ -31,6 +31,7 @@ COLUMNS = {  # README column -> zoo case
     "Mochi": "diffusers-mochi",
 }
 COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2", "Sana": "diffusers-sana"})
+COLUMNS["Lumina2"] = "diffusers-lumina2"
 STEPS = 4
 
 

@@ -18,6 +18,7 @@ from . import (
     flux2,
     hunyuan_video,
     ltx,
+    lumina2,
     mochi,
     pixart,
     qwenimage,
@@ -31,7 +32,7 @@ from . import (
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
 FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
-FAMILIES += (sana,)
+FAMILIES += (sana, lumina2)
 
 
 def _register() -> None:

@@ -52,6 +52,7 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 INDICATORS["diffusers-chronoedit"] = INDICATORS["diffusers-skyreelsv2"] = INDICATORS["diffusers-wan"]
 INDICATORS["diffusers-sana"] = INDICATORS["diffusers-pixart"]
+INDICATORS["diffusers-lumina2"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -63,6 +64,7 @@ POSITIONAL = {
 POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
 POSITIONAL["diffusers-sana"] = ["hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"]
 POSITIONAL["diffusers-sana"] += ["timestep", "height", "width"]
+POSITIONAL["diffusers-lumina2"] = ["hidden_states", "attention_mask", "image_rotary_emb", "temb"]
 POSITIONAL["diffusers-chronoedit"] = POSITIONAL["diffusers-wan"]
 POSITIONAL["diffusers-skyreelsv2"] = [*POSITIONAL["diffusers-wan"], "attention_mask"]
 BLOCK_LISTS = {
@@ -73,6 +75,7 @@ BLOCK_LISTS = {
     "diffusers-zimage": ("layers",),
 }
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
+BLOCK_LISTS["diffusers-lumina2"] = ("layers",)
 BLOCK_LISTS["diffusers-chronoedit"] = BLOCK_LISTS["diffusers-skyreelsv2"] = ("blocks",)
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}

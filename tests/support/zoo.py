@@ -320,3 +320,4 @@ CASES["diffusers-mochi"] = _reach("diffusers-mochi", "mochi_case", "reach_video"
 CASES["diffusers-chronoedit"] = _reach("diffusers-chronoedit", "chronoedit_case", "reach_video")
 CASES["diffusers-skyreelsv2"] = _reach("diffusers-skyreelsv2", "skyreels_v2_case", "reach_video")
 CASES["diffusers-sana"] = _reach("diffusers-sana", "sana_case")
+CASES["diffusers-lumina2"] = _reach("diffusers-lumina2", "lumina2_case")
