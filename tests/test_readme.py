@@ -30,6 +30,8 @@ COLUMNS = {  # README column -> zoo case
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
 }
+COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2", "Sana": "diffusers-sana"})
+COLUMNS["Lumina2"] = "diffusers-lumina2"
 STEPS = 4
 
 

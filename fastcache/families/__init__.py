@@ -11,11 +11,28 @@ are named, never imported, so nothing here imports diffusers or the demo model.
 from __future__ import annotations
 
 from ..specs import register
-from . import cogvideox, dit, flux, flux2, hunyuan_video, ltx, mochi, pixart, qwenimage, reference_dit, sd3, wan, zimage
+from . import (
+    cogvideox,
+    dit,
+    flux,
+    flux2,
+    hunyuan_video,
+    ltx,
+    lumina2,
+    mochi,
+    pixart,
+    qwenimage,
+    reference_dit,
+    sana,
+    sd3,
+    wan,
+    zimage,
+)
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
 FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
+FAMILIES += (sana, lumina2)
 
 
 def _register() -> None:

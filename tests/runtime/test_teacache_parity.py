@@ -29,6 +29,9 @@ THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
 THRESHOLDS["diffusers-ltx"] = 0.2
 THRESHOLDS["diffusers-cogvideox"] = 0.2
 THRESHOLDS["diffusers-mochi"] = 0.2
+THRESHOLDS["diffusers-chronoedit"] = THRESHOLDS["diffusers-skyreelsv2"] = 0.2
+THRESHOLDS["diffusers-sana"] = 0.2
+THRESHOLDS["diffusers-lumina2"] = 0.5
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

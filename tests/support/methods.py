@@ -116,3 +116,8 @@ METHODS = {
         ),
     )
 }
+# self-attention, ungated cross-attention, MLP, as in Wan: the Wan copies and Sana
+METHODS["TGateConfig"] = dataclasses.replace(
+    METHODS["TGateConfig"],
+    families=METHODS["TGateConfig"].families | {"diffusers-chronoedit", "diffusers-skyreelsv2", "diffusers-sana"},
+)

@@ -50,6 +50,9 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
     *(b.scale_shift_table[None, None] + kw["temb"].reshape(kw["temb"].shape[0], 1, 6, -1)).unbind(2)[:2],
 )
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
+INDICATORS["diffusers-chronoedit"] = INDICATORS["diffusers-skyreelsv2"] = INDICATORS["diffusers-wan"]
+INDICATORS["diffusers-sana"] = INDICATORS["diffusers-pixart"]
+INDICATORS["diffusers-lumina2"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -59,6 +62,11 @@ POSITIONAL = {
     "diffusers-zimage": ["x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"],
 }
 POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
+POSITIONAL["diffusers-sana"] = ["hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"]
+POSITIONAL["diffusers-sana"] += ["timestep", "height", "width"]
+POSITIONAL["diffusers-lumina2"] = ["hidden_states", "attention_mask", "image_rotary_emb", "temb"]
+POSITIONAL["diffusers-chronoedit"] = POSITIONAL["diffusers-wan"]
+POSITIONAL["diffusers-skyreelsv2"] = [*POSITIONAL["diffusers-wan"], "attention_mask"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
@@ -67,6 +75,8 @@ BLOCK_LISTS = {
     "diffusers-zimage": ("layers",),
 }
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
+BLOCK_LISTS["diffusers-lumina2"] = ("layers",)
+BLOCK_LISTS["diffusers-chronoedit"] = BLOCK_LISTS["diffusers-skyreelsv2"] = ("blocks",)
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
 

@@ -317,3 +317,7 @@ CASES["diffusers-hunyuanvideo"] = _reach("diffusers-hunyuanvideo", "hunyuan_vide
 CASES["diffusers-ltx"] = _reach("diffusers-ltx", "ltx_case", "reach_video")
 CASES["diffusers-cogvideox"] = _reach("diffusers-cogvideox", "cogvideox_case", "reach_video")
 CASES["diffusers-mochi"] = _reach("diffusers-mochi", "mochi_case", "reach_video")
+CASES["diffusers-chronoedit"] = _reach("diffusers-chronoedit", "chronoedit_case", "reach_video")
+CASES["diffusers-skyreelsv2"] = _reach("diffusers-skyreelsv2", "skyreels_v2_case", "reach_video")
+CASES["diffusers-sana"] = _reach("diffusers-sana", "sana_case")
+CASES["diffusers-lumina2"] = _reach("diffusers-lumina2", "lumina2_case")
