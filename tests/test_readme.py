@@ -29,6 +29,7 @@ COLUMNS = {  # README column -> zoo case
     "LTX-Video": "diffusers-ltx",
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
+    "HunyuanVideo 1.5": "diffusers-hunyuanvideo15",
 }
 STEPS = 4
 

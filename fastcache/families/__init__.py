@@ -11,11 +11,27 @@ are named, never imported, so nothing here imports diffusers or the demo model.
 from __future__ import annotations
 
 from ..specs import register
-from . import cogvideox, dit, flux, flux2, hunyuan_video, ltx, mochi, pixart, qwenimage, reference_dit, sd3, wan, zimage
+from . import (
+    cogvideox,
+    dit,
+    flux,
+    flux2,
+    hunyuan_video,
+    hunyuan_video15,
+    ltx,
+    mochi,
+    pixart,
+    qwenimage,
+    reference_dit,
+    sd3,
+    wan,
+    zimage,
+)
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
 FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
+FAMILIES += (hunyuan_video15,)
 
 
 def _register() -> None:

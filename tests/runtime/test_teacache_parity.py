@@ -29,6 +29,7 @@ THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
 THRESHOLDS["diffusers-ltx"] = 0.2
 THRESHOLDS["diffusers-cogvideox"] = 0.2
 THRESHOLDS["diffusers-mochi"] = 0.2
+THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -50,6 +50,7 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
     *(b.scale_shift_table[None, None] + kw["temb"].reshape(kw["temb"].shape[0], 1, 6, -1)).unbind(2)[:2],
 )
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
+INDICATORS["diffusers-hunyuanvideo15"] = INDICATORS["diffusers-hunyuanvideo"]
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -59,6 +60,7 @@ POSITIONAL = {
     "diffusers-zimage": ["x", "attn_mask", "freqs_cis", "adaln_input", "noise_mask", "adaln_noisy", "adaln_clean"],
 }
 POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
+POSITIONAL["diffusers-hunyuanvideo15"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
@@ -69,6 +71,7 @@ BLOCK_LISTS = {
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
+HIDDEN_AT["diffusers-hunyuanvideo15"] = 0
 
 
 class ReferenceTeaCache:
