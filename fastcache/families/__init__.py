@@ -19,6 +19,7 @@ from . import (
     hunyuan_video,
     hunyuan_video15,
     ltx,
+    ltx2,
     mochi,
     pixart,
     qwenimage,
@@ -32,6 +33,7 @@ FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
 FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
 FAMILIES += (hunyuan_video15,)
+FAMILIES += (ltx2,)
 
 
 def _register() -> None:

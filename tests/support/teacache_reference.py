@@ -51,6 +51,9 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
 )
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 INDICATORS["diffusers-hunyuanvideo15"] = INDICATORS["diffusers-hunyuanvideo"]
+INDICATORS["diffusers-ltx2"] = lambda b, kw: _modulate(
+    b.norm1(kw["hidden_states"]), *b.get_mod_params(b.scale_shift_table, kw["temb"], kw["temb"].shape[0])[:2]
+)
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -72,6 +75,7 @@ BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transform
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
 HIDDEN_AT["diffusers-hunyuanvideo15"] = 0
+HIDDEN_AT["diffusers-ltx2"] = 0
 
 
 class ReferenceTeaCache:
