@@ -30,6 +30,7 @@ COLUMNS = {  # README column -> zoo case
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
     "HunyuanVideo 1.5": "diffusers-hunyuanvideo15",
+    "HunyuanImage 2.1": "diffusers-hunyuanimage",
 }
 STEPS = 4
 

@@ -18,6 +18,7 @@ from . import (
     flux2,
     hunyuan_video,
     hunyuan_video15,
+    hunyuanimage,
     ltx,
     ltx2,
     mochi,
@@ -34,6 +35,7 @@ FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
 FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
 FAMILIES += (hunyuan_video15,)
 FAMILIES += (ltx2,)
+FAMILIES += (hunyuanimage,)
 
 
 def _register() -> None:

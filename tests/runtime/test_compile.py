@@ -33,12 +33,24 @@ THRESHOLDS["diffusers-ltx"] = 0.2
 THRESHOLDS["diffusers-cogvideox"] = 0.2
 THRESHOLDS["diffusers-mochi"] = 0.2
 THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
+THRESHOLDS["diffusers-hunyuanimage"] = 0.2
 # models that torch.compile(fullgraph=True) cannot capture even unpatched: the reason, checked
 UNCOMPILABLE = {"diffusers-mochi": "diffusers' MochiAttnProcessor2_0 runs torch.nonzero on the prompt mask"}
 UNCOMPILABLE.update(MODEL_GRAPH_BREAKS)
+# patched models whose capture fails in fastcache (open defects): strict xfail, so a fix shows
+CAPTURE_DEFECTS = {
+    "diffusers-hunyuanimage": "its block classes are allow_in_graph (diffusers' maybe_allow_in_graph): dynamo runs the "
+    "patched first block as an opaque call, and TeaCache's static_floats config patch raises there"
+}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CAPTURE_DEFECTS[n])) if n in CAPTURE_DEFECTS else n
+        for n in sorted(CASES)
+    ],
+)
 def test_fullgraph_compile_matches_eager(name):
     case = CASES[name]()
     m = case.model

@@ -30,6 +30,7 @@ THRESHOLDS["diffusers-ltx"] = 0.2
 THRESHOLDS["diffusers-cogvideox"] = 0.2
 THRESHOLDS["diffusers-mochi"] = 0.2
 THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
+THRESHOLDS["diffusers-hunyuanimage"] = 0.2
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -51,6 +51,7 @@ INDICATORS["diffusers-ltx"] = lambda b, kw: _modulate(
 )
 INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
 INDICATORS["diffusers-hunyuanvideo15"] = INDICATORS["diffusers-hunyuanvideo"]
+INDICATORS["diffusers-hunyuanimage"] = INDICATORS["diffusers-hunyuanvideo"]
 INDICATORS["diffusers-ltx2"] = lambda b, kw: _modulate(
     b.norm1(kw["hidden_states"]), *b.get_mod_params(b.scale_shift_table, kw["temb"], kw["temb"].shape[0])[:2]
 )
@@ -64,6 +65,7 @@ POSITIONAL = {
 }
 POSITIONAL["diffusers-hunyuanvideo"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
 POSITIONAL["diffusers-hunyuanvideo15"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
+POSITIONAL["diffusers-hunyuanimage"] = ["hidden_states", "encoder_hidden_states", "temb"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
@@ -72,10 +74,12 @@ BLOCK_LISTS = {
     "diffusers-zimage": ("layers",),
 }
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
+BLOCK_LISTS["diffusers-hunyuanimage"] = ("transformer_blocks", "single_transformer_blocks")
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
 HIDDEN_AT["diffusers-hunyuanvideo15"] = 0
 HIDDEN_AT["diffusers-ltx2"] = 0
+HIDDEN_AT["diffusers-hunyuanimage"] = 0
 
 
 class ReferenceTeaCache:

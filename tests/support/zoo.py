@@ -318,6 +318,7 @@ CASES["diffusers-ltx"] = _reach("diffusers-ltx", "ltx_case", "reach_video")
 CASES["diffusers-cogvideox"] = _reach("diffusers-cogvideox", "cogvideox_case", "reach_video")
 CASES["diffusers-mochi"] = _reach("diffusers-mochi", "mochi_case", "reach_video")
 CASES["diffusers-hunyuanvideo15"] = _reach("diffusers-hunyuanvideo15", "hunyuan_video15_case", "reach_video")
+CASES["diffusers-hunyuanimage"] = _reach("diffusers-hunyuanimage", "hunyuanimage_case")
 #: cases whose model's own forward breaks a torch.compile(fullgraph=True) graph, unpatched:
 #: the reason (tests/runtime/test_compile.py checks it still does; the other fullgraph tests skip them)
 MODEL_GRAPH_BREAKS = {"diffusers-hunyuanvideo15": "its forward branches on torch.all(image_embeds == 0) (is_t2v)"}
