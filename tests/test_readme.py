@@ -29,9 +29,13 @@ COLUMNS = {  # README column -> zoo case
     "LTX-Video": "diffusers-ltx",
     "CogVideoX": "diffusers-cogvideox",
     "Mochi": "diffusers-mochi",
+    "HunyuanVideo 1.5": "diffusers-hunyuanvideo15",
+    "HunyuanImage 2.1": "diffusers-hunyuanimage",
+    "ChronoEdit": "diffusers-chronoedit",
+    "SkyReels-V2": "diffusers-skyreelsv2",
+    "Sana": "diffusers-sana",
+    "Lumina2": "diffusers-lumina2",
 }
-COLUMNS.update({"ChronoEdit": "diffusers-chronoedit", "SkyReels-V2": "diffusers-skyreelsv2", "Sana": "diffusers-sana"})
-COLUMNS["Lumina2"] = "diffusers-lumina2"
 STEPS = 4
 
 

@@ -17,7 +17,10 @@ from . import (
     flux,
     flux2,
     hunyuan_video,
+    hunyuan_video15,
+    hunyuanimage,
     ltx,
+    ltx2,
     lumina2,
     mochi,
     pixart,
@@ -30,9 +33,8 @@ from . import (
 )
 
 FAMILIES = (reference_dit, dit, pixart, flux, sd3, wan)
-FAMILIES += (qwenimage, flux2, zimage)  # image families of the reach zoo
-FAMILIES += (hunyuan_video, ltx, cogvideox, mochi)  # video families of the reach zoo
-FAMILIES += (sana, lumina2)
+FAMILIES += (qwenimage, flux2, zimage, sana, lumina2, hunyuanimage)  # image
+FAMILIES += (hunyuan_video, hunyuan_video15, ltx, ltx2, cogvideox, mochi)  # video
 
 
 def _register() -> None:

@@ -329,6 +329,13 @@ def calibrate(
     S = _check_int("steps per run", lengths[0], 2, " (a one-step run has nothing to cache)")
     shapes = {tuple(t.shape) for t in sums[0]}
     if len(shapes) != 1:
+        if granularity == "channel":  # one prior holds one width
+            raise ValueError(
+                f"calibrate: {type(model).__name__}'s branch outputs have different widths {sorted(shapes)} (streams "
+                "of different widths, e.g. LTX-2's video and audio tokens); a profile holds one width, so this model "
+                "cannot be profiled: use the methods that need no profile (TeaCacheConfig, FirstBlockCacheConfig, "
+                "FORAConfig, DeltaDiTConfig, TaylorSeerConfig, ScheduleConfig with a plan)"
+            )
         raise ValueError(
             f"calibrate: granularity={granularity!r} gives slots of different shapes {sorted(shapes)} (streams with "
             "different token counts, e.g. Flux's text and image tokens); use granularity='channel'"

@@ -10,7 +10,7 @@ tests/runtime/test_compile_shapes.py::test_inductor_teacache_recompiles_for_a_ne
 import pytest
 import torch
 import torch._dynamo
-from support.zoo import CASES
+from support.zoo import CASES, MODEL_GRAPH_BREAKS
 
 import fastcache
 
@@ -38,9 +38,23 @@ THRESHOLDS["diffusers-lumina2"] = 0.5
 # models that torch.compile(fullgraph=True) cannot capture even unpatched: the reason, checked
 UNCOMPILABLE = {"diffusers-mochi": "diffusers' MochiAttnProcessor2_0 runs torch.nonzero on the prompt mask"}
 UNCOMPILABLE["diffusers-lumina2"] = "diffusers' Lumina2RotaryPosEmbed reads the caption lengths to the host (.tolist())"
+THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
+THRESHOLDS["diffusers-hunyuanimage"] = 0.2
+UNCOMPILABLE.update(MODEL_GRAPH_BREAKS)
+# patched models whose capture fails in fastcache (open defects): strict xfail, so a fix shows
+CAPTURE_DEFECTS = {
+    "diffusers-hunyuanimage": "its block classes are allow_in_graph (diffusers' maybe_allow_in_graph): dynamo runs the "
+    "patched first block as an opaque call, and TeaCache's static_floats config patch raises there"
+}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=CAPTURE_DEFECTS[n])) if n in CAPTURE_DEFECTS else n
+        for n in sorted(CASES)
+    ],
+)
 def test_fullgraph_compile_matches_eager(name):
     case = CASES[name]()
     m = case.model

@@ -223,6 +223,12 @@ def test_capture_path_reads_nothing(patched):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
+#: a read whose innermost fastcache frame is the call into the model's own forward is the
+#: model's code outside the stack (HunyuanVideo 1.5 branches on torch.all(image_embeds == 0)):
+#: fastcache's own reads, and the blocks', are attributed to deeper fastcache frames
+MODEL_FORWARD = "runtime.py:_model_forward:out = self._model_fwd(*args, **kwargs)"
+
+
 @pytest.mark.parametrize("name", sorted(set(CASES) - set(NAMES)))
 def test_capture_path_reads_nothing_on_every_other_model(name):
     """The same on the other supported models (several streams, two segments: Flux)."""
@@ -237,7 +243,7 @@ def test_capture_path_reads_nothing_on_every_other_model(name):
         out, modes = loop(case, m, CaptureStandIn, force_cond)
         assert timeline(m) == tl
     assert 0 < sum(tl) < STEPS
-    assert [m_.reads for m_ in modes] == [[]] * STEPS
+    assert [[r for r in m_.reads if r != MODEL_FORWARD] for m_ in modes] == [[]] * STEPS
     assert cond_kinds(modes) == [["python"]] * STEPS
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 

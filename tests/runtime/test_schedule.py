@@ -24,7 +24,7 @@ import pytest
 import torch
 from support import direct_inputs
 from support.hostreads import HostReadMode
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, MODEL_GRAPH_BREAKS, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -114,6 +114,8 @@ def test_host_reads_planned_none_device_one_flag_per_step():
 @pytest.mark.compile
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compiled_planned_steps_no_cond_no_recompiles(name):
+    if name in MODEL_GRAPH_BREAKS:
+        pytest.skip(f"{name}: the unpatched model breaks the graph ({MODEL_GRAPH_BREAKS[name]})")
     case = CASES[name]()
     m = case.model
     ctx = lambda i: fastcache.context(m, "default", step_index=i)  # noqa: E731

@@ -23,7 +23,7 @@ import pytest
 import torch
 from support import direct_inputs
 from support.hostreads import HostReadMode
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, MODEL_GRAPH_BREAKS, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -272,6 +272,8 @@ def test_host_schedule_reads_nothing_device_schedule_one_flag():
     ids=[*sorted(CASES), "fastcache-dit-explicit"],
 )
 def test_fullgraph_compile_no_breaks_no_recompiles(name, explicit):
+    if name in MODEL_GRAPH_BREAKS:
+        pytest.skip(f"{name}: the unpatched model breaks the graph ({MODEL_GRAPH_BREAKS[name]})")
     case = CASES[name]()
     m = case.model
     cfg = (

@@ -32,6 +32,8 @@ THRESHOLDS["diffusers-mochi"] = 0.2
 THRESHOLDS["diffusers-chronoedit"] = THRESHOLDS["diffusers-skyreelsv2"] = 0.2
 THRESHOLDS["diffusers-sana"] = 0.2
 THRESHOLDS["diffusers-lumina2"] = 0.5
+THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
+THRESHOLDS["diffusers-hunyuanimage"] = 0.2
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

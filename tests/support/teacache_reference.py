@@ -53,6 +53,11 @@ INDICATORS["diffusers-mochi"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["t
 INDICATORS["diffusers-chronoedit"] = INDICATORS["diffusers-skyreelsv2"] = INDICATORS["diffusers-wan"]
 INDICATORS["diffusers-sana"] = INDICATORS["diffusers-pixart"]
 INDICATORS["diffusers-lumina2"] = lambda b, kw: b.norm1(kw["hidden_states"], kw["temb"])[0]
+INDICATORS["diffusers-hunyuanvideo15"] = INDICATORS["diffusers-hunyuanvideo"]
+INDICATORS["diffusers-hunyuanimage"] = INDICATORS["diffusers-hunyuanvideo"]
+INDICATORS["diffusers-ltx2"] = lambda b, kw: _modulate(
+    b.norm1(kw["hidden_states"]), *b.get_mod_params(b.scale_shift_table, kw["temb"], kw["temb"].shape[0])[:2]
+)
 STREAM = {"fastcache-dit": "x", "diffusers-zimage": "x"}
 POSITIONAL = {
     "diffusers-dit": ["hidden_states"],
@@ -67,6 +72,8 @@ POSITIONAL["diffusers-sana"] += ["timestep", "height", "width"]
 POSITIONAL["diffusers-lumina2"] = ["hidden_states", "attention_mask", "image_rotary_emb", "temb"]
 POSITIONAL["diffusers-chronoedit"] = POSITIONAL["diffusers-wan"]
 POSITIONAL["diffusers-skyreelsv2"] = [*POSITIONAL["diffusers-wan"], "attention_mask"]
+POSITIONAL["diffusers-hunyuanvideo15"] = ["hidden_states", "encoder_hidden_states", "temb", "attention_mask"]
+POSITIONAL["diffusers-hunyuanimage"] = ["hidden_states", "encoder_hidden_states", "temb"]
 BLOCK_LISTS = {
     "diffusers-flux": ("transformer_blocks", "single_transformer_blocks"),
     "fastcache-dit": ("blocks",),
@@ -77,8 +84,12 @@ BLOCK_LISTS = {
 BLOCK_LISTS["diffusers-hunyuanvideo"] = ("transformer_blocks", "single_transformer_blocks")
 BLOCK_LISTS["diffusers-lumina2"] = ("layers",)
 BLOCK_LISTS["diffusers-chronoedit"] = BLOCK_LISTS["diffusers-skyreelsv2"] = ("blocks",)
+BLOCK_LISTS["diffusers-hunyuanimage"] = ("transformer_blocks", "single_transformer_blocks")
 # the position of the cached stream in a block's tuple return (Flux, SD3: (text, image) -> 1)
 HIDDEN_AT = {"diffusers-hunyuanvideo": 0, "diffusers-cogvideox": 0, "diffusers-mochi": 0}
+HIDDEN_AT["diffusers-hunyuanvideo15"] = 0
+HIDDEN_AT["diffusers-ltx2"] = 0
+HIDDEN_AT["diffusers-hunyuanimage"] = 0
 
 
 class ReferenceTeaCache:
