@@ -17,7 +17,7 @@ FLOOR = {
     "TaylorSeerConfig": 36,
     "FORAConfig": 36,
     "ScheduleConfig": 36,
-    "TeaCacheConfig": 16,  # the curated families (the indicator is a family's modulation)
+    "TeaCacheConfig": 19,  # the curated families (the indicator is a family's modulation)
 }
 
 
