@@ -122,6 +122,30 @@ def test_equal_to_diffusers_first_block_cache_hook(name):
     assert torch.equal(ours, theirs), f"{name}: max diff {(ours - theirs).abs().max().item()}"
 
 
+#: the PARITY classes a family file curates (the test checks the default spec is the family's)
+CURATED = ["cogvideox", "hunyuanimage", "hunyuanvideo", "ltx", "mochi", "qwenimage"]
+
+
+@pytest.mark.parametrize("name", CURATED)
+def test_curated_first_block_equals_diffusers_hook_too(name):
+    """Where a family file curates the class (its spec, the fused path: the default), its
+    First-Block Cache takes the same decisions as diffusers' hook and the same output up to
+    the order of the residual additions (the stack residual is applied once, where the hook
+    adds the head's output and the tail residual)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    case, _ = built(name)
+    other = copy.deepcopy(case.model)
+    apply_first_block_cache(other, FirstBlockCacheConfig(threshold=0.6))
+    theirs = case.sample(model=other, steps=STEPS, context=lambda i: other.cache_context("default"))
+    with fastcache.patched(case.model, fastcache.FirstBlockCacheConfig(threshold=0.6)) as h:
+        assert not h.spec.auto
+        ours = case.sample(steps=STEPS)
+        st = h.stats()["contexts"]["default"]
+    assert st["skipped"] >= 1, st
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_a_class_whose_block_chain_breaks_is_refused_naming_class_and_place(name):
     case, _ = built(name)
