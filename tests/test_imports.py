@@ -38,6 +38,7 @@ CORE_IMPORTS_OF_TUNING = {
     "fastcache.policies.eoc": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.magcache": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.schedule": {"fastcache.tuning", "fastcache.tuning.profile"},
+    "fastcache.policies.smoothcache": {"fastcache.tuning", "fastcache.tuning.profile"},
 }
 
 

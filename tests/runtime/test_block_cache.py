@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, CORE, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -173,7 +173,7 @@ def test_matches_host_reference_and_runs_only_the_masked_blocks():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CORE))
 def test_delta_zero_is_bitwise_unpatched_and_the_mask_is_followed(name):
     case = CASES[name]()
     prof = _profile(case, seeds=(2,))

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, CORE, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -37,7 +37,7 @@ def _profile(case, steps=STEPS):
     )
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(CORE))
 def case_and_profile(request):
     case = CASES[request.param]()
     return case, _profile(case)

@@ -13,7 +13,7 @@
 import pytest
 import torch
 from support.hostreads import HostReadMode
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, CORE, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -22,7 +22,7 @@ from fastcache.models.dit import modulate
 STEPS = 10
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(CORE))
 def case(request):
     return CASES[request.param]()
 

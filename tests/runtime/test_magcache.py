@@ -20,7 +20,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from support.zoo import CASES, reference_dit_case
+from support.zoo import CASES, CORE, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -211,7 +211,7 @@ def test_matches_host_reference(name):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CORE))
 def test_threshold_zero_is_bitwise_unpatched_and_a_threshold_skips(name):
     case = CASES[name]()
     prof = _profile(case, seeds=(2,))

@@ -24,7 +24,7 @@ import pytest
 import torch
 from support import direct_inputs
 from support.hostreads import HostReadMode
-from support.zoo import CASES, MODEL_GRAPH_BREAKS, reference_dit_case
+from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -75,7 +75,7 @@ def test_mixed_orders_forecast_each_step_with_its_own_order():
     assert not torch.equal(outs[plan][4], outs["CC1C11C11"][4])  # order 2 differs from order 1
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CORE))
 def test_uniform_plan_is_taylorseer_and_the_planned_step_equals_the_device_step(name):
     case = CASES[name]()
     m = case.model
@@ -112,7 +112,7 @@ def test_host_reads_planned_none_device_one_flag_per_step():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CORE))
 def test_compiled_planned_steps_no_cond_no_recompiles(name):
     if name in MODEL_GRAPH_BREAKS:
         pytest.skip(f"{name}: the unpatched model breaks the graph ({MODEL_GRAPH_BREAKS[name]})")

@@ -23,7 +23,7 @@ import pytest
 import torch
 from support import direct_inputs
 from support.hostreads import HostReadMode
-from support.zoo import CASES, MODEL_GRAPH_BREAKS, reference_dit_case
+from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS, reference_dit_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -139,7 +139,7 @@ def test_config_validation_and_schedule():
 
 
 # ------------------------------------------------------------------- all families
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(CORE))
 def case(request):
     return CASES[request.param]()
 
@@ -268,8 +268,8 @@ def test_host_schedule_reads_nothing_device_schedule_one_flag():
 @pytest.mark.parametrize(
     "name,explicit",
     # the explicit-schedule mask is the same device code on every family: one model for it
-    [(n, False) for n in sorted(CASES)] + [("fastcache-dit", True)],
-    ids=[*sorted(CASES), "fastcache-dit-explicit"],
+    [(n, False) for n in sorted(CORE)] + [("fastcache-dit", True)],
+    ids=[*sorted(CORE), "fastcache-dit-explicit"],
 )
 def test_fullgraph_compile_no_breaks_no_recompiles(name, explicit):
     if name in MODEL_GRAPH_BREAKS:

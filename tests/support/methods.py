@@ -79,7 +79,11 @@ METHODS = {
             "TGateConfig",
             lambda p, s: F.TGateConfig(gate_step=2, warm_up=1, sp_interval=1, fi_interval=1),
             lambda p, s: F.TGateConfig(gate_step=s, warm_up=1, sp_interval=1, fi_interval=1),
-            families=frozenset({"diffusers-pixart", "diffusers-wan"}),
+            # self-attention, ungated cross-attention, MLP (PixArt, Wan and its copies, Sana, LTX-Video)
+            families=frozenset(
+                {"diffusers-pixart", "diffusers-wan", "diffusers-chronoedit", "diffusers-skyreelsv2", "diffusers-sana"}
+                | {"diffusers-ltx"}
+            ),
             static=True,
             invalid={"gate_step": -1},
         ),
@@ -116,8 +120,3 @@ METHODS = {
         ),
     )
 }
-# self-attention, ungated cross-attention, MLP, as in Wan: the Wan copies and Sana
-METHODS["TGateConfig"] = dataclasses.replace(
-    METHODS["TGateConfig"],
-    families=METHODS["TGateConfig"].families | {"diffusers-chronoedit", "diffusers-skyreelsv2", "diffusers-sana"},
-)

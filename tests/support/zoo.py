@@ -326,3 +326,13 @@ CASES["diffusers-hunyuanimage"] = _reach("diffusers-hunyuanimage", "hunyuanimage
 #: cases whose model's own forward breaks a torch.compile(fullgraph=True) graph, unpatched:
 #: the reason (tests/runtime/test_compile.py checks it still does; the other fullgraph tests skip them)
 MODEL_GRAPH_BREAKS = {"diffusers-hunyuanvideo15": "its forward branches on torch.all(image_embeds == 0) (is_t2v)"}
+
+#: the families the per-method runtime files (tests/runtime/test_<method>.py) go deep on: one
+#: of each kind of block (DiT's and PixArt's BasicTransformerBlock, Flux's dual + single
+#: streams, SD3's joint blocks, Wan's video blocks, the reference DiT). Every family of
+#: CASES gets every method's contracts (tests/contracts), the README cells, the block
+#: program's bitwise check, TeaCache parity and fullgraph compile.
+CORE = {
+    k: CASES[k]
+    for k in ("diffusers-dit", "diffusers-pixart", "diffusers-flux", "diffusers-sd3", "diffusers-wan", "fastcache-dit")
+}
