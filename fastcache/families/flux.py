@@ -8,7 +8,7 @@ import torch
 
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
-from ._adaln import adaln_zero, clip16
+from ._adaln import adaln_zero, clip16, dual_adaln_zero
 
 H, E = "hidden_states", "encoder_hidden_states"
 _ATTN2 = Branch("attn", (H, E))
@@ -37,10 +37,17 @@ class FluxDualProgram(BlockProgram):
     def run(self, block, call, streams, ex: Executor):
         x, c = streams[H], streams[E]
         temb = call["temb"]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = adaln_zero(block.norm1, temb).chunk(6, 1)
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = adaln_zero(
-            block.norm1_context, temb
-        ).chunk(6, 1)
+        (
+            (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp),
+            (
+                c_shift_msa,
+                c_scale_msa,
+                c_gate_msa,
+                c_shift_mlp,
+                c_scale_mlp,
+                c_gate_mlp,
+            ),
+        ) = dual_adaln_zero(block, temb)
         kw = call.get("joint_attention_kwargs") or {}
 
         def attn():

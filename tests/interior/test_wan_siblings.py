@@ -7,8 +7,7 @@ import inspect
 
 import pytest
 import torch
-from support.reach_video import _WAN_CFG
-from support.zoo import _randomize_zero_init
+from support.zoo import WAN_CONFIG, _randomize_zero_init
 
 import fastcache
 from fastcache.interior import ComputeExecutor, program_for
@@ -20,7 +19,7 @@ def _skyreels_df():
     from diffusers import SkyReelsV2Transformer3DModel
 
     torch.manual_seed(0)
-    m = SkyReelsV2Transformer3DModel(**_WAN_CFG, num_frame_per_block=2).eval()
+    m = SkyReelsV2Transformer3DModel(**WAN_CONFIG, num_frame_per_block=2).eval()
     _randomize_zero_init(m)
     g = torch.Generator().manual_seed(1)
     kw = dict(

@@ -21,7 +21,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from support.zoo import Case, _gen, _randomize_zero_init
+from support.zoo import WAN_CONFIG, Case, _gen, _randomize_zero_init
 
 
 def _finish(m: torch.nn.Module) -> torch.nn.Module:
@@ -35,28 +35,12 @@ def _b(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape[0])
 
 
-_WAN_CFG = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=4,
-    out_channels=4,
-    text_dim=16,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=3,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=32,
-)
-
-
 def wan_vace_case(B=2) -> Case:
     """WanVACETransformer3DModel: 3 main blocks, VACE control blocks hinted at layers 0 and 2."""
     from diffusers import WanVACETransformer3DModel
 
     torch.manual_seed(0)
-    m = _finish(WanVACETransformer3DModel(**_WAN_CFG, vace_layers=[0, 2], vace_in_channels=12))
+    m = _finish(WanVACETransformer3DModel(**WAN_CONFIG, vace_layers=[0, 2], vace_in_channels=12))
     text = torch.randn(B, 6, 16, generator=_gen(3))
     control = torch.randn(B, 12, 2, 8, 8, generator=_gen(4))
     return Case(
@@ -79,7 +63,7 @@ def skyreels_v2_case(B=2) -> Case:
     from diffusers import SkyReelsV2Transformer3DModel
 
     torch.manual_seed(0)
-    m = _finish(SkyReelsV2Transformer3DModel(**_WAN_CFG))
+    m = _finish(SkyReelsV2Transformer3DModel(**WAN_CONFIG))
     text = torch.randn(B, 6, 16, generator=_gen(3))
     return Case(
         "skyreelsv2",

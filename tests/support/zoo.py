@@ -189,25 +189,29 @@ def sd3_case(B=2) -> Case:
     )
 
 
+#: Wan 2.1's tiny config (diffusers' own test config), shared by the Wan-block classes of the zoo
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=3,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
 def wan_case(B=2) -> Case:
     """Wan 2.1's class at a tiny size (diffusers' own test config): 2 frames of 8x8 latents."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    m = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    m = WanTransformer3DModel(**WAN_CONFIG).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 6, 16, generator=_gen(3))
     return Case(
