@@ -13,6 +13,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastcache._shadow import prefer_installed_kernels  # noqa: E402
+
+# transformers (the tiny pipelines' text encoders) imports the Hugging Face ``kernels``
+# package, which the checkout's kernels/ folder shadows under ``python -m pytest``.
+prefer_installed_kernels()
+
 # The test models are tiny: one intra-op thread runs them as fast as two, and on a shared
 # machine two threads wait on each other (measured: tests/contracts -k "never_skip and (pixart
 # or flux)" 13 s with one thread, 38 s with two, on the 2 loaded cores). Override with
