@@ -13,6 +13,7 @@ from . import (
     tuning,  # noqa: F401  (fastcache.tuning: calibration and search)
 )
 from .config import CacheConfig
+from .pipeline import disable, enable, report
 from .policies.block_cache import BlockCacheConfig
 from .policies.delta_dit import DeltaDiTConfig
 from .policies.eoc import EOCConfig
@@ -53,10 +54,13 @@ __all__ = [
     "TeaCacheConfig",
     "TGateConfig",
     "context",
+    "disable",
+    "enable",
     "get_patch",
     "patch",
     "patched",
     "register",
+    "report",
     "reset",
     "search_schedule",
     "search_threshold",

@@ -34,6 +34,7 @@ KNOWN_CYCLES: list[list[str]] = []
 # the policies that read a profile's timesteps. (fastcache/__init__.py re-exports the public
 # names; fastcache/config.py imports Profile inside the functions that need it.)
 CORE_IMPORTS_OF_TUNING = {
+    "fastcache.pipeline": {"fastcache.tuning", "fastcache.tuning.profile"},  # enable(pipe, profile, budget=K)
     "fastcache.policies.block_cache": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.eoc": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.magcache": {"fastcache.tuning", "fastcache.tuning.profile"},
