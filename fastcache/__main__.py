@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         from .info import main as info
 
         return info() or 0
-    print(f"python -m fastcache: error: unknown command {cmd!r}; one of calibrate, generate, info", file=sys.stderr)
+    print(f"python -m fastcache: error: unknown command {cmd!r}: one of calibrate, generate, info", file=sys.stderr)
     return 2
 
 
