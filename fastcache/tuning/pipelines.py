@@ -92,9 +92,9 @@ def denoiser(pipe) -> torch.nn.Module:
         raise PipelineError(str(e).replace("fastcache.enable: ", "")) from None
     if len(models) > 1:
         raise PipelineError(
-            f"{type(pipe).__name__} runs {len(models)} denoisers ({', '.join(models)}); calibrating and searching a "
-            "schedule per expert is not supported by the CLI: use fastcache.search_schedule on each expert's own runs, "
-            "then fastcache.enable(pipe, {name: profile, ...}, budget=K)"
+            f"{type(pipe).__name__} runs {len(models)} denoisers ({', '.join(models)}), each on part of the steps; "
+            "searching one schedule over several experts is not supported yet: use fastcache.enable(pipe, config) "
+            "with a fixed config (e.g. taylorseer) on this pipeline"
         )
     return next(iter(models.values()))
 
