@@ -6,6 +6,7 @@ and says what to do; it never crashes or runs wrong. ``FLOOR``: how many classes
 must work on (the issue's bar: First-Block, TaylorSeer, ScheduleConfig on 32 of 36)."""
 
 import pytest
+import torch
 from support.reach import CLASSES, SETTINGS, built, run_cell
 
 CELLS = [(c, m) for c in CLASSES for m in SETTINGS]
@@ -41,3 +42,31 @@ def test_cell_works_or_is_refused_with_what_to_do(name, method):
 def test_method_works_on_enough_classes(method):
     working = [c for c in CLASSES if _result(c, method).status == "works"]
     assert len(working) >= FLOOR[method], f"{method} works on {len(working)} classes: {working}"
+
+
+def test_reach_table_is_written_without_cache_dit(tmp_path, monkeypatch):
+    """bench/reach_table.py measures its rows (fastcache's cells and the peers' in the same
+    loop) and, where cache-dit is not importable, says so in its column instead of failing."""
+    import importlib.util
+    import os
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # import cache_dit -> ImportError
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "reach_table.py")
+    spec = importlib.util.spec_from_file_location("reach_table", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "reach.md"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--classes", "diffusers-dit", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the bench measures on one thread
+    text = out.read_text(encoding="utf-8")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| diffusers-dit "))
+    cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+    assert cells[:5] == ["✓"] * 5, row  # fastcache's five methods
+    # diffusers' FBC and MagCache run; its TaylorSeer default patterns (``.*attn``) match no
+    # module of DiT (attn1 / attn2), explicit ones do; cache-dit is not importable
+    assert cells[5:] == ["✓", "✓", "no effect", "✓", "not installed"], row
+    assert "- cache-dit DBCache: **0/1** (1 not installed)" in text
