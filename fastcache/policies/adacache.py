@@ -68,9 +68,7 @@ def scale_codebook(book, ref_steps: int, num_steps: int) -> tuple[tuple[float, i
     the step counts agree or ``num_steps`` is unknown (0)."""
     if not num_steps or num_steps == ref_steps:
         return tuple(book)
-    return tuple(
-        (thr * ref_steps / num_steps, max(1, int(iv * num_steps / ref_steps + 0.5))) for thr, iv in book
-    )
+    return tuple((thr * ref_steps / num_steps, max(1, int(iv * num_steps / ref_steps + 0.5))) for thr, iv in book)
 
 
 def _check_codebook(book) -> tuple[tuple[float, int], ...]:
@@ -381,4 +379,3 @@ def _residual(out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
     """``out - x_in`` in fp32 math (fp64 for fp64), in ``out``'s dtype (as the stack residual)."""
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     return (out.to(acc) - x_in.to(acc)).to(out.dtype)
-
