@@ -211,7 +211,9 @@ def test_fullgraph_compile_one_cond_and_matches_eager():
             explain = torch._dynamo.explain(m)(**case.inputs(case.latents(torch.Generator()), sch.timesteps[0]))
         assert explain.graph_break_count == 0, explain.break_reasons
         assert explain.graph_count == 1
-        conds = [n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)]
+        conds = [
+            n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)
+        ]
         assert len(conds) == 1, "the skip must be one torch.cond"
         fastcache.reset(m)
         torch._dynamo.reset()

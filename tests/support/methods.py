@@ -113,7 +113,7 @@ METHODS = {
         ),
         Method(
             "AdaCacheConfig",
-            lambda p, s: F.AdaCacheConfig(codebook={10.0: 2}, num_steps=s),
+            lambda p, s: F.AdaCacheConfig(codebook={10.0: 2}),
             lambda p, s: F.AdaCacheConfig(codebook={1.0: 1}, num_steps=s),
             invalid={"moreg": True},
         ),
