@@ -14,6 +14,7 @@ from . import (
 )
 from .config import CacheConfig
 from .pipeline import disable, enable, report
+from .policies.adacache import AdaCacheConfig
 from .policies.block_cache import BlockCacheConfig
 from .policies.delta_dit import DeltaDiTConfig
 from .policies.eoc import EOCConfig
@@ -35,6 +36,7 @@ from .tuning.thresholds import search_threshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaCacheConfig",
     "BlockCacheConfig",
     "announce_steps",
     "CacheConfig",

@@ -1,5 +1,6 @@
 """Caching policies: one file per method; each registers itself for its config type."""
 
+from .adacache import AdaCachePolicy
 from .auto_branch import AutoBranchPolicy  # noqa: F401  (the automatic path's FORA, TaylorSeer, ScheduleConfig)
 from .auto_stack import AutoFirstBlockPolicy  # noqa: F401  (registers the automatic First-Block Cache)
 from .base import Policy, StackRunner, policy_for, register_policy
@@ -17,6 +18,7 @@ from .teacache import TeaCachePolicy
 from .tgate import TGatePolicy
 
 __all__ = [
+    "AdaCachePolicy",
     "BlockCachePolicy",
     "DeltaDiTPolicy",
     "EOCPolicy",

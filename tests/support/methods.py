@@ -112,6 +112,12 @@ METHODS = {
             invalid={"alpha": -1.0},
         ),
         Method(
+            "AdaCacheConfig",
+            lambda p, s: F.AdaCacheConfig(codebook={10.0: 2}),
+            lambda p, s: F.AdaCacheConfig(codebook={1.0: 1}, num_steps=s),
+            invalid={"moreg": True},
+        ),
+        Method(
             "ScheduleConfig",
             lambda p, s: F.ScheduleConfig(plan="CC1C" + "1" * (s - 4)),
             lambda p, s: F.ScheduleConfig(plan="C" * s),

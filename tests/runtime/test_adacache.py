@@ -1,0 +1,303 @@
+"""AdaCache (fastcache/policies/adacache.py; Kahatapitiya et al., arXiv 2411.02397):
+
+* decision trace, distances and outputs equal a host-side reference written here from the
+  published algorithm (plain Python over the unpatched model with module hooks), on the
+  diffusers DiT and Wan;
+* a codebook of all-1 intervals is bitwise the unpatched model;
+* eager: one host read per step (the decision flag), none in the distance, lookup or countdown;
+* torch.compile(fullgraph=True): 0 graph breaks, the skip one cond, the compiled loop's
+  decisions and outputs those of eager;
+* the codebooks (published presets, scaling) and every refusal.
+
+(The contract suite, tests/contracts/test_methods.py, adds the repeated-call, round-trip
+and per-family checks.)"""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo
+from support.hostreads import HostReadMode, python_level_reads
+from support.teacache_reference import BLOCK_LISTS, HIDDEN_AT, POSITIONAL, STREAM
+from support.zoo import CASES
+
+import fastcache
+from fastcache.policies.adacache import PRESETS, scale_codebook
+
+STEPS = 20
+FAMILIES = ["diffusers-dit", "diffusers-wan"]
+
+# the published codebooks, written out again (arXiv 2411.02397, Sec. 4 / the official code)
+PUBLISHED = {
+    "fast": {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1},
+    "slow": {0.08: 3, 0.16: 2, 0.24: 1, 0.32: 1, 0.40: 1, 1.00: 1},
+    "100": {0.03: 12, 0.05: 10, 0.07: 8, 0.09: 6, 0.11: 4, 1.00: 3},
+}
+
+
+class ReferenceAdaCache:
+    """AdaCache written from the paper on the unpatched model: a pre-hook on the first block
+    decides in Python; hooks on the metric block record its residual ``r``; a hook on the
+    last block replaces its output on skipped steps with ``x_in + R`` and stores
+    ``R = out - x_in`` on computed ones. Every block runs (semantics, not speed)."""
+
+    def __init__(self, name, model, codebook, num_steps, metric_block=None):
+        self.book = sorted(codebook.items())
+        self.num_steps = num_steps
+        self.stream = STREAM.get(name, "hidden_states")
+        self.positional = POSITIONAL.get(name, [])
+        self.at = HIDDEN_AT.get(name, 1)
+        blocks = [b for n in BLOCK_LISTS.get(name, ("transformer_blocks",)) for b in getattr(model, n)]
+        mid = blocks[len(blocks) // 2 if metric_block is None else metric_block]
+        self.step = 0
+        self.next = 0  # the step index of the next computed step
+        self.last = None  # (step index, metric residual) of the last computed step
+        self.skip = False
+        self.trace, self.distances = [], []
+        self.handles = [
+            blocks[0].register_forward_pre_hook(self._decide, with_kwargs=True),
+            mid.register_forward_pre_hook(self._mid_in, with_kwargs=True),
+            mid.register_forward_hook(self._mid_out),
+            blocks[-1].register_forward_hook(self._last_out),
+        ]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def _hidden_in(self, args, kwargs):
+        kw = dict(zip(self.positional, args))
+        kw.update(kwargs)
+        return kw[self.stream]
+
+    def _hidden_out(self, out):
+        return out[self.at] if isinstance(out, tuple) else out
+
+    def _decide(self, module, args, kwargs):
+        s, n = self.step, self.num_steps
+        compute = s == 0 or s >= n - 2 or s >= self.next
+        self.skip = not compute
+        self.trace.append(compute)
+        self.x_in = self._hidden_in(args, kwargs)
+
+    def _mid_in(self, module, args, kwargs):
+        self.mid_in = self._hidden_in(args, kwargs)
+
+    def _mid_out(self, module, args, out):
+        if self.skip:
+            return
+        r = self._hidden_out(out) - self.mid_in
+        s, c = self.step, None
+        if self.last is not None:
+            p, r_p = self.last
+            c = (r - r_p).abs().double().sum().item() / r_p.abs().double().sum().item() / (s - p)
+        interval = 1 if c is None else next((v for thr, v in self.book if c < thr), 1)
+        self.next = s + interval
+        self.last = (s, r)
+        self.distances.append(c)
+
+    def _last_out(self, module, args, out):
+        hidden = self._hidden_out(out)
+        if self.skip:
+            hidden = self.x_in + self.residual
+            self.distances.append(None)
+        else:
+            self.residual = hidden - self.x_in
+        self.step += 1
+        if not isinstance(out, tuple):
+            return hidden
+        return out[: self.at] + (hidden,) + out[self.at + 1 :]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request):
+    return CASES[request.param]()
+
+
+def test_matches_host_reference(case):
+    cfg = fastcache.AdaCacheConfig(preset="fast", num_steps=STEPS)
+    book = dict(cfg.codebook_for(STEPS))
+    ref = ReferenceAdaCache(case.name, case.model, book, STEPS)
+    try:
+        expected = case.sample(steps=STEPS)
+    finally:
+        ref.remove()
+    with fastcache.patched(case.model, cfg):
+        out = case.sample(steps=STEPS)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["timeline"] == ref.trace
+    skipped = STEPS - sum(ref.trace)
+    assert skipped >= 5, f"the fast preset should skip steps on {case.name}; skipped {skipped}"
+    assert st["skipped"] == skipped and st["computed"] == STEPS - skipped
+    assert ref.trace[0] and ref.trace[-2] and ref.trace[-1]
+    assert len(set(i for i in st["interval"] if i is not None)) >= 2, "the codebook should give several intervals"
+    for got, want in zip(st["distance"], ref.distances):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert math.isclose(got, want, rel_tol=1e-4), (st["distance"], ref.distances)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_metric_block_and_slow_codebook_match_host_reference():
+    case = CASES["diffusers-dit"]()
+    cfg = fastcache.AdaCacheConfig(preset="slow", num_steps=STEPS, metric_block=0)
+    ref = ReferenceAdaCache(case.name, case.model, dict(cfg.codebook_for(STEPS)), STEPS, metric_block=0)
+    try:
+        expected = case.sample(steps=STEPS)
+    finally:
+        ref.remove()
+    with fastcache.patched(case.model, cfg):
+        out = case.sample(steps=STEPS)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["timeline"] == ref.trace and not all(ref.trace)
+    assert st["metric_block"] == 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_never_skip_codebook_is_bitwise_unpatched(case):
+    ref = case.sample(steps=STEPS)
+    with fastcache.patched(case.model, fastcache.AdaCacheConfig(codebook={0.5: 1, 1.0: 1}, num_steps=STEPS)):
+        out = case.sample(steps=STEPS)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert torch.equal(out, ref)
+    assert st["timeline"] == [True] * STEPS
+    assert st["interval"] == [1] * STEPS
+
+
+def test_second_run_and_invalidate_start_afresh(case):
+    with fastcache.patched(case.model, fastcache.AdaCacheConfig(num_steps=STEPS)) as handle:
+        a = case.sample(steps=STEPS)
+        tl = fastcache.stats(case.model)["contexts"]["default"]["timeline"]
+        b = case.sample(steps=STEPS)  # no reset: the rising timestep starts a new run
+        assert torch.equal(a, b)
+        assert fastcache.stats(case.model)["contexts"]["default"]["timeline"] == tl
+        assert fastcache.stats(case.model)["contexts"]["default"]["runs"] == 2
+        policy, state = handle.policy, handle.contexts["default"]
+        policy.invalidate(state)
+        assert float(state.ada[0]) == 0.0 and float(state.ada[2]) == 0.0  # the next step is due, unmeasured
+
+
+def test_eager_reads_one_flag_per_step_and_nothing_in_the_math():
+    case = CASES["fastcache-dit"]()
+    steps = 12
+    mode = HostReadMode()
+    with python_level_reads() as py_reads:
+        with fastcache.patched(case.model, fastcache.AdaCacheConfig(num_steps=steps)):
+            case.sample(steps=1)  # allocate the buffers outside the measured run
+            fastcache.reset(case.model)
+            before = len(py_reads)
+            with mode:
+                case.sample(steps=steps)
+            reads = py_reads[before:]
+            st = fastcache.stats(case.model)["contexts"]["default"]
+    assert 0 < st["skipped"] < steps  # both branches ran, and the distance was measured
+    ours = [r for r in mode.reads + reads if r is not None]
+    assert len(ours) == steps, ours
+    assert all(r.startswith("policies/adacache.py:run_stack:if flag.item()") for r in ours), ours
+
+
+@pytest.mark.compile
+def test_fullgraph_compile_one_cond_and_matches_eager():
+    case = CASES["fastcache-dit"]()
+    m, steps = case.model, 10
+    with fastcache.patched(m, fastcache.AdaCacheConfig(num_steps=steps)):
+        eager = case.sample(steps=steps)
+        eager_st = fastcache.stats(m)["contexts"]["default"]
+        assert not all(eager_st["timeline"])
+        fastcache.reset(m)
+        sch = case.scheduler()
+        sch.set_timesteps(steps)
+        with torch.no_grad():
+            explain = torch._dynamo.explain(m)(**case.inputs(case.latents(torch.Generator()), sch.timesteps[0]))
+        assert explain.graph_break_count == 0, explain.break_reasons
+        assert explain.graph_count == 1
+        conds = [
+            n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)
+        ]
+        assert len(conds) == 1, "the skip must be one torch.cond"
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        out = case.sample(model=torch.compile(m, fullgraph=True, backend="aot_eager"), steps=steps)
+        st = fastcache.stats(m)["contexts"]["default"]
+    assert st["timeline"] == eager_st["timeline"]
+    assert st["interval"] == eager_st["interval"]
+    torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- codebooks
+def test_presets_are_the_published_codebooks():
+    assert {k: dict(v[1]) for k, v in PRESETS.items()} == PUBLISHED
+    assert {k: v[0] for k, v in PRESETS.items()} == {"fast": 30, "slow": 30, "100": 100}
+    assert fastcache.AdaCacheConfig().codebook_for(30) == tuple(PUBLISHED["fast"].items())
+    assert fastcache.AdaCacheConfig(preset="100").codebook_for(100) == tuple(PUBLISHED["100"].items())
+    assert fastcache.AdaCacheConfig(preset="slow").codebook_for(None) == tuple(PUBLISHED["slow"].items())
+
+
+def test_codebook_scaling_to_other_step_counts():
+    # 20 steps from the 30-step "fast": intervals x 2/3 rounded half up, thresholds x 3/2
+    got = scale_codebook(PRESETS["fast"][1], 30, 20)
+    assert [iv for _, iv in got] == [4, 3, 3, 2, 1, 1]
+    assert [round(t, 6) for t, _ in got] == [0.12, 0.24, 0.36, 0.48, 0.6, 1.5]
+    # 50 steps from the 100-step codebook: halved intervals, doubled thresholds
+    got = scale_codebook(PRESETS["100"][1], 100, 50)
+    assert got == ((0.06, 6), (0.1, 5), (0.14, 4), (0.18, 3), (0.22, 2), (2.0, 2))
+    # never below one step
+    assert all(iv >= 1 for _, iv in scale_codebook(PRESETS["slow"][1], 30, 4))
+    # an explicit codebook is used as given at every step count
+    cfg = fastcache.AdaCacheConfig(codebook={0.2: 3, 0.1: 5}, num_steps=50)
+    assert cfg.codebook_for(10) == ((0.1, 5), (0.2, 3))
+
+
+def test_config_round_trips():
+    for cfg in (
+        fastcache.AdaCacheConfig(preset="slow", num_steps=30, metric_block=2),
+        fastcache.AdaCacheConfig(codebook=[(0.1, 4), (1.0, 1)]),
+    ):
+        assert fastcache.CacheConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"moreg": True}, "MoReg"),
+        ({"preset": "medium"}, "preset must be one of"),
+        ({"preset": "fast", "codebook": {1.0: 1}}, "either preset"),
+        ({"codebook": {0.2: 2, 0.1: 0}}, "intervals integers >= 1"),
+        ({"codebook": [(0.2, 2), (0.2, 1)]}, "strictly increasing"),
+        ({"codebook": {-0.1: 2}}, "thresholds finite and > 0"),
+        ({"codebook": {}}, "codebook must map"),
+        ({"codebook": "fast"}, "codebook must map"),
+        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
+        ({"metric_block": -1}, "metric_block must be an integer >= 0"),
+    ],
+)
+def test_refuses_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastcache.AdaCacheConfig(**kwargs)
+
+
+def test_refuses_a_metric_block_outside_the_stack():
+    case = CASES["fastcache-dit"]()
+    with pytest.raises(ValueError, match=r"metric_block=99 is outside .* stack of \d+ blocks"):
+        fastcache.patch(case.model, fastcache.AdaCacheConfig(metric_block=99))
+    assert fastcache.runtime._find(case.model) is None
+
+
+def test_unknown_num_steps_is_said_in_stats():
+    case = CASES["fastcache-dit"]()
+    with fastcache.patched(case.model, fastcache.AdaCacheConfig()):
+        case.sample(steps=6)
+        with pytest.warns(RuntimeWarning, match="num_steps is unknown"):
+            st = fastcache.stats(case.model)["contexts"]["default"]
+    assert any("num_steps is unknown" in w for w in st["warnings"])
+
+
+def test_a_distance_above_every_threshold_computes_the_next_step():
+    """A change the codebook does not cover is never skipped over (interval 1), whatever
+    the last bucket's interval."""
+    case = CASES["fastcache-dit"]()
+    with fastcache.patched(case.model, fastcache.AdaCacheConfig(codebook={1e-6: 4}, num_steps=10)):
+        case.sample(steps=10)
+        st = fastcache.stats(case.model)["contexts"]["default"]
+    assert st["timeline"] == [True] * 10
+    assert all(d > 1e-6 for d in st["distance"][1:]), st["distance"]
