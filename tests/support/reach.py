@@ -411,6 +411,7 @@ README_ROWS = {
     "Block Caching": "BlockCacheConfig",
     "searched schedule": "ScheduleConfig",
     "SmoothCache": "SmoothCacheConfig",
+    "AdaCache": "AdaCacheConfig",
 }
 #: README column -> zoo case (the column order of the table)
 README_COLUMNS = {
