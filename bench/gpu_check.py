@@ -117,6 +117,11 @@ FLUX = dict(
     axes_dims_rope=(16, 56, 56),
 )
 FLUX_TOKENS = (4096, 512)  # image, text
+# token grids (B, N, D) of video models, next to bench/common.py's image ones: HunyuanVideo
+# 720x1280, 129 frames (33 x 45 x 80 tokens, 3072 wide); Wan 2.1 14B 720x1280, 81 frames
+# (21 x 45 x 80, 5120 wide), CFG as a batch of 2
+VIDEO_GRIDS = {"hunyuanvideo-720p-129f": (1, 33 * 45 * 80, 3072), "wan2.1-14b-720p-81f": (2, 21 * 45 * 80, 5120)}
+CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)  # gridDim.x, .y, .z
 SKIP_ALL = 1e9  # a TeaCache threshold no accumulated distance reaches: every step after the first skips
 
 
@@ -773,6 +778,87 @@ def sec_triton_parity(ctx: Context, sec: dict, check: Check) -> None:
         dtypes=[str(d) for d in cases.DTYPES],
     )
     _run_parity(ctx, check, LAUNCHERS, ctx.device, shapes, cases.DTYPES, cast, one_ulp=True)
+    _launch_grids(ctx, sec, check)
+
+
+def _model_grids() -> dict:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import common
+
+    return {**common.SHAPES, **VIDEO_GRIDS}
+
+
+def _planned_grids(shape) -> dict:
+    """op -> the grid its launcher plans for a (B, N, D) bf16 stream (meta tensors: nothing
+    is allocated), from the launchers' own plan functions (as tests/ops/test_ptx.py)."""
+    import torch
+    from fastcache.kernels import _partials, gated_residual, modulated_rel_l1, rel_l1, residual, taylor
+
+    B, N, D = shape
+    x = torch.empty(B, N, D, device="meta", dtype=torch.bfloat16)
+    v = torch.empty(B, D, device="meta", dtype=torch.bfloat16)
+    one, flag = torch.empty(1, device="meta"), torch.empty((), device="meta", dtype=torch.bool)
+    hist = torch.empty(3, B, N, D, device="meta", dtype=torch.bfloat16)
+    launch, partials = rel_l1.plan_rel_l1(x, x.clone(), True)
+    return {
+        "modulated_rel_l1_sums": modulated_rel_l1.plan_modulated_rel_l1(x, v, v, 1e-6, x.clone())[0].grid,
+        "rel_l1_sums": launch.grid,
+        "sum_partials": _partials.plan_finish_sums(partials)[0].grid,
+        "gated_residual": gated_residual.plan_gated_residual(x, v, x, None, 0.0, torch.empty_like(x)).grid,
+        "apply_residual": residual.plan_apply_residual(x, x, torch.empty_like(x)).grid,
+        "store_residual": residual.plan_store_residual(x, x, flag, x.clone()).grid,
+        "taylor_forecast": taylor.plan_taylor_forecast(hist, one, torch.empty_like(x)).grid,
+        "taylor_update": taylor.plan_taylor_update(hist, x, one, one, flag).grid,
+    }
+
+
+def _launch_grids(ctx: Context, sec: dict, check: Check) -> None:
+    """Every launcher's grid at published models' token grids against CUDA's limits
+    (gridDim.y and .z <= 65535; the interpreter has none, so only a GPU launch shows it).
+    Over-limit grids are a warning everywhere; on CUDA the two indicator ops are then
+    launched at that grid and compared with the reference on the GPU."""
+    over = []
+    for model, shape in _model_grids().items():
+        for op, grid in _planned_grids(shape).items():
+            if any(g > lim for g, lim in zip(grid, CUDA_GRID_MAX)):
+                over.append({"op": op, "model": model, "shape": list(shape), "grid": list(grid)})
+    sec["results"]["launch_grids_over_cuda_limits"] = over
+    if over:
+        sec["warnings"].append(
+            "launch grids over CUDA's limits (gridDim.y/.z <= 65535; a launch fails with 'Triton Error [CUDA]: "
+            "invalid argument'): " + "; ".join(f"{o['op']} at {o['model']} {tuple(o['grid'])}" for o in over)
+        )
+    if not ctx.cuda:
+        return
+    for o in over:
+        if o["op"] in ("modulated_rel_l1_sums", "rel_l1_sums") and not ctx.out_of_time(20):
+            what = f"{o['op']} launches at {o['model']} {tuple(o['shape'])} (grid {tuple(o['grid'])})"
+            check.run(what, _launch_large, o["op"], tuple(o["shape"]))
+
+
+def _launch_large(op: str, shape) -> None:
+    """The Triton launcher on a (B, N, D) bf16 stream on the GPU vs the reference run there."""
+    import torch
+    from fastcache.kernels import LAUNCHERS
+
+    from fastcache.ops import reference as ref
+
+    B, N, D = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, N, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    prev = torch.randn(B, N, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    if op == "modulated_rel_l1_sums":
+        shift = torch.randn(B, D, generator=g, device="cuda", dtype=torch.bfloat16)
+        scale = torch.randn(B, D, generator=g, device="cuda", dtype=torch.bfloat16)
+        want = ref.modulated_rel_l1_sums(x, shift, scale, 1e-6, prev.clone())
+        got = LAUNCHERS[op](x, shift, scale, 1e-6, prev)
+    else:
+        want = ref.rel_l1_sums(x, prev.clone(), False)
+        got = LAUNCHERS[op](x, prev, False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
+    del x, prev
+    torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------ CUDAGraphStep

@@ -98,6 +98,7 @@ def test_cpu_dry_run_writes_every_section(dry_run):
             assert f",{dt}]" in names, (name, dt)
         assert "cache_decision[teacache] bit for bit" in names and "timestep_guard" in names
     assert sections["triton_parity"]["results"]["mode"] == "interpreter"
+    assert isinstance(sections["triton_parity"]["results"]["launch_grids_over_cuda_limits"], list)
     assert sections["build"]["results"]["backend"]["cpu"] == "cpp"
     cg = sections["cuda_graph_step"]["results"]
     assert cg["stand-in step[compile_stack=False]"]["n"] == 10 and 0 < sum(cg["timeline"]) < 10
