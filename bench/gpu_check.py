@@ -1482,34 +1482,76 @@ def pytest_child(argv: list[str]) -> int:
     return int(rc)
 
 
-def run_pytest(selection: list[str], env_overrides: dict, timeout: float, markexpr: str | None = None) -> dict:
-    """Run pytest on ``selection`` in a child process; returns the recorder's report plus the
-    exit code and the output's tail."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "pytest.json"
+class PytestRun:
+    """pytest on ``selection`` in a child process of its own process group, started at
+    construction; :meth:`wait` returns the recorder's report plus the exit code, the time and
+    the output's tail (the child is killed with its group past ``timeout``)."""
+
+    def __init__(self, selection: list[str], env_overrides: dict, timeout: float, markexpr: str | None = None):
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        self.report, self.log_path = tmp / "pytest.json", tmp / "output.txt"
         env = dict(os.environ, **env_overrides)
-        env[PYTEST_REPORT_ENV] = str(report)
+        env[PYTEST_REPORT_ENV] = str(self.report)
         boot = (
             "import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('gpu_check', {str(Path(__file__).resolve())!r})\n"
             "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
             "sys.exit(mod.pytest_child(sys.argv[1:]))\n"
         )
-        args = ["-q", "-rs", "-p", "no:cacheprovider", *(["-m", markexpr] if markexpr else []), *selection]
-        t0 = time.perf_counter()
-        rc, text = _run_group([sys.executable, "-c", boot, *args], timeout, cwd=REPO, env=env)
-        out = json.loads(report.read_text()) if report.exists() else {"env": {}, "tests": []}
-        out.update(rc=rc, seconds=round(time.perf_counter() - t0, 1), args=args, output_tail=text[-6000:])
+        self.args = ["-q", "-rs", "-p", "no:cacheprovider", *(["-m", markexpr] if markexpr else []), *selection]
+        self.timeout, self.t0 = timeout, time.perf_counter()
+        self.deadline = time.monotonic() + timeout
+        self._log = open(self.log_path, "w")  # a file, not a pipe: nobody reads while it runs
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", boot, *self.args],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait(self) -> dict:
+        try:
+            rc = self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
+        except BaseException as e:  # the timeout, or SIGALRM's SectionTimeout
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            if not isinstance(e, subprocess.TimeoutExpired):
+                self._close()
+                raise
+            rc = "timeout"
+        text = self.log_path.read_text(errors="replace")
+        if rc == "timeout":
+            text = f"timed out after {self.timeout:.0f} s\n{text}"
+        out = json.loads(self.report.read_text()) if self.report.exists() else {"env": {}, "tests": []}
+        out.update(rc=rc, seconds=round(time.perf_counter() - self.t0, 1), args=self.args, output_tail=text[-6000:])
+        self._close()
         return out
 
+    def _close(self) -> None:
+        self._log.close()
+        self._tmp.cleanup()
 
-def sec_pytest_gpu(ctx: Context, sec: dict, check: Check) -> None:
+
+def run_pytest(selection: list[str], env_overrides: dict, timeout: float, markexpr: str | None = None) -> dict:
+    """:class:`PytestRun`, waited for."""
+    return PytestRun(selection, env_overrides, timeout, markexpr).wait()
+
+
+def _pytest_gpu_start(ctx: Context, sec: dict, check: Check) -> PytestRun | None:
     files = gpu_test_files()
-    res = sec["results"]
-    res["files"] = files
+    sec["results"]["files"] = files
     if not check("GPU test files found", bool(files)):
-        return
-    out = run_pytest(files, {"TRITON_INTERPRET": "0"}, timeout=max(ctx.remaining() - 5, 10), markexpr="gpu")
+        return None
+    return PytestRun(files, {"TRITON_INTERPRET": "0"}, timeout=max(ctx.remaining() - 5, 10), markexpr="gpu")
+
+
+def _pytest_gpu_finish(sec: dict, check: Check, run: PytestRun) -> None:
+    out = run.wait()
+    res = sec["results"]
     res.update(out)
     env = out.get("env") or {}
     check("pytest saw TRITON_INTERPRET=0 (compiled kernels)", env.get("TRITON_INTERPRET") == "0", env)
@@ -1522,6 +1564,14 @@ def sec_pytest_gpu(ctx: Context, sec: dict, check: Check) -> None:
     check("no GPU test failed", not by.get("failed"), by.get("failed"))
     check("no GPU test skipped on a CUDA machine", not by.get("skipped"), by.get("skipped"))
     check("GPU tests ran", bool(by.get("passed")), env.get("collected"))
+
+
+def sec_pytest_gpu(ctx: Context, sec: dict, check: Check) -> None:
+    """``pytest -m gpu`` on the files holding GPU tests, with compiled kernels; run in the
+    background next to the parity sections unless --no-overlap (see main)."""
+    run = _pytest_gpu_start(ctx, sec, check)
+    if run is not None:
+        _pytest_gpu_finish(sec, check, run)
 
 
 # ============================================================================ driver
@@ -1575,6 +1625,40 @@ def run_section(ctx: Context, report: dict, name: str, out: Path) -> None:
         ctx.section_deadline = ctx.deadline
 
 
+# the sections a concurrent pytest child would disturb (they time things or use the whole
+# GPU): a pytest_gpu run started in the background after `build` is waited for before them
+UNDISTURBED = ("cuda_graph_step", "static_schedule_graphs", "step_costs", "graph_step_costs")
+
+
+def start_background_pytest(ctx: Context, report: dict):
+    """Start pytest_gpu's child now; returns what finish_background_pytest needs, or None."""
+    sec = report["sections"]["pytest_gpu"]
+    if ctx.deadline - time.monotonic() <= 15:
+        return None  # its slot reports the budget
+    ctx.section_deadline = time.monotonic() + min(CAPS["pytest_gpu"], ctx.deadline - time.monotonic())
+    check = Check(sec, ctx)
+    try:
+        run = _pytest_gpu_start(ctx, sec, check)
+    finally:
+        ctx.section_deadline = ctx.deadline
+    if run is None:
+        return None
+    sec["status"] = "running"
+    sec["results"]["background"] = "started after build, next to the parity sections"
+    return run, check, time.perf_counter()
+
+
+def finish_background_pytest(report: dict, started) -> None:
+    run, check, t0 = started
+    sec = report["sections"]["pytest_gpu"]
+    try:
+        _pytest_gpu_finish(sec, check, run)
+        sec["status"] = _status(sec)
+    except Exception as e:
+        sec.update(status="error", error=_short(f"{type(e).__name__}: {e}"), traceback=_short(traceback.format_exc()))
+    sec["seconds"] = round(time.perf_counter() - t0, 2)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="dry run on CPU: Triton interpreter, tiny sizes, no GPU section")
@@ -1588,6 +1672,7 @@ def parse_args(argv=None):
     p.add_argument("--flux-single", type=int, default=8, help="FLUX single-stream blocks in step_costs (full: 38)")
     p.add_argument("--rounds", type=int, default=0, help="timing rounds (default 20 on CUDA, 4 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-overlap", action="store_true", help="run pytest_gpu at its slot, not in the background")
     args = p.parse_args(argv)
     wanted = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = sorted(set(wanted) - set(SECTIONS))
@@ -1633,14 +1718,9 @@ def main(argv=None) -> int:
         "summary": None,
     }
     no_cuda = "--cpu: dry run on CPU" if args.cpu else "torch.cuda.is_available() is False"
-    for name in SECTIONS:
+
+    def emit(name: str) -> None:
         sec = report["sections"][name]
-        if name not in args.sections:
-            sec.update(status="skipped", reason="not selected (--sections)")
-        elif name in GPU_ONLY and mode != "cuda":
-            sec.update(status="skipped", reason=f"no CUDA ({no_cuda})")
-        else:
-            run_section(ctx, report, name, args.out)
         counts = {}
         for s in report["sections"].values():
             counts[s["status"]] = counts.get(s["status"], 0) + 1
@@ -1649,9 +1729,27 @@ def main(argv=None) -> int:
             counts, ok=not any(s["status"] in ("fail", "error") for s in report["sections"].values())
         )
         write_json_atomic(args.out, report)
-        print(
-            f"gpu_check: {name:24s} {sec['status']:8s} {sec['seconds']:7.1f} s  {sec.get('reason') or ''}", flush=True
-        )
+        why = sec.get("reason") or ""
+        print(f"gpu_check: {name:24s} {sec['status']:8s} {sec['seconds']:7.1f} s  {why}", flush=True)
+
+    background = None
+    for name in SECTIONS:
+        sec = report["sections"][name]
+        if background is not None and (name in UNDISTURBED or name == "pytest_gpu"):
+            finish_background_pytest(report, background)
+            background = None
+            emit("pytest_gpu")
+        if name == "pytest_gpu" and sec["status"] != "pending":
+            continue  # it ran in the background
+        if name not in args.sections:
+            sec.update(status="skipped", reason="not selected (--sections)")
+        elif name in GPU_ONLY and mode != "cuda":
+            sec.update(status="skipped", reason=f"no CUDA ({no_cuda})")
+        else:
+            run_section(ctx, report, name, args.out)
+        emit(name)
+        if name == "build" and mode == "cuda" and "pytest_gpu" in args.sections and not args.no_overlap:
+            background = start_background_pytest(ctx, report)
     report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(args.out, report)
     print(f"gpu_check: {report['summary']} -> {args.out}", flush=True)

@@ -187,3 +187,51 @@ def test_child_processes_are_killed_with_their_group_on_timeout():
     t0 = time.monotonic()
     rc, out = gc._run_group(["bash", "-c", "echo started; sleep 30 & wait"], timeout=1.0)
     assert rc == "timeout" and "started" in out and time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_pytest_gpu_runs_next_to_the_parity_sections_and_ends_before_the_timed_ones(tmp_path, monkeypatch, overlap):
+    """The orchestration of a CUDA run (CUDA faked, every section a stub): pytest_gpu's
+    child starts after build and is waited for before the first section that times things
+    or uses the whole GPU; with --no-overlap it runs at its own slot."""
+    import os
+
+    import torch
+
+    order = []
+
+    def stub(name):
+        def run(ctx, sec, check):
+            order.append(name)
+            check(name, True)
+
+        return run
+
+    class FakeRun:
+        def __init__(self, selection, env_overrides, timeout, markexpr=None):
+            order.append("pytest:start")
+            self.env, self.markexpr = env_overrides, markexpr
+
+        def wait(self):
+            order.append("pytest:wait")
+            env = {"TRITON_INTERPRET": self.env["TRITON_INTERPRET"], "triton_interpret": False, "collected": 1}
+            return {"rc": 0, "env": env, "tests": [{"nodeid": "t::gpu", "when": "call", "outcome": "passed"}]}
+
+    for name in gc.SECTIONS:
+        if name != "pytest_gpu":
+            monkeypatch.setitem(gc.RUNNERS, name, stub(name))
+    monkeypatch.setattr(gc, "PytestRun", FakeRun)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # main() sets it: restored
+    out = tmp_path / "r.json"
+    rc = gc.main(["--out", str(out), *([] if overlap else ["--no-overlap"])])
+    data = json.loads(out.read_text())
+    assert rc == 0 and data["mode"] == "cuda" and data["summary"]["ok"], data["summary"]
+    assert all(s["status"] == "pass" for s in data["sections"].values())
+    rest = ["cuda_graph_step", "static_schedule_graphs", "step_costs", "graph_step_costs"]
+    if overlap:
+        expected = ["environment", "build", "pytest:start", "cpp_parity", "triton_parity", "pytest:wait", *rest]
+    else:
+        expected = ["environment", "build", "cpp_parity", "triton_parity", *rest, "pytest:start", "pytest:wait"]
+    assert order == expected
+    assert data["sections"]["pytest_gpu"]["results"]["outcomes"] == {"passed": 1}
