@@ -12,8 +12,8 @@ sequence-parallel run can all-reduce them::
 Layout: x ``(B, N, D)`` with any strides (read in place); prev ``(B, N, D)`` contiguous;
 shift, scale ``(B, D)`` contiguous. Each program normalises a ``(BLOCK_N, BLOCK_D)``
 tile of whole rows (``BLOCK_D >= D``: the LayerNorm needs the full row), grid
-``(B, cdiv(N, BLOCK_N))``; per-program partials are reduced in a fixed order by
-:func:`fastcache.kernels._partials.finish_sums`.
+``(cdiv(N, BLOCK_N), B)`` (the long axis first: CUDA caps gridDim.y at 65535); per-program
+partials are reduced in a fixed order by :func:`fastcache.kernels._partials.finish_sums`.
 fp32 accumulation whatever the input dtype (fp64 for fp64 inputs).
 
 Example::
@@ -59,8 +59,10 @@ def _modulated_rel_l1_kernel(
     HAS_HOLD: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1)
+    # grid (P, B): the partials axis, which reaches 10^5 programs on long videos, on axis 0
+    # (CUDA's gridDim.y is at most 65535); the batch on axis 1
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -152,4 +154,4 @@ def plan_modulated_rel_l1(x, shift, scale, eps, prev, hold=None) -> tuple[Launch
     args = (x, shift, scale, prev, partials, N, D, P, float(eps), *x.stride(), hold_arg)
     constexprs = {"BLOCK_N": BLOCK_N, "BLOCK_D": BLOCK_D, "ACC_FP64": acc_is_fp64(x), "HAS_HOLD": hold is not None}
     options = {"num_warps": 4 if tile <= 2048 else (8 if tile <= 8192 else 16)}
-    return Launch(_modulated_rel_l1_kernel, (B, P), args, constexprs, options), partials
+    return Launch(_modulated_rel_l1_kernel, (P, B), args, constexprs, options), partials

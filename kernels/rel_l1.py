@@ -48,8 +48,10 @@ def _rel_l1_partials_kernel(
     HAS_HOLD: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
+    # grid (P, B): the partials axis, which reaches 10^5 programs on long videos, on axis 0
+    # (CUDA's gridDim.y is at most 65535); the batch on axis 1
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_p = tl.program_id(0)
     # int64: B * M (and M alone) may pass 2^31 elements
     offs = pid_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
@@ -114,4 +116,4 @@ def plan_rel_l1(x, prev, write_prev, hold=None) -> tuple[Launch, torch.Tensor]:
         "ACC_FP64": acc_is_fp64(x),
         "HAS_HOLD": has_hold,
     }
-    return Launch(_rel_l1_partials_kernel, (B, P), args, constexprs, {"num_warps": 8 if BLOCK >= 4096 else 4}), partials
+    return Launch(_rel_l1_partials_kernel, (P, B), args, constexprs, {"num_warps": 8 if BLOCK >= 4096 else 4}), partials
