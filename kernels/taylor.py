@@ -41,12 +41,13 @@ def _taylor_forecast_kernel(
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < E
+    E64 = tl.cast(E, tl.int64)  # k * E in int64: (ORDER + 1) * E may pass 2^31 where E does not
     x = tl.load(dx_ptr).to(acc_ty)
     acc = tl.load(h_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     c = x * 0.0 + 1.0
     for k in tl.static_range(1, ORDER + 1):
         c = c * x / k
-        acc += tl.load(h_ptr + k * E + offs, mask=mask, other=0.0).to(acc_ty) * c
+        acc += tl.load(h_ptr + k * E64 + offs, mask=mask, other=0.0).to(acc_ty) * c
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -60,12 +61,13 @@ def _taylor_update_kernel(
     store = tl.load(store_ptr) != 0
     # where(), not `&`: Triton's interpreter turns a broadcast scalar bool `&` into ints
     mask = tl.where(store, offs < E, False)
+    E64 = tl.cast(E, tl.int64)  # k * E in int64: (ORDER + 1) * E may pass 2^31 where E does not
     x = tl.load(dx_ptr).to(acc_ty)
     nv = tl.load(valid_ptr).to(acc_ty)
     d = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     for k in tl.static_range(ORDER + 1):
-        old = tl.load(h_ptr + k * E + offs, mask=mask, other=0.0).to(acc_ty)
-        tl.store(h_ptr + k * E + offs, d.to(h_ptr.dtype.element_ty), mask=mask)
+        old = tl.load(h_ptr + k * E64 + offs, mask=mask, other=0.0).to(acc_ty)
+        tl.store(h_ptr + k * E64 + offs, d.to(h_ptr.dtype.element_ty), mask=mask)
         if k < ORDER:
             d = tl.where(nv > k, (d - old) / x, 0.0)
 

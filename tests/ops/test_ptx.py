@@ -309,6 +309,19 @@ def test_int64_offsets_where_numel_can_pass_2_31(compiled):
             assert "i64" in offset_types, f"{r['label']}: no 64-bit tensor offsets in the TTIR"
 
 
+def test_taylor_history_offsets_are_int64(compiled):
+    """The history's k-th slice starts at k * E: with E < 2^31 (an i32 argument) but
+    (ORDER + 1) * E past it (Wan 14B at 720p, order >= 3), an i32 product wraps. The
+    order-2 kernels multiply in i64 only: no i32 multiply in their TTIR."""
+    seen = 0
+    for r in compiled["results"]:
+        if r["label"].startswith(("taylor_forecast", "taylor_update")) and "order=2" in r["label"]:
+            seen += 1
+            i32_products = re.findall(r"arith\.muli [^\n]*: i32\b", r["ttir"])
+            assert not i32_products, f"{r['label']}: i32 products in the TTIR: {i32_products}"
+    assert seen >= 2
+
+
 if __name__ == "__main__":
     caps = tuple(int(c) for c in sys.argv[1:]) or (90, 80)
     print(json.dumps(_compile_all(caps)))
