@@ -35,6 +35,8 @@ KNOWN_CYCLES: list[list[str]] = []
 # names; fastcache/config.py imports Profile inside the functions that need it.)
 CORE_IMPORTS_OF_TUNING = {
     "fastcache.pipeline": {"fastcache.tuning", "fastcache.tuning.profile"},  # enable(pipe, profile, budget=K)
+    # the demo is a command (python -m fastcache.demo), an offline tool itself: never imported by the core
+    "fastcache.demo": {"fastcache.tuning", "fastcache.tuning.profile", "fastcache.tuning.schedule_proxy"},
     "fastcache.policies.block_cache": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.eoc": {"fastcache.tuning", "fastcache.tuning.profile"},
     "fastcache.policies.magcache": {"fastcache.tuning", "fastcache.tuning.profile"},
