@@ -36,7 +36,7 @@ def _row(t: torch.Tensor) -> np.ndarray:
     """The images ``(B, H, W, C)`` side by side, or the first video's frames
     ``(B, F, H, W, C)``, as one uint8 ``(H, W', C)`` array."""
     x = t[0] if t.dim() == 5 else t
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()  # host-read-ok: the PNG, after sampling
     return np.concatenate(list(x), axis=1)
 
 
