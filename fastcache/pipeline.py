@@ -268,7 +268,7 @@ def report(model_or_pipe) -> str:
         return "\n".join(_lines(type(model_or_pipe).__name__, get_patch(model_or_pipe).stats()))
     record = getattr(model_or_pipe, "__dict__", {}).get(ENABLED_ATTR)
     if record is not None:
-        found = {n: p for n, p in record.patches.items()}
+        found = dict(record.patches)
     else:  # patched by hand
         found = {n: _find(m) for n, m in denoisers(model_or_pipe).items() if _find(m) is not None}
     if not found:
