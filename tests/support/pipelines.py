@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .zoo import WAN_CONFIG, _randomize_zero_init
+from .zoo import SD3_CONFIG, WAN_CONFIG, _randomize_zero_init
 
 NAMES = ("dit", "pixart", "flux", "wan22")
 #: every pipeline :func:`build` knows (``sd3`` optional: three text encoders, a little slower)
@@ -250,20 +250,7 @@ def _wan22():
 def _sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    transformer = _seeded(
-        SD3Transformer2DModel,
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        caption_projection_dim=32,
-        pooled_projection_dim=16,
-        out_channels=4,
-        pos_embed_max_size=16,
-    )
+    transformer = _seeded(SD3Transformer2DModel, **SD3_CONFIG)
     # the two CLIPs' penultimate states (8 + 16 wide) are concatenated and padded to the
     # T5's 24; their projections (8 + 8) are the pooled 16
     return StableDiffusion3Pipeline(

@@ -156,21 +156,25 @@ def flux_case(B=2) -> Case:
     )
 
 
+#: the tiny SD3 transformer (the zoo's case and support.pipelines' SD3 pipeline)
+SD3_CONFIG = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    num_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    caption_projection_dim=32,
+    pooled_projection_dim=16,
+    out_channels=4,
+    pos_embed_max_size=16,
+)
+
+
 def sd3_case(B=2) -> Case:
     torch.manual_seed(0)
-    m = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=3,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        caption_projection_dim=32,
-        pooled_projection_dim=16,
-        out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
+    m = SD3Transformer2DModel(**SD3_CONFIG).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 6, 24, generator=_gen(3))
     pooled = torch.randn(B, 16, generator=_gen(4))
