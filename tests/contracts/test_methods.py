@@ -7,7 +7,9 @@ method or family gets all of them by adding one entry.
 3. a repeated call (the same timestep again: Heun, CFG as two calls) computes in full and
    leaves the cache as it was (the run around it is unchanged);
 4. eager host reads: at most one per step, none with the steps announced (static schedules);
-5. ``torch.compile(fullgraph=True)`` traces it with 0 graph breaks and gives the eager result.
+5. ``torch.compile(fullgraph=True)`` traces it with 0 graph breaks and gives the eager result
+   (a method whose own test file already compiles its loop on the same family, checking at
+   least as much, names that test in ``Method.compiled_by``: it is not compiled twice).
 """
 
 from __future__ import annotations
@@ -106,10 +108,36 @@ def test_eager_host_reads_per_step(method):
         assert len(ours) <= limit, (announce, ours)
 
 
+def _compile_family(method):
+    return "fastcache-dit" if METHODS[method].supports("fastcache-dit") else "diffusers-pixart"
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].compiled_by))
+def test_a_compile_contract_checked_elsewhere_names_a_compile_test_of_the_method_on_its_family(method):
+    """``compiled_by`` names a fullgraph compile test of the method, on the family this suite
+    would compile it on (renaming or re-parametrizing that test must update the name)."""
+    import ast
+    from pathlib import Path
+
+    path, _, test = METHODS[method].compiled_by.partition("::")
+    func, _, ident = test.partition("[")
+    src = (Path(__file__).parents[2] / path).read_text()
+    fn = next((n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == func), None)
+    assert fn is not None, f"{path} defines no {func}"
+    body = ast.get_source_segment(src, fn)
+    marked = "pytest.mark.compile" in [ast.unparse(d) for d in fn.decorator_list]
+    assert marked or "\npytestmark = pytest.mark.compile\n" in src, f"{path}::{func} is not marked compile"
+    assert "torch.compile(" in body and "fullgraph=True" in body, f"{path}::{func} compiles nothing fullgraph"
+    assert method in src, f"{path} does not configure {method}"
+    family = _compile_family(method)
+    builder = {"fastcache-dit": "reference_dit_case", "diffusers-pixart": "pixart"}[family]
+    assert family in ident or builder in body, f"{path}::{func}: not on {family}"
+
+
 @pytest.mark.compile
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if not METHODS[m].compiled_by))
 def test_fullgraph_compile_matches_eager(method):
-    family = "fastcache-dit" if METHODS[method].supports("fastcache-dit") else "diffusers-pixart"
+    family = _compile_family(method)
     case, _, profile = _case(family)
     m = case.model
     cfg = METHODS[method].caching(profile, STEPS)

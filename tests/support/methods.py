@@ -25,6 +25,11 @@ class Method:
     static: bool = False
     needs_profile: bool = False
     invalid: dict = dataclasses.field(default_factory=dict)  # a field value the config must refuse
+    #: the test ("file::function[id]") that already compiles this method's loop on the family the
+    #: contract suite would compile it on, and checks at least as much (0 graph breaks, the eager
+    #: output at the same or a tighter tolerance; it also counts the graphs and compares the
+    #: timelines): the contract suite does not compile it a second time
+    compiled_by: str | None = None
 
     def supports(self, family: str) -> bool:
         return self.families is None or family in self.families
@@ -39,6 +44,10 @@ METHODS = {
             lambda p, s: F.TeaCacheConfig(threshold=2.0),
             lambda p, s: F.TeaCacheConfig(threshold=0.0),
             invalid={"threshold": -1.0},
+            compiled_by=(
+                "tests/runtime/test_modes.py::"
+                "test_aot_eager_keeps_the_cond_operator_whose_kernel_reads_the_flag[fastcache-dit]"
+            ),
         ),
         Method(
             "FirstBlockCacheConfig",
@@ -52,6 +61,7 @@ METHODS = {
             lambda p, s: F.FORAConfig(interval=1),
             static=True,
             invalid={"interval": 0},
+            compiled_by="tests/runtime/test_fora.py::test_fullgraph_compile_no_breaks_no_recompiles[fastcache-dit]",
         ),
         Method(
             "EOCConfig",
@@ -67,6 +77,9 @@ METHODS = {
             lambda p, s: F.DeltaDiTConfig(interval=1, num_cached=1, boundary=2),
             static=True,
             invalid={"interval": 0},
+            compiled_by=(
+                "tests/runtime/test_delta_dit.py::test_fullgraph_compile_zero_breaks_no_recompiles[fastcache-dit-1-2]"
+            ),
         ),
         Method(
             "TaylorSeerConfig",
@@ -74,6 +87,9 @@ METHODS = {
             lambda p, s: F.TaylorSeerConfig(interval=1, order=1),
             static=True,
             invalid={"order": -1},
+            compiled_by=(
+                "tests/runtime/test_taylorseer.py::test_fullgraph_compile_no_breaks_no_recompiles[fastcache-dit]"
+            ),
         ),
         Method(
             "TGateConfig",
@@ -86,6 +102,9 @@ METHODS = {
             ),
             static=True,
             invalid={"gate_step": -1},
+            compiled_by=(
+                "tests/runtime/test_tgate.py::test_fullgraph_compile_no_breaks_no_recompiles[1-conds_per_step0]"
+            ),
         ),
         Method(
             "MagCacheConfig",
@@ -94,6 +113,9 @@ METHODS = {
             static=True,
             needs_profile=True,
             invalid={"max_skips": -1},
+            compiled_by=(
+                "tests/runtime/test_magcache.py::test_fullgraph_compile_one_cond_no_recompiles[fastcache-dit]"
+            ),
         ),
         Method(
             "BlockCacheConfig",
@@ -102,6 +124,7 @@ METHODS = {
             static=True,
             needs_profile=True,
             invalid={"delta": -1.0},
+            compiled_by="tests/runtime/test_block_cache.py::test_fullgraph_compile_no_breaks_no_recompiles",
         ),
         Method(
             "SmoothCacheConfig",
