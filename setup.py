@@ -9,9 +9,26 @@ the package then runs its eager reference on CPU.
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+
+def _prefer_installed_kernels():
+    """The Hugging Face ``kernels`` distribution (a dependency of transformers 5) registers an
+    egg_info writer, ``kernels._internals...``, that setuptools loads while building this
+    package; run from the checkout, ``import kernels`` would find the checkout's kernels/
+    folder (installed as fastcache.kernels) instead. fastcache/_shadow.py imports the
+    installed package first (loaded by path: fastcache is not importable yet)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastcache", "_shadow.py")
+    spec = importlib.util.spec_from_file_location("_fastcache_shadow", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.prefer_installed_kernels()
+
+
+_prefer_installed_kernels()
 
 PACKAGES = [
     "fastcache",
