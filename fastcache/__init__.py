@@ -12,6 +12,7 @@ from . import (
     ops,  # noqa: F401  (fastcache.ops: the fused ops)
     tuning,  # noqa: F401  (fastcache.tuning: calibration and search)
 )
+from ._shadow import prefer_installed_kernels
 from .config import CacheConfig
 from .pipeline import disable, enable, report
 from .policies.adacache import AdaCacheConfig
@@ -34,6 +35,10 @@ from .tuning.schedule_search import ScheduleSearchResult, search_schedule
 from .tuning.thresholds import search_threshold
 
 __version__ = "0.1.0"
+
+# run from a checkout (python -m, PYTHONPATH, spawned workers), the checkout's kernels/ folder
+# would shadow the Hugging Face kernels package that transformers imports (fastcache._shadow)
+prefer_installed_kernels()
 
 __all__ = [
     "AdaCacheConfig",

@@ -25,7 +25,10 @@ def _is_checkout(entry: str) -> bool:
 
 
 def prefer_installed_kernels() -> None:
-    """Import the installed ``kernels`` distribution (if any) ahead of a checkout's folder."""
+    """Import the installed ``kernels`` distribution (if any) ahead of a checkout's folder.
+    A no-op (a few stat calls) unless a checkout is on ``sys.path``."""
+    if not any(_is_checkout(p) for p in sys.path):
+        return
     mod = sys.modules.get("kernels")
     if mod is not None and not _is_checkout(str(Path(getattr(mod, "__file__", "") or ".").parent.parent)):
         return
