@@ -86,9 +86,10 @@ def dit_case(B=2, **config) -> Case:
     )
 
 
-def pixart_case(B=2) -> Case:
+def pixart_case(B=2, **config) -> Case:
+    """``config`` overrides the tiny defaults (e.g. fewer layers for a compile test)."""
     torch.manual_seed(0)
-    m = PixArtTransformer2DModel(
+    cfg = dict(
         num_attention_heads=2,
         attention_head_dim=16,
         in_channels=4,
@@ -99,7 +100,9 @@ def pixart_case(B=2) -> Case:
         cross_attention_dim=32,
         caption_channels=24,
         use_additional_conditions=False,
-    ).eval()
+    )
+    cfg.update(config)
+    m = PixArtTransformer2DModel(**cfg).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 5, 24, generator=_gen(3))
     return Case(
