@@ -14,6 +14,7 @@ tests/runtime/test_compile_shapes.py::test_inductor_teacache_recompiles_for_a_ne
 import pytest
 import torch
 import torch._dynamo
+from support.hostreads import COND
 from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -96,7 +97,7 @@ def test_fullgraph_compile_matches_eager(name):
             assert explain.graph_break_count == 0, explain.break_reasons
             graphs = explain.graphs
     assert len(graphs) == 1
-    cond_nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and "cond" in str(n.target)]
+    cond_nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and n.target is COND]
     assert len(cond_nodes) == 1, "the skip must be one torch.cond"
     if name not in CORE:
         return

@@ -136,20 +136,6 @@ def test_eager_reads_the_flag_once_per_step(patched):
     assert all(m.conds == [] for m in modes)
 
 
-def test_compiled_graph_is_one_graph_with_one_cond(patched):
-    case, _, _, _ = patched
-    sch = case.scheduler()
-    sch.set_timesteps(STEPS)
-    kw = case.inputs(case.latents(torch.Generator().manual_seed(1)), sch.timesteps[0])
-    fastcache.reset(case.model)
-    with torch.no_grad():
-        explain = torch._dynamo.explain(case.model)(**kw)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
-    conds = [n for g in explain.graphs for n in g.graph.nodes if n.op == "call_function" and n.target is COND]
-    assert len(conds) == 1
-
-
 def test_inductor_reads_the_flag_once_per_step(patched):
     """Inductor lowers the cond to ``if buf.item():`` in its wrapper: graph-break free, not sync-free."""
     case, eager, tl, _ = patched
