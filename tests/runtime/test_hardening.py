@@ -59,6 +59,8 @@ def two_stream():
 
 @pytest.mark.compile
 def test_cond_path_returns_computed_non_cached_streams(two_stream):
+    """The cond's outputs as captured (aot_eager: the captured graph on eager kernels; inductor's
+    lowering of a skip cond is checked in test_modes, test_compile_shapes, test_first_block)."""
     m = two_stream
     a, b = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
     ts = [torch.full((2,), v) for v in (900.0, 700.0, 500.0)]
@@ -66,7 +68,7 @@ def test_cond_path_returns_computed_non_cached_streams(two_stream):
         ref = [m(a, b, t) for t in ts]
         with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.0)):
             torch._dynamo.reset()
-            compiled = torch.compile(m, fullgraph=True)
+            compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
             outs = [compiled(a, b, t) for t in ts]
     for o, r in zip(outs, ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
@@ -407,14 +409,15 @@ def test_wrapper_set_after_patching_survives_remove():
 
 @pytest.mark.compile
 def test_compiled_loop_does_not_recompile_across_steps():
-    """The host step clock stays out of the compiled region: one graph for every step."""
+    """The host step clock stays out of the compiled region: one graph for every step (dynamo's
+    guards: aot_eager; inductor on the same model and method: test_modes)."""
     case = reference_dit_case()
     m = case.model
     with fastcache.patched(m, fastcache.TeaCacheConfig(threshold=0.3, num_steps=8)):
         case.sample(steps=1)  # allocate the cache buffers eagerly (see docs/usage.md)
         fastcache.reset(m)
         torch._dynamo.reset()
-        compiled = torch.compile(m, fullgraph=True)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
         case.sample(model=compiled, steps=1)
         with torch._dynamo.config.patch(error_on_recompile=True):
             case.sample(model=compiled, steps=8)
