@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from support.zoo import CASES, CORE, reference_dit_case
+from support.zoo import CASES, CORE, reference_dit_case, two_block_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -295,7 +295,7 @@ def test_fullgraph_compile_static_mask_one_cond_per_block(family):
     # diffusers' Attention calls inspect.signature on its processor; with one cond per
     # block this compiles only because the signatures are built outside the conds
     # (policies.base.warm_signatures): the diffusers families are the regression check
-    case = reference_dit_case() if family == "fastcache-dit" else CASES[family]()
+    case = two_block_case(family)  # one cond per block: two blocks chain one into the next
     m = case.model
     prof = _profile(case)
     L = _num_blocks(m)

@@ -23,7 +23,7 @@ import pytest
 import torch
 from support import direct_inputs
 from support.hostreads import HostReadMode
-from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS, reference_dit_case
+from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS, reference_dit_case, two_block_case
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -274,7 +274,7 @@ def test_host_schedule_reads_nothing_device_schedule_one_flag():
 def test_fullgraph_compile_no_breaks_no_recompiles(name, explicit):
     if name in MODEL_GRAPH_BREAKS:
         pytest.skip(f"{name}: the unpatched model breaks the graph ({MODEL_GRAPH_BREAKS[name]})")
-    case = CASES[name]()
+    case = two_block_case(name)  # every kind of block of the family, two per block list
     m = case.model
     cfg = (
         fastcache.TaylorSeerConfig(compute_steps=(0, 1, 3, 6), order=2)

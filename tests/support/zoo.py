@@ -175,9 +175,11 @@ SD3_CONFIG = dict(
 )
 
 
-def sd3_case(B=2) -> Case:
+def sd3_case(B=2, **config) -> Case:
+    """``config`` overrides SD3_CONFIG (the last of the ``num_layers`` blocks is SD3's
+    context-pre-only block)."""
     torch.manual_seed(0)
-    m = SD3Transformer2DModel(**SD3_CONFIG).eval()
+    m = SD3Transformer2DModel(**{**SD3_CONFIG, **config}).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 6, 24, generator=_gen(3))
     pooled = torch.randn(B, 16, generator=_gen(4))
@@ -213,12 +215,13 @@ WAN_CONFIG = dict(
 )
 
 
-def wan_case(B=2) -> Case:
-    """Wan 2.1's class at a tiny size (diffusers' own test config): 2 frames of 8x8 latents."""
+def wan_case(B=2, **config) -> Case:
+    """Wan 2.1's class at a tiny size (diffusers' own test config): 2 frames of 8x8 latents;
+    ``config`` overrides it."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    m = WanTransformer3DModel(**WAN_CONFIG).eval()
+    m = WanTransformer3DModel(**{**WAN_CONFIG, **config}).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 6, 16, generator=_gen(3))
     return Case(
@@ -267,11 +270,11 @@ def zimage_case(B=2) -> Case:
     return dataclasses.replace(case, inputs=inputs)
 
 
-def reference_dit_case(B=2) -> Case:
+def reference_dit_case(B=2, depth=3) -> Case:
     from fastcache.models import DiT
 
     torch.manual_seed(0)
-    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10).eval()
+    m = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=depth, num_heads=2, num_classes=10).eval()
     _randomize_zero_init(m)
     labels = torch.arange(B) % 10
     return Case(
@@ -347,3 +350,15 @@ CORE = {
     k: CASES[k]
     for k in ("diffusers-dit", "diffusers-pixart", "diffusers-flux", "diffusers-sd3", "diffusers-wan", "fastcache-dit")
 }
+
+
+def two_block_case(name: str) -> Case:
+    """The core family ``name`` with two blocks in each block list (Flux: its two dual-stream
+    and two single-stream blocks, as in ``CASES``; SD3: a joint block and the last,
+    context-pre-only one): the fewest that still chain one block into the next, for the
+    compile tests, where a third block of the same kind adds trace time and nothing else."""
+    if name == "fastcache-dit":
+        return reference_dit_case(depth=2)
+    if name == "diffusers-flux":
+        return flux_case()
+    return CORE[name](num_layers=2)
