@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo
 from support.hostreads import COND
-from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS
+from support.zoo import CASES, CORE, MODEL_GRAPH_BREAKS, TEACACHE_THRESHOLDS
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastcache
@@ -23,29 +23,10 @@ import fastcache
 pytestmark = pytest.mark.compile
 
 STEPS = 10
-THRESHOLDS = {
-    "diffusers-dit": 0.3,
-    "diffusers-pixart": 0.3,
-    "diffusers-flux": 0.2,
-    "diffusers-sd3": 0.1,
-    "diffusers-wan": 0.2,
-    "diffusers-qwenimage": 0.2,
-    "diffusers-flux2": 0.2,
-    "diffusers-zimage": 0.5,
-    "fastcache-dit": 0.3,
-}
-THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
-THRESHOLDS["diffusers-ltx"] = 0.2
-THRESHOLDS["diffusers-cogvideox"] = 0.2
-THRESHOLDS["diffusers-mochi"] = 0.2
-THRESHOLDS["diffusers-chronoedit"] = THRESHOLDS["diffusers-skyreelsv2"] = 0.2
-THRESHOLDS["diffusers-sana"] = 0.2
-THRESHOLDS["diffusers-lumina2"] = 0.5
+THRESHOLDS = TEACACHE_THRESHOLDS
 # models that torch.compile(fullgraph=True) cannot capture even unpatched: the reason, checked
 UNCOMPILABLE = {"diffusers-mochi": "diffusers' MochiAttnProcessor2_0 runs torch.nonzero on the prompt mask"}
 UNCOMPILABLE["diffusers-lumina2"] = "diffusers' Lumina2RotaryPosEmbed reads the caption lengths to the host (.tolist())"
-THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
-THRESHOLDS["diffusers-hunyuanimage"] = 0.2
 UNCOMPILABLE.update(MODEL_GRAPH_BREAKS)
 # patched models whose capture fails in fastcache (open defects): strict xfail, so a fix shows
 CAPTURE_DEFECTS = {

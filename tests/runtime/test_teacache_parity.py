@@ -12,32 +12,13 @@ test_never_skip_setting_is_bitwise_the_model[TeaCacheConfig-*].)
 import pytest
 import torch
 from support.teacache_reference import ReferenceTeaCache
-from support.zoo import CASES
+from support.zoo import CASES, TEACACHE_THRESHOLDS
 
 import fastcache
 
 STEPS = 20
 # thresholds chosen so that every model skips a good share of steps with its coefficients
-THRESHOLDS = {
-    "diffusers-dit": 0.3,
-    "diffusers-pixart": 0.3,
-    "diffusers-flux": 0.2,
-    "diffusers-sd3": 0.1,
-    "diffusers-wan": 0.2,
-    "diffusers-qwenimage": 0.2,
-    "diffusers-flux2": 0.2,
-    "diffusers-zimage": 0.5,
-    "fastcache-dit": 0.3,
-}
-THRESHOLDS["diffusers-hunyuanvideo"] = 0.2
-THRESHOLDS["diffusers-ltx"] = 0.2
-THRESHOLDS["diffusers-cogvideox"] = 0.2
-THRESHOLDS["diffusers-mochi"] = 0.2
-THRESHOLDS["diffusers-chronoedit"] = THRESHOLDS["diffusers-skyreelsv2"] = 0.2
-THRESHOLDS["diffusers-sana"] = 0.2
-THRESHOLDS["diffusers-lumina2"] = 0.5
-THRESHOLDS["diffusers-hunyuanvideo15"] = 0.2
-THRESHOLDS["diffusers-hunyuanimage"] = 0.2
+THRESHOLDS = TEACACHE_THRESHOLDS
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -362,3 +362,27 @@ def two_block_case(name: str) -> Case:
     if name == "diffusers-flux":
         return flux_case()
     return CORE[name](num_layers=2)
+
+
+#: TeaCache thresholds at which every zoo model skips a good share of a 10-20 step run with its
+#: own coefficients (test_teacache_parity, test_compile)
+TEACACHE_THRESHOLDS = {
+    name: 0.2
+    for name in (
+        "diffusers-flux",
+        "diffusers-wan",
+        "diffusers-qwenimage",
+        "diffusers-flux2",
+        "diffusers-hunyuanvideo",
+        "diffusers-ltx",
+        "diffusers-cogvideox",
+        "diffusers-mochi",
+        "diffusers-chronoedit",
+        "diffusers-skyreelsv2",
+        "diffusers-sana",
+        "diffusers-hunyuanvideo15",
+        "diffusers-hunyuanimage",
+    )
+}
+TEACACHE_THRESHOLDS.update({"diffusers-dit": 0.3, "diffusers-pixart": 0.3, "fastcache-dit": 0.3, "diffusers-sd3": 0.1})
+TEACACHE_THRESHOLDS.update({"diffusers-zimage": 0.5, "diffusers-lumina2": 0.5})
