@@ -17,7 +17,8 @@ Sections, in order (docs/gpu_check.md describes each and the JSON):
                             tests/ops/cases.py's shapes (compiled on CUDA; the interpreter
                             on tiny shapes with --cpu), and the decision ops bit for bit
 ``cuda_graph_step``         CUDAGraphStep captured and replayed (CPU: the capture stand-in)
-``static_schedule_graphs``  an announced ScheduleConfig under torch.compile(mode="reduce-overhead")
+``static_schedule_graphs``  an announced ScheduleConfig under torch.compile(mode="reduce-overhead"), then
+                            StaticScheduleGraphs (one CUDA graph per step kind) on DiT-XL/2 fp32
                             (CPU: dynamo + aot graphs, and which inputs each graph mutates)
 ``step_costs``              eager per-step costs on DiT-XL/2 and FLUX-sized random-weight models
                             (CPU: tiny models)

@@ -27,6 +27,13 @@ Example::
     for t in timesteps:
         noise_pred = step(latents, t.expand(B))      # replay; the decision runs on the GPU
         latents = scheduler.step(noise_pred, t, latents).prev_sample
+
+Static schedules (an announced ``ScheduleConfig``; TaylorSeer / FORA through
+:func:`static_plan`) need no decision in the graph at all: :class:`StaticScheduleGraphs`
+captures one plain graph per step kind (computed, forecast) and the host replays the
+step's kind after writing its scalars into device tensors (docs/modes.md, "Static
+schedules as CUDA graphs"). :class:`StandInGraph` checks on CPU that such a replay would be
+valid (``tests/runtime/test_static_graphs.py``).
 """
 
 from __future__ import annotations
@@ -596,9 +603,9 @@ class StaticScheduleGraphs:
         run = lambda: fn(*self.static_inputs)  # noqa: E731
         # warm-up: the plan's first steps until every kind has run, on the capture's code path
         side = torch.cuda.Stream() if backend == "cuda" else None
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())  # before entering it: inside, current_stream() is side
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), torch.no_grad():
             for _ in range(warmup_runs):
                 for i in prefix:
                     with p.context(context, step_index=i, num_steps=n), force_cond():
@@ -606,8 +613,9 @@ class StaticScheduleGraphs:
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         # capture: the same host sequence of announcements, each kind captured at its first step
+        # (no_grad: a call with autograd on would bypass the cache and drop its state)
         for i in prefix:
-            with p.context(context, step_index=i, num_steps=n):
+            with p.context(context, step_index=i, num_steps=n), torch.no_grad():
                 kind = "computed" if st.planned else "forecast"
                 if kind in self.graphs:
                     continue
@@ -677,7 +685,7 @@ class StaticScheduleGraphs:
                 g.replay()
             else:
                 before = _host_fingerprint(self._state)
-                with force_cond():
+                with force_cond(), torch.no_grad():
                     g.replay(lambda: self.fn(*self.static_inputs))
                 after = _host_fingerprint(self._state)
                 if after != before:

@@ -247,4 +247,4 @@ def test_cuda_static_graphs_match_eager_with_zero_host_reads():
         assert fastcache.stats(m)["contexts"]["default"]["timeline"][-STEPS:] == tl
     assert set(graphs.graphs) == {"computed", "forecast"}
     assert mode.reads == [] and mode.conds == []
-    torch.testing.assert_close(x, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x, eager, rtol=1e-4, atol=1e-4)
