@@ -1161,7 +1161,10 @@ def sec_static_schedule_graphs(ctx: Context, sec: dict, check: Check) -> None:
                 sec["warnings"].append(res["cudagraph_forecast"])
         torch._dynamo.reset()
     if ctx.out_of_time(20):
-        check.partial("time ran out before the StaticScheduleGraphs replays")
+        if ctx.cuda:
+            check.partial("time ran out before the StaticScheduleGraphs replays")
+        else:  # the dry run's budget is tight on a loaded machine: say so, do not fail the run for it
+            sec["warnings"].append("StaticScheduleGraphs stand-in replays skipped: less than 20 s of the budget left")
         return
     _static_graphs_replays(ctx, sec, check)
 

@@ -160,6 +160,18 @@ def test_refusals_name_the_fix():
     h.remove()
 
 
+def test_a_plan_without_forecasts_has_one_graph():
+    case, m, h, fn, x0, t0 = _dit_setup(fastcache.ScheduleConfig(plan="CCCC"))
+    with torch.no_grad():
+        graphs = StaticScheduleGraphs(fn, x0, t0, model=m, backend="stand-in")
+        assert list(graphs.graphs) == ["computed"]
+        outs = [graphs(x0, t0, step=i).clone() for i in range(4)]
+    h.remove()
+    with torch.no_grad():
+        plain = fn(x0, t0)
+    assert all(torch.equal(o, plain) for o in outs)  # every step computed: the unpatched model
+
+
 # ------------------------------------------------------------------ the stand-in catches what a replay gets wrong
 def test_stand_in_accepts_in_place_state_and_catches_a_reallocated_one():
     x = torch.randn(4)
