@@ -17,7 +17,8 @@ Sections, in order (docs/gpu_check.md describes each and the JSON):
                             tests/ops/cases.py's shapes (compiled on CUDA; the interpreter
                             on tiny shapes with --cpu), and the decision ops bit for bit
 ``cuda_graph_step``         CUDAGraphStep captured and replayed (CPU: the capture stand-in)
-``static_schedule_graphs``  an announced ScheduleConfig under torch.compile(mode="reduce-overhead")
+``static_schedule_graphs``  an announced ScheduleConfig under torch.compile(mode="reduce-overhead"), then
+                            StaticScheduleGraphs (one CUDA graph per step kind) on DiT-XL/2 fp32
                             (CPU: dynamo + aot graphs, and which inputs each graph mutates)
 ``step_costs``              eager per-step costs on DiT-XL/2 and FLUX-sized random-weight models
                             (CPU: tiny models)
@@ -1159,6 +1160,110 @@ def sec_static_schedule_graphs(ctx: Context, sec: dict, check: Check) -> None:
             if bad:
                 sec["warnings"].append(res["cudagraph_forecast"])
         torch._dynamo.reset()
+    if ctx.out_of_time(20):
+        if ctx.cuda:
+            check.partial("time ran out before the StaticScheduleGraphs replays")
+        else:  # the dry run's budget is tight on a loaded machine: say so, do not fail the run for it
+            sec["warnings"].append("StaticScheduleGraphs stand-in replays skipped: less than 20 s of the budget left")
+        return
+    _static_graphs_replays(ctx, sec, check)
+
+
+def _static_graphs_replays(ctx: Context, sec: dict, check: Check) -> None:
+    """fastcache.cuda_graphs.StaticScheduleGraphs: one CUDA graph per step kind of an announced
+    mixed-order plan, on DiT-XL/2-sized random-weight blocks in fp32 (CPU: the tiny DiT under
+    the graph stand-in). A whole announced loop replayed against the eager loop (fp32
+    tolerance), then per step kind the replay against the eager step, round-robin (CUDA)."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    fastcache = ctx.fastcache()
+    from fastcache.cuda_graphs import StaticScheduleGraphs
+
+    dev, plan = ctx.device, "CC1C20C1"
+    steps = len(plan)
+    cfg = (
+        dict(DIT_XL2)
+        if ctx.cuda
+        else dict(DIT_XL2, num_attention_heads=2, attention_head_dim=16, num_layers=3, sample_size=8)
+    )
+    torch.manual_seed(0)
+    with torch.device(dev):
+        m = DiTTransformer2DModel(**cfg)
+    _randomize_zero_init(m)
+    m = m.float().eval()
+    B, s, c = 2, cfg["sample_size"], cfg["in_channels"]
+    g = torch.Generator(device=dev).manual_seed(1)
+    x0 = torch.randn(B, c, s, s, generator=g, device=dev)
+    y = torch.arange(B, device=dev) % cfg["num_embeds_ada_norm"]
+    ts = [torch.full((B,), 999.0 - 999.0 * i / steps, device=dev) for i in range(steps)]
+    fn = lambda x, t: m(hidden_states=x, timestep=t, class_labels=y).sample.chunk(2, dim=1)[0]  # noqa: E731
+    # a fixed update in place of a scheduler: the next input depends on the step's output
+    advance = lambda x, eps: x - 0.1 * eps  # noqa: E731
+    res = sec["results"]["static_graphs"] = {"model": f"DiTTransformer2DModel {cfg}, B={B}, fp32", "plan": plan}
+    timeline = lambda: fastcache.stats(m)["contexts"]["default"]["timeline"]  # noqa: E731
+    with torch.no_grad(), fastcache.patched(m, fastcache.ScheduleConfig(plan=plan)):
+        x = x0.clone()
+        for i in range(steps):
+            with fastcache.context(m, "default", step_index=i, num_steps=steps):
+                x = advance(x, fn(x, ts[i]))
+        eager, tl = x, timeline()
+        t0 = time.perf_counter()
+        graphs = check.run(
+            "StaticScheduleGraphs capture",
+            StaticScheduleGraphs,
+            fn,
+            x0,
+            ts[0],
+            model=m,
+            backend="cuda" if ctx.cuda else "stand-in",
+        )
+        if graphs is None:
+            return
+        ctx.sync()
+        res["capture_s"] = round(time.perf_counter() - t0, 2)
+        check(
+            "one graph per step kind (computed, forecast)",
+            sorted(graphs.graphs) == ["computed", "forecast"],
+            sorted(graphs.graphs),
+        )
+        x, syncs = x0.clone(), []
+        for i in range(steps):
+            with count_syncs(ctx.cuda) as sy:
+                out = graphs(x, ts[i], step=i)
+            syncs += sy
+            x = advance(x, out)
+        check("timeline equals eager", timeline()[-steps:] == tl, {"graphs": timeline()[-steps:], "eager": tl})
+        res["max_abs_diff"] = float((x - eager).abs().max())  # host-read-ok: the check's result, off the step path
+        res["bitwise_equal"] = bool(torch.equal(x, eager))
+        check.run("latents equal eager within 1e-4 (fp32)", torch.testing.assert_close, x, eager, rtol=1e-4, atol=1e-4)
+        if ctx.cuda:
+            check(f"0 syncs in {steps} graph steps", not syncs, syncs[:5])
+        if not ctx.cuda or ctx.out_of_time(15):
+            if ctx.cuda:
+                check.partial("time ran out before the per-kind timing")
+            return
+
+        # per step kind: step 1 is computed, step 2 a forecast (order 1), each after step 1
+        def eager_at(i):
+            def f():
+                with fastcache.context(m, "default", step_index=i, num_steps=steps):
+                    return fn(x0, ts[i])
+
+            return f
+
+        fns = {
+            "eager_computed": eager_at(1),
+            "graph_computed": lambda: graphs(x0, ts[1], step=1),
+            "eager_forecast": eager_at(2),
+            "graph_forecast": lambda: graphs(x0, ts[2], step=2),
+        }
+        timings, _, rounds = time_round_robin(ctx, fns, ctx.args.rounds or 20, reserve=5.0)
+        res["timings"], res["rounds"] = timings, rounds
+        for kind in ("computed", "forecast"):
+            e, r = timings[f"eager_{kind}"], timings[f"graph_{kind}"]
+            if e.get("n") and r.get("n"):
+                res[f"replay_vs_eager[{kind}]"] = r["median_ms"] / e["median_ms"]
 
 
 # ------------------------------------------------------------------ per-step costs

@@ -188,6 +188,7 @@ class ScheduleState(TaylorState):
         self.plan_k: torch.Tensor | None = None  # (1,) long: the forecast order
         self.plan_store: torch.Tensor | None = None  # () bool: a computed step updates the history once
         self.plan_trend: torch.Tensor | None = None  # (K, ...) EOC trend of the step (zeros: none)
+        self.plan_rows: torch.Tensor | None = None  # (2, 5) fp32: the counts row of a forecast / computed step
         self.plan_order = 0  # the same order and correction on the host, for eager calls
         self.plan_corrects = False
         self.plan_s = 0  # the announced step (host) and, for the timestep watch, on the device
@@ -289,6 +290,10 @@ class SchedulePolicy(TaylorSeerPolicy):
             st.plan_k = torch.zeros(1, dtype=torch.long, device=dev)
             st.plan_store = torch.zeros((), dtype=torch.bool, device=dev)
             st.plan_s_dev = torch.zeros(1, dtype=torch.long, device=dev)
+            # the step's counts row, indexed by the host bool in the call: no host data inside the
+            # step (a torch.tensor(...) there is a blocking copy, refused under CUDA-graph capture)
+            L = float(self.layout.num_blocks)
+            st.plan_rows = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0, L]], device=dev)
         last = st.host_last[0] if st.host_last else 0
         st.plan_s = s
         st.plan_s_dev.fill_(s)
@@ -325,9 +330,7 @@ class SchedulePolicy(TaylorSeerPolicy):
             self._fresh(st)
         if self.eoc:  # the prior is indexed by step: the run's timesteps against the profile's (device ops)
             self.watch.observe(st.ts_rec, st.timestep, st.plan_s_dev)
-        L = self.layout.num_blocks
-        c = float(st.planned)
-        st.counts.add_(torch.tensor([c, 1.0 - c, 0.0, 1.0, L * c], device=st.counts.device))
+        st.counts.add_(st.plan_rows[int(st.planned)])
         if st.planned:
             ex = TraceExecutor(self, True, None, None, 0.0)
             out = run_blocks(self.layout, call, dict(streams), ex)
