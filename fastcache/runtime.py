@@ -552,6 +552,8 @@ class Patch:
             clock.calls += 1
             if clock.step_index is None:
                 clock.last_index = None  # an unannounced call: a later announced step 0 starts a run
+        if self.policy.needs_frame_layout and spec.frame_layout is not None:  # shapes and config only
+            step = dataclasses.replace(step, frame_layout=spec.frame_layout(self.model, call))
         self._timestep = t
         self._step = step
         self.policy.begin_step(self.contexts[self.current_context], t, step)

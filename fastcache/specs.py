@@ -70,6 +70,11 @@ class ModelSpec:
         auto: made by :func:`fastcache.families.auto.auto_spec` for a model no family
             describes: only the segments and the timestep argument are known; the policies
             of the automatic path learn the rest from the calls.
+        frame_layout: video families: ``(model, the model forward's bound arguments) ->
+            (frames, tokens_per_frame)`` of this call's first cached stream, whose tokens
+            are frame-major (frame ``f`` holds tokens ``f*S .. (f+1)*S - 1``), or None when
+            the call does not tell. None (image families, the automatic path): no frame
+            layout is known (AdaCache's MoReg refuses the model).
     """
 
     name: str
@@ -86,6 +91,7 @@ class ModelSpec:
     teacache_coefficients: tuple[float, ...] | None = None
     interior: Any = None
     auto: bool = False
+    frame_layout: Callable[[nn.Module, dict], tuple[int, int] | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.segments:

@@ -9,6 +9,7 @@ import torch
 
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
+from ._frames import config_layout
 
 H, E = "hidden_states", "encoder_hidden_states"
 _ATTN2 = Branch("attn", (H, E))
@@ -76,6 +77,13 @@ def register_programs() -> None:
     )
 
 
+def _frame_layout(model, call):
+    """``hidden_states (B, F, C, H, W)`` (frames before channels), patches ``patch_size``
+    (and ``patch_size_t`` on CogVideoX 1.5) flattened frame-major; the text tokens the
+    patch embedding puts in front are split off before the blocks."""
+    return config_layout(model, call.get(H), frames_dim=1)
+
+
 SPEC = ModelSpec(
     name="diffusers-cogvideox",
     model_types="diffusers.models.transformers.cogvideox_transformer_3d.CogVideoXTransformer3DModel",
@@ -88,4 +96,5 @@ SPEC = ModelSpec(
     modulation=_indicator,
     interior=program_for,
     teacache_coefficients=TEACACHE_COEFFICIENTS,
+    frame_layout=_frame_layout,
 )

@@ -12,6 +12,7 @@ import torch
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
 from ._adaln import adaln_zero, dual_adaln_zero
+from ._frames import config_layout
 
 H, E = "hidden_states", "encoder_hidden_states"
 _ATTN2 = Branch("attn", (H, E))
@@ -25,6 +26,12 @@ TEACACHE_COEFFICIENTS = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.149878
 def _rope(call):
     """The rotary table: the dual block names it ``freqs_cis``, the single ``image_rotary_emb``."""
     return call["freqs_cis"] if "freqs_cis" in call else call.get("image_rotary_emb")
+
+
+def frame_layout(model, call):
+    """``hidden_states (B, C, F, H, W)``, Conv3d patches ``(patch_size_t, patch_size,
+    patch_size)`` flattened frame-major (HunyuanVideo and HunyuanVideo 1.5)."""
+    return config_layout(model, call.get(H))
 
 
 def _indicator(block, call):
@@ -134,4 +141,5 @@ SPEC = ModelSpec(
     modulation=_indicator,
     interior=program_for,
     teacache_coefficients=TEACACHE_COEFFICIENTS,
+    frame_layout=frame_layout,
 )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..interior.base import program_for, register_program
 from ..specs import ModelSpec
-from .hunyuan_video import E, H, HunyuanDualProgram
+from .hunyuan_video import E, H, HunyuanDualProgram, frame_layout
 from .hunyuan_video import _indicator as hunyuan_indicator
 
 
@@ -38,4 +38,5 @@ SPEC = ModelSpec(
     # the first block's video-stream modulation, as for HunyuanVideo (norm1's shift and scale)
     modulation=hunyuan_indicator,
     interior=program_for,
+    frame_layout=frame_layout,
 )

@@ -5,6 +5,10 @@ self-attention, then of the MLP) around RMSNorms; an ungated cross-attention to 
 
 from __future__ import annotations
 
+import numbers
+
+import torch
+
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
 from ._rmsnorm import rms_indicator
@@ -80,6 +84,15 @@ def register_programs() -> None:
     register_program("diffusers.models.transformers.transformer_ltx.LTXVideoTransformerBlock", lambda b: LTXProgram())
 
 
+def _frame_layout(model, call):
+    """The latents come packed (``(B, N, C)``, frame-major); the call's ``num_frames``,
+    ``height``, ``width`` are the token grid the rotary embedding is built on."""
+    f, h, w = (call.get(k) for k in ("num_frames", "height", "width"))
+    if not all(isinstance(v, (numbers.Integral, torch.SymInt)) and not isinstance(v, bool) for v in (f, h, w)):
+        return None
+    return f, h * w
+
+
 SPEC = ModelSpec(
     name="diffusers-ltx",
     model_types="diffusers.models.transformers.transformer_ltx.LTXVideoTransformer3DModel",
@@ -89,4 +102,5 @@ SPEC = ModelSpec(
     modulation=_indicator,
     interior=program_for,
     teacache_coefficients=TEACACHE_COEFFICIENTS,
+    frame_layout=_frame_layout,
 )

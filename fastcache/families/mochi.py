@@ -16,6 +16,7 @@ import torch
 
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
+from ._frames import config_layout
 from ._rmsnorm import rms_indicator
 
 H, E = "hidden_states", "encoder_hidden_states"
@@ -104,6 +105,12 @@ def register_programs() -> None:
     register_program("diffusers.models.transformers.transformer_mochi.MochiTransformerBlock", lambda b: MochiProgram())
 
 
+def _frame_layout(model, call):
+    """``hidden_states (B, C, F, H, W)``, each frame cut into ``patch_size`` squares (no
+    temporal patch), frame-major."""
+    return config_layout(model, call.get(H), temporal=None)
+
+
 SPEC = ModelSpec(
     name="diffusers-mochi",
     model_types="diffusers.models.transformers.transformer_mochi.MochiTransformer3DModel",
@@ -116,4 +123,5 @@ SPEC = ModelSpec(
     modulation=_indicator,
     interior=program_for,
     teacache_coefficients=TEACACHE_COEFFICIENTS,
+    frame_layout=_frame_layout,
 )

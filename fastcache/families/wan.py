@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..interior.base import BlockProgram, Branch, Executor, program_for, register_program
 from ..specs import ModelSpec
+from ._frames import patched_layout
 
 H = "hidden_states"
 _ATTN = Branch("attn", (H,))
@@ -41,6 +42,13 @@ def _indicator(block, call):
         )
     shift, scale = _modulation(block, temb)[:2]
     return call[H], shift.squeeze(1), scale.squeeze(1), block.norm1.eps
+
+
+def _frame_layout(model, call):
+    """``hidden_states (B, C, F, H, W)``, Conv3d patches ``config.patch_size = (pt, ph, pw)``
+    flattened frame-major: ``F / pt`` frames of ``(H / ph) (W / pw)`` tokens."""
+    pt, ph, pw = model.config.patch_size
+    return patched_layout(call.get(H), pt, ph, pw)
 
 
 class WanProgram(BlockProgram):
@@ -106,4 +114,5 @@ SPEC = ModelSpec(
     returns=(H,),
     modulation=_indicator,
     interior=program_for,
+    frame_layout=_frame_layout,
 )

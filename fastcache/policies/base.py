@@ -57,6 +57,9 @@ class StepInfo:
     #: the forced last step and the other run-length semantics follow ``num_steps`` (the
     #: config, ``handle.set_num_steps`` or ``fastcache.context(..., num_steps=n)``).
     run_steps: int | None = None
+    #: ``(frames, tokens_per_frame)`` of this call's video tokens, from the family's
+    #: ``ModelSpec.frame_layout``, for policies that ask (``Policy.needs_frame_layout``); shapes only
+    frame_layout: tuple[int, int] | None = None
 
 
 #: Key of a block call's extra positional arguments, for a block ``forward(..., *args)``
@@ -146,6 +149,9 @@ class Policy:
     #: alone decides), identical on every rank by construction; None = not declared, refused
     #: on a group of more than one rank.
     decides_from_data: ClassVar[bool | None] = None
+    #: True: the runtime reads the call's frame layout (``ModelSpec.frame_layout``) into
+    #: ``StepInfo.frame_layout`` before :meth:`begin_step` (AdaCache's MoReg)
+    needs_frame_layout: bool = False
 
     def __init__(self, config, spec: ModelSpec, model: nn.Module):
         self.config = config

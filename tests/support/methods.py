@@ -138,7 +138,7 @@ METHODS = {
             "AdaCacheConfig",
             lambda p, s: F.AdaCacheConfig(codebook={10.0: 2}),
             lambda p, s: F.AdaCacheConfig(codebook={1.0: 1}, num_steps=s),
-            invalid={"moreg": True},
+            invalid={"metric_block": -1},
         ),
         Method(
             "ScheduleConfig",
