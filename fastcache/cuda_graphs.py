@@ -118,9 +118,21 @@ class CUDAGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         if model is not None:
             reset(model)
+            before = _all_state_addresses(model)
         self.graph = torch.cuda.CUDAGraph()
         with force_cond(), torch.cuda.graph(self.graph), CUDAGraphCaptureControlFlowOpDispatchMode():
             self.static_output = fn(*self.static_inputs)
+        if model is not None:
+            made = sorted(k for k, v in _all_state_addresses(model).items() if before.get(k) != v)
+            if made:
+                # a policy whose reset drops its state allocates it again inside the capture: the graph
+                # would replay that first call (compute, store) on every step while the stats count skips
+                raise RuntimeError(
+                    f"CUDAGraphStep: {type(get_patch(model).config).__name__} allocated cache state during the "
+                    f"capture ({', '.join(made[:4])}{'...' if len(made) > 4 else ''}), so every replay would be its "
+                    "first call. Capture a static schedule (TaylorSeer, FORA, ScheduleConfig) with "
+                    "fastcache.cuda_graphs.StaticScheduleGraphs instead (one graph per step kind)"
+                )
 
     def __call__(self, *inputs):
         if len(inputs) != len(self.static_inputs):
@@ -453,6 +465,15 @@ def _state_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
 
     for name, v in vars(obj).items():
         walk(v, f"{prefix}{name}")
+    return out
+
+
+def _all_state_addresses(model: nn.Module) -> dict[str, tuple]:
+    """(address, shape, dtype) of every tensor of every cache context of ``model``."""
+    out = {}
+    for name, st in get_patch(model).contexts.items():
+        for k, t in _state_tensors(st, f"{name}.").items():
+            out[k] = (t.data_ptr(), tuple(t.shape), t.dtype)
     return out
 
 

@@ -89,3 +89,25 @@ def test_graph_step_matches_eager_with_zero_host_reads(compile_stack, monkeypatc
     assert len(nodes) == 2  # replays run no Python cond at all
     assert replay_mode.reads == [] and replay_mode.conds == [] and py == []
     torch.testing.assert_close(x, eager, rtol=1e-3 if compile_stack else 1e-4, atol=1e-3 if compile_stack else 1e-4)
+
+
+def test_the_capture_check_sees_state_that_a_reset_drops():
+    """CUDAGraphStep resets the state after warm-up and refuses when the capture allocates
+    state again (the graph would replay a first call). The address map it compares keeps
+    TeaCache's state over a reset (capturable) and sees TaylorSeer's dropped (refused; such
+    schedules go to StaticScheduleGraphs)."""
+    from fastcache.cuda_graphs import _all_state_addresses
+
+    def moved_after_reset(cfg):
+        case = CASES["fastcache-dit"]()
+        with fastcache.patched(case.model, cfg):
+            case.sample(steps=4)
+            fastcache.reset(case.model)
+            before = _all_state_addresses(case.model)
+            case.sample(steps=4)
+            after = _all_state_addresses(case.model)
+        assert after, "no state tensors found"
+        return sorted(k for k, v in after.items() if before.get(k) != v)
+
+    assert moved_after_reset(fastcache.TeaCacheConfig(threshold=0.3, num_steps=4)) == []
+    assert moved_after_reset(fastcache.TaylorSeerConfig(interval=2, num_steps=4)) != []
