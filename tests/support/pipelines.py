@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .zoo import SD3_CONFIG, WAN_CONFIG, _randomize_zero_init
+from .zoo import FLUX_CONFIG, PIXART_CONFIG, SD3_CONFIG, WAN_CONFIG, _randomize_zero_init
 
 NAMES = ("dit", "pixart", "flux", "wan22")
 #: every pipeline :func:`build` knows (``sd3`` optional: three text encoders, a little slower)
@@ -166,19 +166,7 @@ def _dit():
 def _pixart():
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-    transformer = _seeded(
-        PixArtTransformer2DModel,
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=3,
-        sample_size=8,
-        patch_size=2,
-        cross_attention_dim=32,
-        caption_channels=24,
-        use_additional_conditions=False,
-    )
+    transformer = _seeded(PixArtTransformer2DModel, **PIXART_CONFIG)
     return PixArtSigmaPipeline(
         tokenizer=tokenizer(),
         text_encoder=_t5(24),
@@ -192,18 +180,7 @@ def _pixart():
 def _flux():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    transformer = _seeded(
-        FluxTransformer2DModel,
-        patch_size=1,
-        in_channels=8,  # 2 latent channels, packed 2x2
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    )
+    transformer = _seeded(FluxTransformer2DModel, **FLUX_CONFIG)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae(2, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),

@@ -86,23 +86,25 @@ def dit_case(B=2, **config) -> Case:
     )
 
 
+#: the tiny PixArt transformer (the zoo's case and support.pipelines' PixArt-Sigma pipeline)
+PIXART_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=8,
+    num_layers=3,
+    sample_size=8,
+    patch_size=2,
+    cross_attention_dim=32,
+    caption_channels=24,
+    use_additional_conditions=False,
+)
+
+
 def pixart_case(B=2, **config) -> Case:
-    """``config`` overrides the tiny defaults (e.g. fewer layers for a compile test)."""
+    """``config`` overrides PIXART_CONFIG (e.g. fewer layers for a compile test)."""
     torch.manual_seed(0)
-    cfg = dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=3,
-        sample_size=8,
-        patch_size=2,
-        cross_attention_dim=32,
-        caption_channels=24,
-        use_additional_conditions=False,
-    )
-    cfg.update(config)
-    m = PixArtTransformer2DModel(**cfg).eval()
+    m = PixArtTransformer2DModel(**{**PIXART_CONFIG, **config}).eval()
     _randomize_zero_init(m)
     text = torch.randn(B, 5, 24, generator=_gen(3))
     return Case(
@@ -121,19 +123,24 @@ def pixart_case(B=2, **config) -> Case:
     )
 
 
+#: the tiny Flux.1 transformer (the zoo's case and support.pipelines' Flux pipeline: 2 latent
+#: channels packed 2x2)
+FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=8,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
 def flux_case(B=2) -> Case:
     torch.manual_seed(0)
-    m = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=16,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    m = FluxTransformer2DModel(**FLUX_CONFIG).eval()
     _randomize_zero_init(m)
     N, T = 16, 6
     text = torch.randn(B, T, 24, generator=_gen(3))
