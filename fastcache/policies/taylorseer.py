@@ -236,6 +236,14 @@ class TaylorSeerPolicy(InteriorCachePolicy):
         new_valid = (valid + 1.0).clamp(max=float(self.order + 1))
         st.valid.copy_(torch.where(store, new_valid, st.valid))
 
+    def _forecast_sources(self, st: TaylorState, dx: torch.Tensor) -> list[torch.Tensor]:
+        """What :meth:`forecast_run` forecasts from: the histories themselves (the fused op
+        forecasts them), or, where a subclass overrides :meth:`_forecast` (ScheduleConfig's
+        per-step order and EOC correction on the device path), its forecast features."""
+        if type(self)._forecast is TaylorSeerPolicy._forecast:
+            return st.hist
+        return self._forecast(st, dx)
+
     def hist_upto(self, st: TaylorState, k: int) -> list[torch.Tensor]:
         """Every slot's history up to order ``k`` (views of ``st.hist``, made once per
         history buffer: a forecast of order ``k`` with no per-step slicing ops)."""
@@ -284,7 +292,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             return out
         if st.hist is None:
             raise RuntimeError("fastcache: internal error, a forecast step before any computed step")
-        return self.forecast_run(call, streams, st.hist, dx)
+        return self.forecast_run(call, streams, self._forecast_sources(st, dx), dx)
 
     def _host_taylor_step(self, st: TaylorState, call, streams, s: int):
         compute = bool(self.host_compute(st.step)) or st.hist is None  # nothing cached yet: compute
@@ -304,7 +312,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             st.host_last = [s] * self.K
             st.last.fill_(s)
         else:
-            out = self.forecast_run(call, streams, st.hist, dx)
+            out = self.forecast_run(call, streams, self._forecast_sources(st, dx), dx)
         st.cache = None
         return out
 
