@@ -369,6 +369,302 @@ def format_summary(rows: list[dict]) -> str:
     return common.format_table(rows, cols)
 
 
+# ============================================================================ per call kind
+# Every kind of call a cached model makes, at the kind's floor: what each costs in time
+# (ratio to the unpatched call, timed round-robin in one loop, median of per-round ratios)
+# and in dispatched ops (a TorchDispatchMode counter: every aten / fastcache op one eager
+# call issues, i.e. the kernel launches of an eager GPU call), next to diffusers' own hooks.
+#
+# Kinds: ``computed`` (TaylorSeer computing and updating its history), ``forecast``
+# (TaylorSeer with the step index announced, and ScheduleConfig's announced plan),
+# ``reuse`` (FORA), ``skip`` (TeaCache). Floors, per model (``floor_forecast`` /
+# ``floor_skip``, measured by :func:`floor_model`): a forecast or reuse step must still run
+# the model outside the blocks (embeddings, final layer) and every block's AdaLN modulation
+# (the gates of this step); ``floor_forecast`` is the model with each block replaced by its
+# interior program run with an executor that drops every branch and residual (so exactly the
+# modulation work, nothing else). A skipped step needs only the work outside the blocks:
+# ``floor_skip`` is the model with every block the identity. A computed step's floor is the
+# unpatched call.
+KIND_MODELS = ("dit-s2", "pixart", "flux")
+KIND_DIT_S2 = dict(DIFFUSERS_DIT_S, sample_size=16)  # DiT-S/2: 12 blocks, 384 wide, 64 tokens
+KIND_PIXART = dict(PIXART, sample_size=32, num_layers=4)  # PixArt width 1152, 4 blocks, 256 tokens
+KIND_FLUX = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip  # Flux width 3072, 1 dual + 2 single blocks, 64 image + 16 text tokens
+FAR = 10**6  # an interval no run reaches: every step after the first is forecast / reused
+PLAN_STEPS = 4096
+
+
+def kind_models(which) -> dict[str, Bench]:
+    names = KIND_MODELS if which == "all" else tuple(which)
+    out: dict[str, Bench] = {}
+    g = torch.Generator().manual_seed(0)
+    if "dit-s2" in names:
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        m = _randomize_zero_init(DiTTransformer2DModel(**KIND_DIT_S2))
+        x, y = torch.randn(BATCH, 4, 16, 16, generator=g), torch.arange(BATCH) % 1000
+        out["dit-s2"] = Bench(
+            m,
+            "DiTTransformer2DModel DiT-S/2: 12 blocks, 384 wide, 64 tokens",
+            lambda model, t, x=x, y=y: model(hidden_states=x, timestep=t, class_labels=y).sample,
+            (BATCH, 64, 384),
+        )
+    if "pixart" in names:
+        from diffusers import PixArtTransformer2DModel
+
+        torch.manual_seed(0)
+        m = _randomize_zero_init(PixArtTransformer2DModel(**KIND_PIXART))
+        x, text = torch.randn(BATCH, 4, 32, 32, generator=g), torch.randn(BATCH, 120, 4096, generator=g)
+        cond = {"resolution": None, "aspect_ratio": None}
+        out["pixart"] = Bench(
+            m,
+            "PixArtTransformer2DModel: 4 blocks, 1152 wide, 256 tokens, 120 caption tokens",
+            lambda model, t, x=x, text=text, cond=cond: (
+                model(hidden_states=x, encoder_hidden_states=text, timestep=t, added_cond_kwargs=cond).sample
+            ),
+            (BATCH, 256, 1152),
+        )
+    if "flux" in names:
+        from diffusers import FluxTransformer2DModel
+
+        torch.manual_seed(0)
+        m = _randomize_zero_init(FluxTransformer2DModel(**KIND_FLUX))
+        x, text = torch.randn(BATCH, 64, 64, generator=g), torch.randn(BATCH, 16, 4096, generator=g)
+        pooled = torch.randn(BATCH, 768, generator=g)
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+        img_ids, txt_ids = img_ids.reshape(-1, 3), torch.zeros(16, 3)
+        out["flux"] = Bench(
+            m,
+            "FluxTransformer2DModel: 1 dual + 2 single blocks, 3072 wide, 64 image + 16 text tokens",
+            lambda model, t: (
+                model(
+                    hidden_states=x,
+                    encoder_hidden_states=text,
+                    pooled_projections=pooled,
+                    timestep=t / 1000,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                ).sample
+            ),  # fmt: skip
+            (BATCH, 64, 3072),
+        )
+    return out
+
+
+def _share_copy(model):
+    """A copy of ``model`` sharing its parameters and buffers (instances for each kind
+    without one copy of the weights each: Flux's width would not fit otherwise)."""
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class _DropAll:
+    """An interior executor that runs no branch and adds no residual (the floor)."""
+
+    def begin_block(self, block):
+        self.block = block
+
+    def residual(self, name, fn, xs, gates):
+        return xs
+
+
+def floor_model(model, mode: str):
+    """A copy of ``model`` at a kind's floor: ``"forecast"`` = each block reduced to its
+    modulation (its interior program with :class:`_DropAll`), ``"skip"`` = each block the
+    identity. Model-specific only in how a block returns its streams (DiT / PixArt: the
+    hidden states; Flux blocks: ``(encoder_hidden_states, hidden_states)``)."""
+    import inspect
+
+    from fastcache.interior import program_for
+    from fastcache.runtime import spec_for
+
+    m = _share_copy(model)
+    spec = spec_for(m)
+    for seg in spec.blocks(m):
+        for blk in seg:
+            prog = program_for(blk)
+            sig = inspect.signature(type(blk).forward)
+
+            def fwd(*args, _blk=blk, _prog=prog, _sig=sig, **kw):
+                b = _sig.bind(_blk, *args, **kw)
+                b.apply_defaults()
+                call = dict(b.arguments)
+                call.update(call.pop("kwargs", None) or {})
+                streams = {n: call.get(n) for n in spec.streams if n in call}
+                if mode == "forecast":
+                    streams = _prog.run(_blk, call, dict(streams), _DropAll())
+                if "encoder_hidden_states" in streams and len(spec.streams) > 1:
+                    return streams["encoder_hidden_states"], streams["hidden_states"]
+                return streams["hidden_states"]
+
+            blk.forward = fwd
+    return m
+
+
+class OpCounter:
+    """Counts the ops one call dispatches (aten and fastcache; views included)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n = 0
+        self.mode = _Mode()
+
+    def count(self, fn) -> int:
+        self.n = 0
+        with self.mode:
+            fn()
+        return self.n
+
+
+def _kind_fns(bench: Bench, model) -> tuple[dict, dict, list]:
+    """name -> (callable making one call of that kind, checker); the models to unpatch."""
+
+    import fastcache
+
+    fns: dict = {}
+    checks: dict = {}
+    patched: list = []
+
+    def announced(m, num_steps=None):
+        counter = itertools.count(1)
+
+        def fn():
+            i = next(counter)
+            with fastcache.context(m, "default", step_index=i, num_steps=num_steps):
+                return bench.call(m, torch.full((BATCH,), 900.0 - 0.01 * i))
+
+        with fastcache.context(m, "default", step_index=0, num_steps=num_steps):
+            bench.call(m, torch.full((BATCH,), 900.0))  # step 0: computed, fills the cache
+        return fn
+
+    def patch(cfg):
+        m = _share_copy(model)
+        fastcache.patch(m, cfg)
+        patched.append(m)
+        return m
+
+    fns["unpatched"] = forward_fn(bench, model, "fixed")
+    m = patch(fastcache.TaylorSeerConfig(interval=1, warmup_steps=1, order=1))
+    fns["computed fastcache TaylorSeer"] = announced(m)
+    checks["computed fastcache TaylorSeer"] = (m, "skipped", 0)
+    m = patch(fastcache.TaylorSeerConfig(interval=FAR, warmup_steps=1, order=1))
+    fns["forecast fastcache TaylorSeer"] = announced(m)
+    checks["forecast fastcache TaylorSeer"] = (m, "computed", 1)
+    m = patch(fastcache.ScheduleConfig.from_steps((0,), PLAN_STEPS, order=1))
+    fns["forecast fastcache ScheduleConfig"] = announced(m, PLAN_STEPS)
+    checks["forecast fastcache ScheduleConfig"] = (m, "computed", 1)
+    m = patch(fastcache.FORAConfig(interval=FAR, warmup_steps=1))
+    fns["reuse fastcache FORA"] = announced(m)
+    checks["reuse fastcache FORA"] = (m, "computed", 1)
+    m = patch(fastcache.TeaCacheConfig(threshold=SKIP_ALL))
+    fns["skip fastcache TeaCache"] = forward_fn(bench, m, "falling")
+    checks["skip fastcache TeaCache"] = (m, "computed", 1)
+    try:
+        from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+        from diffusers.hooks.taylorseer_cache import apply_taylorseer_cache
+
+        for name, interval in (("computed diffusers TaylorSeer", 1), ("forecast diffusers TaylorSeer", FAR)):
+            m = _share_copy(model)
+            apply_taylorseer_cache(
+                m,
+                TaylorSeerCacheConfig(
+                    cache_interval=interval, disable_cache_before_step=1, max_order=1,
+                    taylor_factors_dtype=torch.float32,
+                ),
+            )  # fmt: skip
+            _set_cache_context(m, CacheContext("cond"))
+            f = forward_fn(bench, m, "falling")
+            for _ in range(3):  # steps 0-2 compute (warm-up, then the first refresh)
+                f()
+            fns[name] = f
+        m = _share_copy(model)
+        apply_first_block_cache(m, FirstBlockCacheConfig(threshold=SKIP_ALL))
+        _set_cache_context(m, CacheContext("cond"))
+        f = forward_fn(bench, m, "falling")
+        f()
+        fns["skip diffusers FirstBlockCache"] = f
+    except Exception as e:  # a diffusers without these hooks: the fastcache rows stand alone
+        print(f"  diffusers hooks unavailable: {type(e).__name__}: {e}", flush=True)
+    fns["floor forecast/reuse"] = forward_fn(bench, floor_model(model, "forecast"), "fixed")
+    fns["floor skip"] = forward_fn(bench, floor_model(model, "skip"), "fixed")
+    return fns, checks, patched
+
+
+def bench_kinds(name: str, bench: Bench, args, results, env) -> None:
+    import fastcache
+
+    with torch.no_grad():
+        fns, checks, patched = _kind_fns(bench, bench.model)
+    try:
+        with torch.no_grad():
+            for f in fns.values():  # warm every instance (first-call allocations)
+                f()
+            counter = OpCounter()
+            ops_n = {k: counter.count(f) for k, f in fns.items()}
+            timings, samples = common.measure_interleaved(
+                fns, warmup=2, reps=args.reps or (7 if args.quick else 21), max_seconds=6.0 if args.quick else 30.0
+            )
+        for k, (m, field, want) in checks.items():
+            st = fastcache.stats(m)["contexts"]["default"]
+            if st[field] != want:
+                raise RuntimeError(f"{name} {k}: expected {field}={want}, stats say {st}")
+        base_ops = ops_n["unpatched"]
+        for k, t in timings.items():
+            ratio = common.paired_ratio(samples[k], samples["unpatched"])
+            cfg = Config(NAME + "_kinds", k, "eager", name, bench.token_shape, "fp32")
+            extra = {"ratio": ratio, "ops": ops_n[k], "ops_ratio": ops_n[k] / base_ops,
+                     "tokens": "x".join(map(str, bench.token_shape))}  # fmt: skip
+            results.append(common.make_result(cfg, t, note=bench.note, **extra))
+            print(f"  {name:7s} {k:36s} {t.median_us / 1e3:9.3f} ms  x{ratio:6.3f}  {ops_n[k]:5d} ops", flush=True)
+    finally:
+        for m in patched:
+            fastcache.unpatch(m)
+
+
+def run_kinds(args) -> list[common.Result]:
+    common.setup_torch()
+    env = common.environment()
+    busy = common.warn_if_busy()
+    if busy:
+        env["warning"] = busy
+    env["ops"] = "dispatched ops of one eager call (TorchDispatchMode): aten + fastcache ops, views included"
+    results: list[common.Result] = []
+    models = kind_models(args.kind_model or "all")
+    env["models"] = {k: v.note for k, v in models.items()}
+    for name, bench in models.items():
+        bench_kinds(name, bench, args, results, env)
+    rows = [
+        {
+            "model": r.config.shape_name,
+            "kind": r.config.op,
+            "ms": r.us / 1e3,
+            "x_unpatched": dict(r.extra)["ratio"],
+            "ops": dict(r.extra)["ops"],
+        }
+        for r in results
+    ]
+    cols = [("model", "model"), ("kind", "call kind"), ("ms", "ms"), ("x_unpatched", "time / unpatched")]
+    cols.append(("ops", "ops"))
+    table = common.format_table(rows, cols)
+    common.report(NAME + "_kinds", results, env, table, {"rows": rows}, write=not args.no_write)
+    return results
+
+
 # ----------------------------------------------------------------------------- pytest-benchmark
 try:
     import pytest
@@ -404,4 +700,9 @@ if pytest is not None:
 if __name__ == "__main__":
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODEL_NAMES, action="append", help="repeatable; default: all")
-    run(parser.parse_args())
+    parser.add_argument(
+        "--kinds", action="store_true", help="the per-call-kind table instead (bench/results/step_overhead_kinds.*)"
+    )
+    parser.add_argument("--kind-model", choices=KIND_MODELS, action="append", help="with --kinds; default: all")
+    a = parser.parse_args()
+    run_kinds(a) if a.kinds else run(a)

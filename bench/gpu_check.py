@@ -580,6 +580,13 @@ def _parity_cases(shape, dtype, gen, trend_modes=("none", "per_token", "per_chan
         valid = torch.tensor([float(order)])
         out.append((f"taylor_update[order={order}]", "taylor_update", [hist, f, dx, valid, torch.tensor(True)],
                     (0, 1), [(0, "value")]))  # fmt: skip
+    # the multi-slot ops (lists of tensors): a Taylor slot, a gated and an ungated cached slot
+    hists, fs = [r(2, B, N, D, scale=0.3), r(3, B, N, D, scale=0.3)], [r(B, N, D), r(B, N, D)]
+    out.append(("forecast_residual", "forecast_residual",
+                [x, [gate, r(B, 1, D), None], [hists[0], cached, other], dx], (0, 1, 2),
+                [("ret", "value")]))  # fmt: skip
+    out.append(("taylor_update_slots", "taylor_update_slots", [hists, fs, dx, torch.tensor([1.0]), torch.tensor(True)],
+                (0, 1), [(0, "value")]))  # fmt: skip
     return out
 
 
@@ -590,6 +597,9 @@ def _clone_args(args, device, convert=None, up=()):
 
     memo, res = {}, []
     for i, a in enumerate(args):
+        if isinstance(a, list):  # a Tensor[] / Tensor?[] argument: its tensors, cloned alike
+            res.append(_clone_args(a, device, convert, range(len(a)) if i in up else ()))
+            continue
         if not isinstance(a, torch.Tensor):
             res.append(a)
             continue
@@ -621,8 +631,20 @@ def _check_parity(impl, name, args, up, outputs, dtype, device, cast, one_ulp):
     l_ret = getattr(ref, name)(*l_args)
     s_args = _clone_args(args, "cpu")
     s_ret = getattr(ref, name)(*s_args)
+    flat = []
     for key, kind in outputs:
-        pick = lambda ret, a, key=key: ret if key == "ret" else a[key]  # noqa: E731
+        got = k_ret if key == "ret" else k_args[key]
+        if isinstance(got, list):  # a list argument written in place: every tensor of it
+            flat += [((key, j), kind) for j in range(len(got))]
+        else:
+            flat.append((key, kind))
+    for key, kind in flat:
+
+        def pick(ret, a, key=key):
+            if key == "ret":
+                return ret
+            return a[key[0]][key[1]] if isinstance(key, tuple) else a[key]
+
         got = pick(k_ret, k_args).cpu()
         what = f"{name}[{'ret' if key == 'ret' else f'arg {key}'}]"
         if kind == "bitwise":
@@ -738,9 +760,12 @@ def sec_cpp_parity(ctx: Context, sec: dict, check: Check) -> None:
     backend = fastcache.ops.BACKEND.as_dict()
     if not check("fastcache._C loaded", backend["cpu"] == "cpp", backend.get("cpp_error")):
         return
+    import torch
+
     from fastcache import _C
 
-    impl = {name: getattr(_C, name) for name in fastcache.ops.SCHEMAS}
+    # the list-taking ops have no pybind entry: the dispatcher runs their C++ kernel on CPU
+    impl = {n: getattr(_C, n, None) or getattr(torch.ops.fastcache, n).default for n in fastcache.ops.SCHEMAS}
     # the dry run checks the script: tests/ops/test_cpp.py checks the kernels on every shape
     shapes = cases.SHAPES if ctx.cuda else _tiny(cases.SHAPES)
     sec["results"].update(shapes=shapes, dtypes=[str(d) for d in cases.DTYPES], cpu_capability=_C.cpu_capability())

@@ -3,6 +3,7 @@
 // fastcache/ops/reference.py (the eager oracle these functions reproduce).
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -50,5 +51,10 @@ void store_residual(const at::Tensor& out, const at::Tensor& x_in, const at::Ten
 at::Tensor taylor_forecast(const at::Tensor& history, const at::Tensor& dx);
 void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Tensor& dx, const at::Tensor& valid,
                    const at::Tensor& store);
+// Multi-slot ops (csrc/slots.cpp)
+at::Tensor forecast_residual(const at::Tensor& x, const c10::List<std::optional<at::Tensor>>& gates,
+                             at::TensorList histories, const at::Tensor& dx);
+void taylor_update_slots(at::TensorList histories, at::TensorList fs, const at::Tensor& dx, const at::Tensor& valid,
+                         const at::Tensor& store);
 
 }  // namespace fastcache

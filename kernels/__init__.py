@@ -18,6 +18,8 @@ gated_residual(_out)       gated_residual.py
 apply_residual(_out)       residual.py
 store_residual             residual.py
 taylor_forecast / _update  taylor.py
+forecast_residual          slots.py
+taylor_update_slots        slots.py
 =========================  ===========================
 
 Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 # Launchers are reached through LAUNCHERS (or their modules): re-exporting them here
 # would shadow the module ``gated_residual`` with the function of the same name.
-from . import decision, gated_residual, modulated_rel_l1, rel_l1, residual, taylor
+from . import decision, gated_residual, modulated_rel_l1, rel_l1, residual, slots, taylor
 
 LAUNCHERS = {
     "modulated_rel_l1_sums": modulated_rel_l1.modulated_rel_l1_sums,
@@ -44,6 +46,8 @@ LAUNCHERS = {
     "store_residual": residual.store_residual,
     "taylor_forecast": taylor.taylor_forecast,
     "taylor_update": taylor.taylor_update,
+    "forecast_residual": slots.forecast_residual,
+    "taylor_update_slots": slots.taylor_update_slots,
 }
 
 __all__ = [
@@ -53,5 +57,6 @@ __all__ = [
     "modulated_rel_l1",
     "rel_l1",
     "residual",
+    "slots",
     "taylor",
 ]

@@ -44,12 +44,17 @@ over a slice) and forecasting (TaylorSeer: an executor that returns a forecast `
 from __future__ import annotations
 
 from .base import (
+    ADDITIVE_FAMILIES,
     Branch,
     ComputeExecutor,
     Executor,
+    GatherExecutor,
     InteriorLayout,
     Slot,
+    SlotForecastExecutor,
     apply_cached,
+    forecast_stack,
+    fusable,
     layout_for,
     program_for,
     register_program,
@@ -57,12 +62,17 @@ from .base import (
 )
 
 __all__ = [
+    "ADDITIVE_FAMILIES",
     "Branch",
     "ComputeExecutor",
     "Executor",
+    "GatherExecutor",
     "InteriorLayout",
     "Slot",
+    "SlotForecastExecutor",
     "apply_cached",
+    "forecast_stack",
+    "fusable",
     "layout_for",
     "program_for",
     "register_program",

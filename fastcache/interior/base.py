@@ -59,8 +59,13 @@ class Executor:
 
 def combine(x: torch.Tensor, gate: torch.Tensor | None, f: torch.Tensor) -> torch.Tensor:
     """The block's own residual arithmetic, ``x + gate * f`` (or ``x + f``): bitwise what
-    every supported block computes (IEEE addition and multiplication commute)."""
-    return x + f if gate is None else x + gate * f
+    every supported block computes (IEEE addition and multiplication commute). Written
+    ``gate * f + x`` so the result takes the branch output's (dense) layout, as the
+    blocks' ``attn_output + hidden_states`` does: a stream that enters the stack as a
+    transposed view (PixArt's patch embedding) would otherwise keep that layout through
+    every block, and each next linear would copy it first (one clone + an unfused matmul
+    per block on a computed step)."""
+    return f + x if gate is None else gate * f + x
 
 
 def apply_cached(
@@ -203,3 +208,80 @@ def run_blocks(
         ex.begin_block(li)
         streams = e.program.run(e.module, call, streams, ex)
     return streams
+
+
+# ----------------------------------------------------------------------------- whole-stack forecast
+#: Block programs whose streams change only through ``ex.residual`` (nothing else reads or
+#: rewrites a stream between residuals: no clip, no concatenation of streams, gates from the
+#: conditioning only), so a stack whose every branch is reused or forecast is
+#: ``x + sum_slots gate * f`` per stream: :func:`forecast_stack` runs it as one fused op
+#: per stream. Keyed by ``BlockProgram.family``; a family is added here once its program is
+#: checked against that rule (tests/runtime/test_step_floor.py compares it with the
+#: per-block path). Flux (stream concatenation, fp16 clips) and the rest keep the per-block path.
+ADDITIVE_FAMILIES = frozenset({"diffusers-basic-ada-norm-zero", "diffusers-basic-ada-norm-single", "fastcache-dit"})
+
+
+class GatherExecutor(Executor):
+    """Runs each block's program for its modulation only: every residual is recorded
+    (slot ids and gates) and returns the streams unchanged; no branch runs."""
+
+    def __init__(self, layout: InteriorLayout):
+        self.layout = layout
+        self.gates: dict[int, torch.Tensor | None] = {}
+
+    def residual(self, name, fn, xs, gates):
+        for k, g in zip(self.layout.slot_ids[(self.block, name)], gates):
+            self.gates[k] = g
+        return xs
+
+
+def fusable(layout: InteriorLayout) -> bool:
+    """Whether :func:`forecast_stack` may run ``layout``'s stack (every program additive)."""
+    f = getattr(layout, "_fusable", None)
+    if f is None:
+        f = layout._fusable = bool(layout.entries) and all(
+            e.program.family in ADDITIVE_FAMILIES for e in layout.entries
+        )
+    return f
+
+
+def forecast_stack(
+    layout: InteriorLayout, call: dict, streams: dict, sources: Sequence[torch.Tensor], dx: torch.Tensor
+) -> dict | None:
+    """A stack whose every branch is reused or forecast, at its floor: each block's program
+    runs for its modulation (the gates; :class:`GatherExecutor`), then per stream ONE
+    :func:`fastcache.ops.forecast_residual` over its slots in slot order, ``sources[k]`` the
+    slot's cached feature (FORA) or Taylor history (``(m+1, *shape)``, forecast at ``dx``).
+    Bitwise the per-block path (the op rounds as the per-slot ops do). None when the
+    layout's programs are not all additive (:data:`ADDITIVE_FAMILIES`): run the blocks."""
+    if not fusable(layout) or any(v is not None and v.dim() != 3 for v in streams.values()):
+        return None
+    ex = GatherExecutor(layout)
+    out = run_blocks(layout, call, dict(streams), ex)
+    for n, v in out.items():
+        if v is not streams.get(n):
+            raise RuntimeError(
+                f"fastcache: the block program of family {layout.entries[0].program.family!r} changed stream "
+                f"{n!r} outside its residuals, so it is not additive; remove it from "
+                "fastcache.interior.base.ADDITIVE_FAMILIES (its stacks then run block by block)."
+            )
+    result = dict(streams)
+    by_stream: dict[str, list[int]] = {}
+    for k, s in enumerate(layout.slots):
+        by_stream.setdefault(s.stream, []).append(k)
+    for n, ks in by_stream.items():
+        result[n] = ops.forecast_residual(streams[n], [ex.gates[k] for k in ks], [sources[k] for k in ks], dx)
+    return result
+
+
+class SlotForecastExecutor(Executor):
+    """The per-block path of a forecast / reused step (mixed programs, e.g. Flux): each
+    branch's residual as one :func:`fastcache.ops.forecast_residual` of one slot (the
+    forecast and the gated residual fused), ``sources`` as in :func:`forecast_stack`."""
+
+    def __init__(self, layout: InteriorLayout, sources: Sequence[torch.Tensor], dx: torch.Tensor):
+        self.layout, self.sources, self.dx = layout, sources, dx
+
+    def residual(self, name, fn, xs, gates):
+        ids = self.layout.slot_ids[(self.block, name)]
+        return tuple(ops.forecast_residual(x, [g], [self.sources[k]], self.dx) for k, x, g in zip(ids, xs, gates))

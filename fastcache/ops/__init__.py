@@ -66,6 +66,8 @@ __all__ = [
     "taylor_forecast",
     "taylor_update",
     "timestep_guard",
+    "forecast_residual",
+    "taylor_update_slots",
 ]
 
 _ops = torch.ops.fastcache
@@ -344,6 +346,50 @@ def taylor_update(
     f = f.contiguous()
     contracts.check_taylor_update(history, f, dx, valid, store)
     _ops.taylor_update(history, f, dx.reshape(1), valid.reshape(1), store.reshape(()))
+
+
+_forecast_residual = _ops.forecast_residual.default
+_raw_forecast_residual = _forecast_residual._op
+_taylor_update_slots = _ops.taylor_update_slots.default
+_raw_taylor_update_slots = _taylor_update_slots._op
+
+
+def forecast_residual(
+    x: torch.Tensor, gates: list[torch.Tensor | None], histories: list[torch.Tensor], dx: torch.Tensor
+) -> torch.Tensor:
+    """Every reused / forecast slot of one stream in one op: ``out = x``, then for each slot
+    in order ``out = out + gates[i] * f_i`` (fp32 math, the stream rounded to x's dtype after
+    each slot, as block-by-block residuals round it). ``f_i``: ``histories[i]`` itself when
+    it has x's shape (FORA's cached branch output), else the Taylor forecast of the
+    ``(m+1, *x.shape)`` history at ``dx`` (:func:`taylor_forecast`, rounded to its dtype).
+
+    x: ``(B, N, D)``; gates: per slot ``(B, 1, D)``, ``(B, D)``, ``(1, D)``, ``(D,)`` (any
+    strides: the chunks of a block's modulation are read in place) or None (an ungated
+    residual, e.g. PixArt's cross-attention); dx: a ``(1,)`` fp32 device tensor (unused by
+    plain cached features). Returns a new contiguous tensor. Bitwise the per-slot
+    :func:`taylor_forecast` + :func:`gated_residual` / :func:`apply_residual`. No host read.
+
+    Example::
+
+        h = forecast_residual(h, [g_attn, g_mlp], [hist_attn, hist_mlp], dx)   # two slots, one op
+    """
+    if _dynamo_compiling():
+        return _forecast_residual(x.contiguous(), list(gates), list(histories), dx)
+    return _raw_forecast_residual(x, gates, histories, dx)
+
+
+def taylor_update_slots(
+    histories: list[torch.Tensor], fs: list[torch.Tensor], dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> None:
+    """:func:`taylor_update` of every slot in one op (a computed step updates every slot's
+    history with one ``dx`` / ``valid`` / ``store``): histories ``(m+1, *S_i)`` contiguous,
+    written in place; fs ``(*S_i)`` (made contiguous where they are not); dx, valid ``(1,)``
+    fp32; store 0-dim bool. No host read."""
+    fs = [f if f.is_contiguous() else f.contiguous() for f in fs]
+    if _dynamo_compiling():
+        _taylor_update_slots(list(histories), fs, dx, valid, store.reshape(()))
+    else:
+        _raw_taylor_update_slots(histories, fs, dx, valid, store)
 
 
 # keep the module object reachable for introspection (fastcache.info)

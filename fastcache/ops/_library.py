@@ -64,6 +64,19 @@ for _schema in SCHEMAS.values():
 for _name in SCHEMAS:
     _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
+# Multi-slot ops: a whole stack's forecast / reused residuals of one stream in one op, and
+# every slot's Taylor history update in one op (docs: fastcache/policies/interior_engine.py).
+_SLOT_SCHEMAS = {
+    "forecast_residual": "forecast_residual(Tensor x, Tensor?[] gates, Tensor[] histories, Tensor dx) -> Tensor",
+    "taylor_update_slots": (
+        "taylor_update_slots(Tensor(a!)[] histories, Tensor[] fs, Tensor dx, Tensor valid, Tensor store) -> ()"
+    ),
+}
+for _name, _schema in _SLOT_SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+SCHEMAS.update(_SLOT_SCHEMAS)
+
 
 # ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("fastcache::modulated_rel_l1_sums")
@@ -118,6 +131,16 @@ def _(history, dx):
 
 @torch.library.register_fake("fastcache::taylor_update")
 def _(history, f, dx, valid, store):
+    return None
+
+
+@torch.library.register_fake("fastcache::forecast_residual")
+def _(x, gates, histories, dx):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastcache::taylor_update_slots")
+def _(histories, fs, dx, valid, store):
     return None
 
 

@@ -339,3 +339,64 @@ CHECKS = {
     "taylor_forecast": check_taylor_forecast,
     "taylor_update": check_taylor_update,
 }
+
+
+# ----------------------------------------------------------------------------- multi-slot ops
+def check_forecast_residual(x, gates, histories, dx) -> None:
+    """x ``(B, N, D)`` floating; one gate (None, ``(B|1, 1, D)``, ``(B|1, D)`` or ``(D,)``,
+    floating) per history; each history x's shape (a cached feature) or ``(m+1, *x.shape)``
+    contiguous with m <= 4, in x's dtype; dx one fp32 value; one device."""
+    op = "fastcache::forecast_residual"
+    floating(op, "x", x)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, N, D), got shape {_shape(x)}")
+    B, N, D = x.shape
+    if len(gates) != len(histories):
+        raise ValueError(
+            f"{op}: gates has {len(gates)} entries but histories has {len(histories)}; pass one gate (or None for "
+            "an ungated residual) per slot"
+        )
+    one_float32(op, "dx", dx, "steps since the last computed step")
+    same_device(op, "x", x, dx=dx)
+    for i, (g, h) in enumerate(zip(gates, histories)):
+        name = f"histories[{i}]"
+        if h.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {h.dtype}")
+        if _shape(h) != (B, N, D) and (h.dim() != 4 or _shape(h)[1:] != (B, N, D) or not 1 <= h.shape[0] <= 5):
+            raise ValueError(
+                f"{op}: {name} has shape {_shape(h)}; expected x's shape {(B, N, D)} (a cached feature) or "
+                f"(m+1, {B}, {N}, {D}) with 1 <= m+1 <= 5 (a Taylor history)"
+            )
+        if h.dim() == 4:
+            contiguous(op, name, h, "the Taylor state is allocated contiguous")
+        same_device(op, "x", x, **{name: h})
+        if g is None:
+            continue
+        gname = f"gates[{i}]"
+        floating(op, gname, g)
+        ok = (
+            (g.dim() == 1 and g.shape[0] == D)
+            or (g.dim() == 2 and g.shape[0] in (1, B) and g.shape[1] == D)
+            or (g.dim() == 3 and g.shape[0] in (1, B) and g.shape[1] == 1 and g.shape[2] == D)
+        )
+        if not ok:
+            raise ValueError(
+                f"{op}: {gname} has shape {_shape(g)}; a gate must be ({B}, 1, {D}), ({B}, {D}), (1, {D}) or "
+                f"({D},) for x of shape {(B, N, D)}, or None for an ungated residual"
+            )
+        same_device(op, "x", x, **{gname: g})
+
+
+def check_taylor_update_slots(histories, fs, dx, valid, store) -> None:
+    """:func:`check_taylor_update` for every (history, f) pair; as many fs as histories."""
+    if len(histories) != len(fs):
+        raise ValueError(
+            f"fastcache::taylor_update_slots: histories has {len(histories)} entries but fs has {len(fs)}; pass "
+            "one new feature per history"
+        )
+    for h, f in zip(histories, fs):
+        check_taylor_update(h, f, dx, valid, store)
+
+
+CHECKS["forecast_residual"] = check_forecast_residual
+CHECKS["taylor_update_slots"] = check_taylor_update_slots

@@ -409,3 +409,64 @@ def taylor_update(
             d = torch.where(nv > k, (d - old) / x, torch.zeros_like(d))
     new_h = torch.stack(new).to(history.dtype)
     history.copy_(torch.where(store.to(torch.bool), new_h, history))
+
+
+# ---------------------------------------------------------------------------
+# Whole-stack forecast / reuse and the multi-slot history update (every step at its floor)
+# ---------------------------------------------------------------------------
+def _gate3(gate: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """A gate of any accepted shape as ``(B|1, 1, D)`` in ``acc`` (broadcast over tokens)."""
+    if gate.dim() == 1:
+        return gate.to(acc)[None, None]
+    if gate.dim() == 2:
+        return gate.to(acc)[:, None]
+    return gate.to(acc)
+
+
+def _slot_feature(h: torch.Tensor, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """A slot's feature in its own dtype: the cached tensor itself (``h`` of x's rank) or
+    the Taylor forecast of a ``(m+1, *x.shape)`` history (:func:`taylor_forecast`'s arithmetic)."""
+    if h.dim() == x.dim():
+        return h
+    acc = _acc_dtype(h)
+    xv = dx.reshape(()).to(acc)
+    out = h[0].to(acc)
+    c = torch.ones((), dtype=acc, device=h.device)
+    for k in range(1, h.shape[0]):
+        c = c * xv / k
+        out = out + h[k].to(acc) * c
+    return out.to(h.dtype)
+
+
+def forecast_residual(
+    x: torch.Tensor, gates: list[torch.Tensor | None], histories: list[torch.Tensor], dx: torch.Tensor
+) -> torch.Tensor:
+    """Every slot of one stream of a forecast / reused stack in one op:
+    ``out = x; for i: out = out + gate_i * f_i`` (fp32 math, rounded to ``x.dtype`` after
+    each slot, as the per-block path rounds the stream after each residual), with
+    ``f_i`` = ``histories[i]`` itself when it has x's shape (FORA's cached branch output)
+    or the Taylor forecast of the ``(m+1, *x.shape)`` history at ``dx`` (rounded to its
+    dtype, as :func:`taylor_forecast` returns it). ``gates[i]`` None: an ungated residual
+    ``out + f_i``. x ``(B, N, D)``; a gate ``(B, 1, D)``, ``(B, D)``, ``(1, D)`` or
+    ``(D,)``, any strides. Bitwise what :func:`taylor_forecast` + :func:`gated_residual` /
+    :func:`apply_residual` give slot by slot."""
+    contracts.check_forecast_residual(x, gates, histories, dx)
+    acc = _acc_dtype(x)
+    out = x
+    for g, h in zip(gates, histories):
+        f = _slot_feature(h, x, dx).to(acc)
+        if g is None:
+            out = (out.to(acc) + f).to(x.dtype)
+        else:
+            out = (out.to(acc) + _gate3(g, acc) * f).to(x.dtype)
+    return out.clone(memory_format=torch.contiguous_format) if out is x else out.contiguous()
+
+
+def taylor_update_slots(
+    histories: list[torch.Tensor], fs: list[torch.Tensor], dx: torch.Tensor, valid: torch.Tensor, store: torch.Tensor
+) -> None:
+    """:func:`taylor_update` of every slot in one op: ``histories[i]`` from ``fs[i]``, one
+    ``dx`` / ``valid`` / ``store`` for all (a computed step updates every slot)."""
+    contracts.check_taylor_update_slots(histories, fs, dx, valid, store)
+    for h, f in zip(histories, fs):
+        taylor_update(h, f, dx, valid, store)

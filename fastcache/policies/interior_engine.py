@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..interior import Executor, apply_cached, layout_for, run_blocks
+from ..interior import Executor, SlotForecastExecutor, apply_cached, forecast_stack, layout_for, run_blocks
 from ..interior.base import combine
 from ..ops.reference import N_RUNS, STATE_HEADER, STEP
 from ..tracing import static_floats
@@ -52,6 +52,7 @@ class InteriorState:
         self.host_last: list[int] | None = None  # the same as `last`, host schedules
         self.host_timeline: list[bool] = []
         self.step: StepInfo | None = None
+        self.dx0: torch.Tensor | None = None  # (1,) fp32 zero: the forecast offset of a plain reuse
 
     def nbytes(self) -> int:
         ts = [self.state, self.aux, self.coeffs, self.prev, self.sums, self.last, self.counts, *(self.cache or [])]
@@ -149,6 +150,7 @@ class InteriorCachePolicy(Policy):
             st.counts = torch.zeros(5, dtype=torch.float32, device=dev)
         st.host_last = [0] * self.K
         st.prev = None
+        st.dx0 = torch.zeros(1, dtype=torch.float32, device=dev)
         self.allocate(st, streams, dev)
         st.signature = sig
 
@@ -169,6 +171,17 @@ class InteriorCachePolicy(Policy):
 
     def begin_step(self, st: InteriorState, timestep, step: StepInfo) -> None:
         st.step = step
+
+    def forecast_run(self, call, streams, sources, dx: torch.Tensor) -> dict:
+        """A step whose every branch is reused (``sources[k]``: slot k's cached feature) or
+        forecast (``sources[k]``: its ``(m+1, ...)`` Taylor history, at ``dx``): at the
+        floor, one fused op per stream after the blocks' modulations
+        (:func:`fastcache.interior.forecast_stack`), or, for programs that are not
+        additive, block by block with one fused op per slot. Eager only."""
+        out = forecast_stack(self.layout, call, streams, sources, dx)
+        if out is None:
+            out = run_blocks(self.layout, call, dict(streams), SlotForecastExecutor(self.layout, sources, dx))
+        return out
 
     # -- the step -----------------------------------------------------------------------
     @static_floats
@@ -212,6 +225,8 @@ class InteriorCachePolicy(Policy):
                 st.counts[2:3].add_(n_corr.reshape(1))
         if code & 2:
             st.last.copy_(s_idx.expand(self.K))
+        if not code & 1 and (trend is None or self.weight == 0.0):
+            return self.forecast_run(call, streams, st.cache, st.dx0)  # every branch reused
         if st.cache is None:
             st.cache = [None] * self.K
         ex = StepExecutor(self, st, [bool(code & 1)] * self.layout.num_blocks, bool(code & 2), trend, self.weight)
@@ -242,6 +257,8 @@ class InteriorCachePolicy(Policy):
         for k, li in enumerate(self.layout.block_of_slot):
             if compute[li]:
                 st.host_last[k] = s
+        if n == 0 and (trend is None or self.weight == 0.0):
+            return self.forecast_run(call, streams, st.cache, st.dx0)  # every branch reused
         if st.cache is None:
             st.cache = [None] * self.K
         ex = StepExecutor(self, st, compute, True, trend, self.weight)

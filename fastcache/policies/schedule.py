@@ -348,6 +348,8 @@ class SchedulePolicy(TaylorSeerPolicy):
             cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
         else:  # eager: the host knows the step's order, so one forecast per slot
             k = st.plan_order
+            if not st.plan_corrects:  # at the floor: one fused op per stream (interior_engine.forecast_run)
+                return self.forecast_run(call, streams, self.hist_upto(st, k), st.plan_dx)
             cache = [ops.taylor_forecast(h[: k + 1], st.plan_dx) for h in st.hist]
             if st.plan_corrects:
                 cache = self._correct(cache, st.plan_trend)

@@ -147,6 +147,8 @@ class TaylorState(InteriorState):
         self.hist: list[torch.Tensor] | None = None  # per slot: (order+1, *f.shape)
         self.valid: torch.Tensor | None = None  # (1,) fp32: orders the history holds
         self.flags: torch.Tensor | None = None  # (history,) fp32: explicit schedules' device timeline
+        self.hist_views: dict[int, list[torch.Tensor]] = {}  # order k -> hist[:k+1] views (hist_upto)
+        self.hist_views_of: list[torch.Tensor] | None = None  # the hist list those views are of
 
     def nbytes(self) -> int:
         ts = [self.valid, self.flags, *(self.hist or [])]
@@ -223,12 +225,36 @@ class TaylorSeerPolicy(InteriorCachePolicy):
 
     def _update(self, st: TaylorState, fs, dx: torch.Tensor, first: torch.Tensor, store: torch.Tensor) -> None:
         """Eq. TS1 for every slot, gated by ``store``; ``first``: (1,) bool, step 0 of a
-        run (the history's orders are stale: ``valid`` counts from 0 again)."""
+        run (the history's orders are stale: ``valid`` counts from 0 again). Eager: every
+        slot in one op (:func:`fastcache.ops.taylor_update_slots`); traced: one op per slot."""
         valid = torch.where(first, torch.zeros_like(st.valid), st.valid)
-        for h, f in zip(st.hist, fs):
-            ops.taylor_update(h, f, dx, valid, store)
+        if is_tracing():
+            for h, f in zip(st.hist, fs):
+                ops.taylor_update(h, f, dx, valid, store)
+        else:
+            ops.taylor_update_slots(st.hist, fs, dx, valid, store)
         new_valid = (valid + 1.0).clamp(max=float(self.order + 1))
         st.valid.copy_(torch.where(store, new_valid, st.valid))
+
+    def _forecast_sources(self, st: TaylorState, dx: torch.Tensor) -> list[torch.Tensor]:
+        """What :meth:`forecast_run` forecasts from: the histories themselves (the fused op
+        forecasts them), or, where a subclass overrides :meth:`_forecast` (ScheduleConfig's
+        per-step order and EOC correction on the device path), its forecast features."""
+        if type(self)._forecast is TaylorSeerPolicy._forecast:
+            return st.hist
+        return self._forecast(st, dx)
+
+    def hist_upto(self, st: TaylorState, k: int) -> list[torch.Tensor]:
+        """Every slot's history up to order ``k`` (views of ``st.hist``, made once per
+        history buffer: a forecast of order ``k`` with no per-step slicing ops)."""
+        if k >= self.order:
+            return st.hist
+        if st.hist_views_of is not st.hist:
+            st.hist_views, st.hist_views_of = {}, st.hist
+        views = st.hist_views.get(k)
+        if views is None:
+            views = st.hist_views[k] = [h[: k + 1] for h in st.hist]
+        return views
 
     def _forecast(self, st: TaylorState, dx: torch.Tensor) -> list[torch.Tensor]:
         return [ops.taylor_forecast(h, dx) for h in st.hist]
@@ -266,10 +292,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             return out
         if st.hist is None:
             raise RuntimeError("fastcache: internal error, a forecast step before any computed step")
-        st.cache = self._forecast(st, dx)
-        out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [False] * L, False, None, 0.0))
-        st.cache = None
-        return out
+        return self.forecast_run(call, streams, self._forecast_sources(st, dx), dx)
 
     def _host_taylor_step(self, st: TaylorState, call, streams, s: int):
         compute = bool(self.host_compute(st.step)) or st.hist is None  # nothing cached yet: compute
@@ -289,8 +312,7 @@ class TaylorSeerPolicy(InteriorCachePolicy):
             st.host_last = [s] * self.K
             st.last.fill_(s)
         else:
-            st.cache = self._forecast(st, dx)
-            out = run_blocks(self.layout, call, streams, StepExecutor(self, st, [False] * L, False, None, 0.0))
+            out = self.forecast_run(call, streams, self._forecast_sources(st, dx), dx)
         st.cache = None
         return out
 

@@ -43,6 +43,7 @@ def _triton_param():
 
 
 BACKENDS = [pytest.param("eager", id="eager"), _cpp_param(), _triton_param()]
+_LIST_OPS = ("forecast_residual", "taylor_update_slots")
 
 
 def _impl(backend: str, op: str):
@@ -52,7 +53,8 @@ def _impl(backend: str, op: str):
             pytest.fail(why, pytrace=False)
         from fastcache import _C
 
-        return getattr(_C, op)
+        # the list-taking ops have no pybind entry: the dispatcher runs their C++ kernel on CPU
+        return getattr(_C, op) if op not in _LIST_OPS else getattr(torch.ops.fastcache, op).default
     if backend == "triton":
         from fastcache.kernels import LAUNCHERS
 
@@ -96,6 +98,13 @@ def _good(op: str) -> dict:
         return dict(
             history=torch.randn(3, N, D), f=torch.randn(N, D), dx=torch.tensor([1.0]), valid=torch.tensor([1.0]),
             store=torch.tensor(True),
+        )  # fmt: skip
+    if op == "forecast_residual":
+        return dict(x=x, gates=[vec, None], histories=[torch.randn(2, B, N, D), cached], dx=torch.tensor([1.0]))
+    if op == "taylor_update_slots":
+        return dict(
+            histories=[torch.randn(3, N, D)], fs=[torch.randn(N, D)], dx=torch.tensor([1.0]),
+            valid=torch.tensor([1.0]), store=torch.tensor(True),
         )  # fmt: skip
     raise KeyError(op)
 
@@ -197,6 +206,15 @@ CASES += [
     ("taylor_update", "store_dtype", _set(store=lambda: torch.tensor(1.0)), "store", ["torch.float32"]),
     ("taylor_update", "store_device", _set(store=lambda: torch.tensor(True, device=META)), "store", [META]),
 ]
+
+CASES += [
+    ("forecast_residual", "x_2d", _set(x=lambda: torch.randn(N, D)), "x", ["(4, 8)"]),
+    ("forecast_residual", "gate_shape", _set(gates=lambda: [torch.randn(B, 4), None]), "gates[0]", ["(2, 4)"]),
+    ("forecast_residual", "histories_shape", _set(histories=lambda: [torch.randn(B, 3, D), torch.randn(B, N, D)]),
+     "histories[0]", ["(2, 3, 8)", "(2, 4, 8)"]),
+    ("forecast_residual", "dx_shape", _set(dx=lambda: torch.ones(2)), "dx", ["(2,)"]),
+    ("taylor_update_slots", "fs_count", _set(fs=lambda: []), "fs", ["1", "0"]),
+]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tests
