@@ -39,6 +39,7 @@ void register_cpu_kernels() {
   m->impl("store_residual", TORCH_FN(fastcache::store_residual));
   m->impl("taylor_forecast", TORCH_FN(fastcache::taylor_forecast));
   m->impl("taylor_update", TORCH_FN(fastcache::taylor_update));
+  m->impl("history_combine", TORCH_FN(fastcache::history_combine));
   // Kept for the life of the process (the dispatcher holds the kernels).
   static torch::Library* registered = m.release();
   (void)registered;
@@ -96,6 +97,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sum_k history[k] * dx^k / k! (TaylorSeer forecast), fp32 math, history.dtype out.");
   m.def("taylor_update", &fastcache::taylor_update, py::arg("history"), py::arg("f"), py::arg("dx"), py::arg("valid"),
         py::arg("store"), "TaylorSeer finite-difference update of history in place, if store.");
+  m.def("history_combine", &fastcache::history_combine, py::arg("history"), py::arg("weights"),
+        "sum_k weights[k] * history[k] (a fitted forecast), fp32 math, history.dtype out.");
 
   m.def("cpu_capability", &fastcache::cpu::active_capability,
         "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

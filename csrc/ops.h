@@ -50,5 +50,6 @@ void store_residual(const at::Tensor& out, const at::Tensor& x_in, const at::Ten
 at::Tensor taylor_forecast(const at::Tensor& history, const at::Tensor& dx);
 void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Tensor& dx, const at::Tensor& valid,
                    const at::Tensor& store);
+at::Tensor history_combine(const at::Tensor& history, const at::Tensor& weights);
 
 }  // namespace fastcache

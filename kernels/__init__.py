@@ -18,6 +18,7 @@ gated_residual(_out)       gated_residual.py
 apply_residual(_out)       residual.py
 store_residual             residual.py
 taylor_forecast / _update  taylor.py
+history_combine            taylor.py
 =========================  ===========================
 
 Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
@@ -44,6 +45,7 @@ LAUNCHERS = {
     "store_residual": residual.store_residual,
     "taylor_forecast": taylor.taylor_forecast,
     "taylor_update": taylor.taylor_update,
+    "history_combine": taylor.history_combine,
 }
 
 __all__ = [

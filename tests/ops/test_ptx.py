@@ -113,6 +113,9 @@ def _variants():
             out.append((f"taylor_forecast[{name(dt)},order={order}]", launch))
             launch = taylor.plan_taylor_update(hist, f, dx, valid, store)
             out.append((f"taylor_update[{name(dt)},order={order}]", launch))
+            w = torch.ones(order + 1)  # the fitted filler (docs/methods.md section 12)
+            launch = taylor.plan_history_combine(hist, w, torch.empty(B, N, D, dtype=dt))
+            out.append((f"history_combine[{name(dt)},order={order}]", launch))
     return out
 
 

@@ -707,6 +707,7 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "taylor_forecast": (torch.randn(3, B, N, D).to(dt), torch.tensor([2.0])),
             "taylor_update": (torch.randn(3, B, N, D).to(dt), x.contiguous(), torch.tensor([2.0]),
                               torch.tensor([1.0]), torch.tensor(True)),
+            "history_combine": (torch.randn(3, B, N, D).to(dt), torch.tensor([1.0, 2.0, 2.0])),
         }
         assert set(samples) == set(ops.SCHEMAS), "opcheck every registered op"
         for name, args in samples.items():
