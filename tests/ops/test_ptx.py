@@ -209,7 +209,7 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
                      "apply_residual", "apply_residual_out", "store_residual", "timestep_guard",
-                     "taylor_forecast", "taylor_update"}  # fmt: skip
+                     "taylor_forecast", "taylor_update", "history_combine"}  # fmt: skip
 
 
 def test_signatures_come_from_the_launchers_arguments(compiled):
