@@ -615,7 +615,8 @@ class SchedulePolicy(TaylorSeerPolicy):
         out = super().state_stats(st)
         out["plan"] = self.config.plan
         if any(st.forced.values()):
-            out["forced_computes"] = dict(st.forced)
+            # "fit_history" only applies to a plan with fitted steps
+            out["forced_computes"] = {k: v for k, v in st.forced.items() if k != "fit_history" or self.fitted}
             out["forced_computes_note"] = (
                 "planned forecast steps that computed instead: 'fresh_buffers' = the inputs changed shape, batch, "
                 "dtype or device within the run (nothing cached fits), 'short_history' = fewer computed steps in "

@@ -201,3 +201,36 @@ def test_profile_stores_a_fitted_schedule_and_loads_it_back(tmp_path):
     assert back.schedule(3) == res.config
     if "F" in res.plan:
         assert back.schedules[3]["fit"] and back.schedules[3]["fit_settings"]["points"] in (1, 2, 3)
+
+
+@pytest.mark.compile
+def test_compiled_fitted_plan_no_cond_no_recompiles_and_equals_eager():
+    """Announced steps under torch.compile(fullgraph): a fitted step's weights come from
+    the device table indexed by the announced step, so one forecast graph serves every
+    Taylor and fitted step (3 graphs in all), no cond, no host read; the device step
+    counter's path (not announced) equals the eager outputs too."""
+    from support.hostreads import HostReadMode
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    case = reference_dit_case()
+    m = case.model
+    plan = "CC1CFFCF"
+    cfg = ScheduleConfig(plan=plan, fit={4: (1.4, -0.5, 0.1), 5: (1.7, -0.9, 0.2), 7: (1.2, -0.2)})
+    ctx = lambda i: fastcache.context(m, "default", step_index=i)  # noqa: E731
+    with fastcache.patched(m, cfg):
+        eager = case.sample(steps=8, context=ctx)
+        fastcache.reset(m)
+        torch._dynamo.reset()
+        cnt = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(m, fullgraph=True, backend=cnt)
+        frames = []
+        mode = HostReadMode()
+        count = lambda i, o: frames.append(cnt.frame_count)  # noqa: E731
+        with mode:
+            out = case.sample(model=compiled, steps=8, context=ctx, per_step=count)
+            case.sample(model=compiled, steps=8, context=ctx, per_step=count)
+        tl = fastcache.stats(m)["contexts"]["default"]["timeline"]
+    assert max(frames) == 3 and frames[2:] == [3] * 14, frames
+    assert not mode.conds
+    assert tl == [c == "C" for c in plan] * 2
+    assert torch.equal(out, eager)
