@@ -67,7 +67,7 @@ class FitSettings:
     shared set (from the step Gram of ``weighting``)."""
 
     points: int = 3
-    ridge: float = 0.03
+    ridge: float = 0.3
     per_slot: bool = False
     weighting: str = "relative"
 
@@ -153,7 +153,7 @@ def _solve3(M, r):
         return [(inv[j][0] * r[0] + inv[j][1] * r[1] + inv[j][2] * r[2]) / det for j in range(3)]
 
 
-def fit_coefficients(W_s, s, steps, points: int = 3, ridge: float = 0.03):
+def fit_coefficients(W_s, s, steps, points: int = 3, ridge: float = 0.3):
     """The fitted forecast of step ``s`` from the last computed steps ``steps = (c'', c',
     c)`` (arrays or scalars, -1 = none): coefficients ``a = (a'', a', a)`` on their
     features minimising ``a^T W[c, c] a - 2 a^T W[c, s] + lam ||a - a_T||^2`` over the
