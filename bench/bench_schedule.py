@@ -137,6 +137,52 @@ def _speed(model, cfg, held, S, repeats):
     return times
 
 
+def budcache_search(model, cal, refs_c, K, S, max_evals, seed=0, order=2):
+    """A BudCache-style baseline: simulated annealing, then hill climbing, over the
+    compute mask alone at K computed steps (every other step TaylorSeer order ``order``),
+    scored by PSNR on the calibration runs, ``max_evals`` evaluations (the same model-call
+    budget as fastcache's search). Start: TaylorSeer's fixed interval. Move: one computed
+    step (not step 0) to a free step within +-3 (or anywhere, one move in four). The
+    temperature falls linearly from 1 dB to 0 over the first 2/3 of the budget; the rest
+    accepts only improvements."""
+    import random
+
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+
+    def score(plan):
+        return evaluate_schedule(model, plan_config(plan, None), cal, refs_c)[0]
+
+    cur = fixed_interval_plan(K, S, order)
+    cur_p = score(cur)
+    best, best_p, evals, seen = cur, cur_p, 1, {cur: cur_p}
+    anneal = max(1, (2 * max_evals) // 3)
+    tries = 0
+    while evals < max_evals and tries < 50 * max_evals:
+        tries += 1
+        p = list(cur)
+        comp = [s for s in range(1, S) if p[s] == "C"]
+        free = [s for s in range(1, S) if p[s] != "C"]
+        if not comp or not free:
+            break
+        s = rng.choice(comp)
+        near = [t for t in free if abs(t - s) <= 3]
+        t = rng.choice(free if (not near or rng.random() < 0.25) else near)
+        p[s], p[t] = str(order), "C"
+        q = "".join(p)
+        if q in seen:
+            continue
+        q_p = seen[q] = score(q)
+        evals += 1
+        temp = max(0.0, 1.0 - evals / anneal)
+        d = q_p - cur_p
+        if d > 0 or (temp > 0 and rng.random() < math.exp(d / temp)):
+            cur, cur_p = q, q_p
+        if q_p > best_p:
+            best, best_p = q, q_p
+    return best, best_p, evals, time.perf_counter() - t0
+
+
 def sample_digits_like(run, model, S):
     """The held-out run ``run`` with each step announced to the patch."""
     return run(step_context=lambda i: fastcache.context(model, "default", step_index=i, num_steps=S))
@@ -160,7 +206,36 @@ def _runs(model, S, n, batch, held_out):
     return runs, specs
 
 
-def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("reuse", "taylor1", "taylor2")):
+def _stored_search(path, K, model, prof):
+    """Today's searched schedule for K from an earlier bench csv of the same setup (the
+    search is deterministic: same runs, same profile, same plan), as a stand-in result."""
+    import csv
+    from types import SimpleNamespace
+
+    for r in csv.DictReader(Path(path).open()):
+        if r["method"] == "schedule (searched)" and int(r["K"]) == K:
+            cfg = plan_config(r["setting"], prof)
+            return SimpleNamespace(
+                plan=r["setting"], calibration_psnr=float(r["calibration_psnr_db"]), config=cfg,
+                model_calls=int(r["search_model_calls"]), computed_calls=int(r["search_computed_calls"]),
+                seconds=float(r["search_s"]), trace=[None] * int(r["evaluations"]), stored_from=str(path),
+            )  # fmt: skip
+    return None
+
+
+def run_digits(
+    budgets,
+    S,
+    n_cal,
+    n_held,
+    batch,
+    max_evals,
+    repeats,
+    methods=("reuse", "taylor1", "taylor2"),
+    fit=False,
+    lite=False,
+    searched_from=None,
+):
     torch.set_num_threads(2)
     model = load_digits_dit()
     cal, _ = _runs(model, S, n_cal, batch, False)
@@ -170,13 +245,15 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
     prof = fastcache.calibrate(model, lambda: refs_c.extend(_cpu(r)[0] for r in cal), progress=False)
     calib_s = time.perf_counter() - t0
     refs_h = [_cpu(r)[0] for r in held]
-    rows, searched = [], {}
+    rows, searched, searched_fit = [], {}, {}
     for K in budgets:
         print(f"K={K}: searching ...", flush=True)
-        res = fastcache.search_schedule(
-            model, cal, K, methods=methods, profile=prof, max_evals=max_evals, progress=False
-        )
-        res.store(prof)
+        res = _stored_search(searched_from, K, model, prof) if searched_from else None
+        if res is None:
+            res = fastcache.search_schedule(
+                model, cal, K, methods=methods, profile=prof, max_evals=max_evals, progress=False
+            )
+            res.store(prof)
         print(res, flush=True)
         searched[K] = res
 
@@ -187,6 +264,48 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
             return round(evaluate_schedule(model, plan_config(plan, prof), cal, refs_c)[0], 2)
 
         dp_plan = schedule_from_profile(prof, K)[0].plan
+        extra = []
+        if fit:  # the fitted filler beside today's fillers, the same evaluation budget
+            fm = tuple(dict.fromkeys((*methods, "fit")))
+            res_f = fastcache.search_schedule(
+                model, cal, K, methods=fm, profile=prof, max_evals=max_evals, progress=False
+            )
+            print(res_f, flush=True)
+            searched_fit[K] = res_f
+            bc_plan, bc_cal, bc_evals, bc_s = budcache_search(model, cal, refs_c, K, S, max_evals)
+            print(f"  budcache-style: {bc_plan} cal {bc_cal:.2f} dB, {bc_evals} evals, {bc_s:.0f} s", flush=True)
+            extra = [
+                dict(
+                    K=K,
+                    provider="fastcache",
+                    method="schedule (searched, fit filler)",
+                    setting=res_f.plan,
+                    computed_steps=K,
+                    calibration_psnr_db=round(res_f.calibration_psnr, 2),
+                    held_out_psnr_db=round(evaluate_schedule(model, res_f.config, held, refs_h)[0], 2),
+                    search_model_calls=res_f.model_calls,
+                    search_computed_calls=res_f.computed_calls,
+                    search_s=round(res_f.seconds, 1),
+                    search_s_with_calibration=round(res_f.seconds + calib_s, 1),
+                    evaluations=len(res_f.trace),
+                    fit_settings=json.dumps(res_f.fit_settings.as_dict()),
+                ),
+                dict(
+                    K=K,
+                    provider="baseline",
+                    method="budcache-style (SA + hill climb over the mask, order 2)",
+                    setting=bc_plan,
+                    computed_steps=K,
+                    calibration_psnr_db=round(bc_cal, 2),
+                    held_out_psnr_db=held_psnr(bc_plan),
+                    search_model_calls=(1 + bc_evals) * S * len(cal),
+                    search_s=round(bc_s, 1),
+                    evaluations=bc_evals,
+                ),
+            ]
+            for r in extra:
+                r["held_minus_calibration_db"] = round(r["held_out_psnr_db"] - r["calibration_psnr_db"], 2)
+                print(f"  {r['method']:<36} held-out {r['held_out_psnr_db']:6.2f} dB (cal {r['calibration_psnr_db']})")
         plans = [
             ("fastcache", "schedule (searched)", res.plan, round(res.calibration_psnr, 2)),
             ("fastcache", "schedule (proxy DP only)", dp_plan, None),
@@ -194,6 +313,8 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
             ("fastcache", "taylorseer order 2, fixed interval", fixed_interval_plan(K, S, 2), None),
             ("fastcache", "fora (reuse), even spacing", fixed_interval_plan(K, S, 0, warmup=1), None),
         ]
+        if lite:  # the rows the fitted-filler comparison needs
+            plans = [plans[0], plans[2], plans[3]]
         for prov, method, plan, cp in plans:
             row = dict(
                 K=K,
@@ -208,8 +329,10 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
                 row.update(
                     search_model_calls=res.model_calls,
                     search_computed_calls=res.computed_calls,
-                    search_s=round(res.seconds + calib_s, 1),
+                    search_s=round(res.seconds + (0 if hasattr(res, "stored_from") else calib_s), 1),
                     evaluations=len(res.trace),
+                    search_stored_from=getattr(res, "stored_from", None),
+                    held_minus_calibration_db=round(row["held_out_psnr_db"] - row["calibration_psnr_db"], 2),
                 )
             rows.append(row)
             k, p = row["computed_steps"], row["held_out_psnr_db"]
@@ -217,13 +340,17 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
         tc = _teacache(model, cal, held, refs_h, K, S, prof)
         rows.append(dict(K=K, provider="fastcache", method="teacache (threshold searched)", **tc))
         print(f"  teacache {tc}", flush=True)
-        first = len(rows) - 6  # the searched schedule's row
+        first = len(rows) - len(plans) - 1  # the searched schedule's row
+        rows[first:first] = extra
+        first += len(extra)
         try:
             for dt in _diffusers_taylorseer(model, held_specs, refs_h, K, S):
                 rows.append(dict(K=K, provider="diffusers", method="taylorseer hook", **dt))
                 print(f"  diffusers taylorseer {dt}", flush=True)
         except ImportError as e:
             rows.append(dict(K=K, provider="diffusers", method="taylorseer hook", skipped=str(e)))
+        if lite:
+            continue
         t = _speed(model, res.config, held, S, repeats)
         rows[first].update(
             cpu_s_uncached=round(t["uncached"], 3),
@@ -234,7 +361,7 @@ def run_digits(budgets, S, n_cal, n_held, batch, max_evals, repeats, methods=("r
             ideal_speedup=round(S / K, 2),
         )
         print(f"  speed {rows[first]}", flush=True)
-    if methods == ("reuse", "taylor1", "taylor2"):  # the plans bench_compare.py runs
+    if methods == ("reuse", "taylor1", "taylor2") and not fit and not lite:  # the plans bench_compare.py runs
         prof_path = RESULTS / "digits50.schedules.json"
         prof_path.write_text(json.dumps({str(k): v for k, v in sorted(prof.schedules.items())}, indent=1) + "\n")
     return rows, searched, calib_s
@@ -347,13 +474,28 @@ def main(argv=None):
     ap.add_argument("--no-family", action="store_true")
     ap.add_argument("--methods", default="reuse,taylor1,taylor2", help="fillers the search may use (add eoc)")
     ap.add_argument("--out", default="schedule")
+    ap.add_argument(
+        "--searched-from",
+        default=None,
+        help="take today's searched plans from this earlier csv "
+        "(the same setup; its calibration PSNR and search cost are reported from it)",
+    )
+    ap.add_argument("--fit", action="store_true", help="add the fitted filler's search and the BudCache-style baseline")
+    ap.add_argument(
+        "--lite",
+        action="store_true",
+        help="only the searched, fitted, BudCache-style, TaylorSeer, "
+        "TeaCache and diffusers rows (no proxy-DP / FORA rows, no speed)",
+    )
     a = ap.parse_args(argv)
     from common import environment
 
     budgets = [int(k) for k in a.budgets.split(",")]
     t0 = time.perf_counter()
     methods = tuple(m for m in a.methods.split(",") if m)
-    rows, searched, calib_s = run_digits(budgets, a.steps, a.runs, a.held_out, a.batch, a.max_evals, a.repeats, methods)
+    rows, searched, calib_s = run_digits(
+        budgets, a.steps, a.runs, a.held_out, a.batch, a.max_evals, a.repeats, methods, a.fit, a.lite, a.searched_from
+    )
     family = None if a.no_family else run_family(a.steps, 17, 12, a.repeats)
     RESULTS.mkdir(parents=True, exist_ok=True)
     fields = []

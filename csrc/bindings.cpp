@@ -41,6 +41,7 @@ void register_cpu_kernels() {
   m->impl("taylor_update", TORCH_FN(fastcache::taylor_update));
   m->impl("forecast_residual", TORCH_FN(fastcache::forecast_residual));
   m->impl("taylor_update_slots", TORCH_FN(fastcache::taylor_update_slots));
+  m->impl("history_combine", TORCH_FN(fastcache::history_combine));
   // Kept for the life of the process (the dispatcher holds the kernels).
   static torch::Library* registered = m.release();
   (void)registered;
@@ -100,6 +101,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("store"), "TaylorSeer finite-difference update of history in place, if store.");
   // forecast_residual / taylor_update_slots take lists of tensors (Tensor?[]): they are
   // reached through the dispatcher (torch.ops.fastcache.*), which runs these CPU kernels.
+  m.def("history_combine", &fastcache::history_combine, py::arg("history"), py::arg("weights"),
+        "sum_k weights[k] * history[k] (a fitted forecast), fp32 math, history.dtype out.");
 
   m.def("cpu_capability", &fastcache::cpu::active_capability,
         "The CPU kernel variant in use: 'baseline', 'avx2' or 'avx512'.");

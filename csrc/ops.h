@@ -56,5 +56,6 @@ at::Tensor forecast_residual(const at::Tensor& x, const c10::List<std::optional<
                              at::TensorList histories, const at::Tensor& dx);
 void taylor_update_slots(at::TensorList histories, at::TensorList fs, const at::Tensor& dx, const at::Tensor& valid,
                          const at::Tensor& store);
+at::Tensor history_combine(const at::Tensor& history, const at::Tensor& weights);
 
 }  // namespace fastcache

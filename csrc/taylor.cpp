@@ -134,4 +134,55 @@ void taylor_update(const at::Tensor& history, const at::Tensor& f, const at::Ten
   });
 }
 
+// A fitted forecast from the same history (docs/methods.md section 12, "Fitted filler"):
+// out = sum_k weights[k] * history[k], k = 0 .. m in that order, fp32 math (fp64 for fp64).
+// weights: (m+1,) fp32, one per history row, written by the host at plan time.
+at::Tensor history_combine(const at::Tensor& history, const at::Tensor& weights) {
+  constexpr const char* kOp = "fastcache::history_combine";
+  CHECK_CPU(history);
+  CHECK_FLOATING(history);
+  CHECK_CPU(weights);
+  TORCH_CHECK(history.dim() >= 2 && history.size(0) >= 1, kOp,
+              ": history must be (order+1, *feature_shape) (at least 2-D), got shape ", shape_str(history.sizes()),
+              ".");
+  TORCH_CHECK(history.is_contiguous(), kOp,
+              ": history must be contiguous (the device-resident Taylor state, written in place), got strides ",
+              shape_str(history.strides()), ".");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == history.size(0) && weights.scalar_type() == c10::kFloat, kOp,
+              ": weights must be a 1-D torch.float32 tensor of ", history.size(0),
+              " values (one per history row), got ", dtype_str(weights.scalar_type()), " ",
+              shape_str(weights.sizes()), ".");
+  at::Tensor out = at::empty(history.sizes().slice(1), history.options());
+  const int64_t E = out.numel();
+  const int64_t M = history.size(0) - 1;
+  if (E == 0) return out;
+  const at::Tensor wc = weights.contiguous();
+  const float* w32 = wc.const_data_ptr<float>();  // a CPU tensor: plain loads, no sync
+  AT_DISPATCH_FLOATING_TYPES_AND2(c10::kHalf, c10::kBFloat16, history.scalar_type(), "history_combine", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* h = history.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    std::vector<A> w(M + 1);
+    for (int64_t k = 0; k <= M; ++k) w[k] = A(w32[k]);
+    at::parallel_for(0, E, kGrain, [&](int64_t b, int64_t e) {
+      // chunks with the row loop outside (the element loops vectorize); per element the
+      // terms are added in the order k = 0, 1, ..., m (the reference's rounding)
+      A acc[kChunk];
+      for (int64_t c0 = b; c0 < e; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, e - c0);
+        const scalar_t* h0 = h + c0;
+        const A w0 = w[0];
+        for (int64_t i = 0; i < n; ++i) acc[i] = static_cast<A>(h0[i]) * w0;
+        for (int64_t k = 1; k <= M; ++k) {
+          const scalar_t* hk = h + k * E + c0;
+          const A wk = w[k];
+          for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + static_cast<A>(hk[i]) * wk;
+        }
+        for (int64_t i = 0; i < n; ++i) o[c0 + i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace fastcache

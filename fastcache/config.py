@@ -79,8 +79,9 @@ def _check_decision_fields(cfg) -> None:
 
 
 # the step codes of a static schedule plan (fastcache.ScheduleConfig): C computes, a digit k
-# forecasts with a Taylor series of order k (0 = reuse), E reuses with EOC's correction
-SCHEDULE_CODES = "C01234E"
+# forecasts with a Taylor series of order k (0 = reuse), E reuses with EOC's correction, F
+# forecasts with coefficients fitted to the calibration Gram (ScheduleConfig.fit)
+SCHEDULE_CODES = "C01234EF"
 
 
 def _profile_steps(cfg, prof, method: str) -> int:

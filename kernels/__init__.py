@@ -20,6 +20,7 @@ store_residual             residual.py
 taylor_forecast / _update  taylor.py
 forecast_residual          slots.py
 taylor_update_slots        slots.py
+history_combine            taylor.py
 =========================  ===========================
 
 Example (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)::
@@ -48,6 +49,7 @@ LAUNCHERS = {
     "taylor_update": taylor.taylor_update,
     "forecast_residual": slots.forecast_residual,
     "taylor_update_slots": slots.taylor_update_slots,
+    "history_combine": taylor.history_combine,
 }
 
 __all__ = [

@@ -7,6 +7,8 @@ feature elements, int64 offsets, fp32 math (fp64 for fp64), the loop over orders
 unrolled (``ORDER`` is a constexpr: one specialisation per order).
 
 * forecast (Eq. TS2): ``out = sum_k H[k] * c_k``, ``c_0 = 1``, ``c_k = c_{k-1} * dx / k``;
+* combine (the fitted filler, docs/methods.md section 12): ``out = sum_k w[k] * H[k]``,
+  the weights a ``(m+1,)`` fp32 device tensor written by the host at plan time;
 * update (Eq. TS1), in place, iff the device flag ``store`` is set: ``d = f``; for k =
   0..m: ``old = H[k]; H[k] = d; d = (k < valid) ? (d - old) / dx : 0``.
 
@@ -112,3 +114,38 @@ def taylor_update(
     check_triton_device("fastcache::taylor_update", "history", history)
     if f.numel():
         plan_taylor_update(history, f, dx, valid, store).run()
+
+
+@triton.jit
+def _history_combine_kernel(
+    h_ptr, w_ptr, out_ptr, E,
+    ORDER: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr,
+):  # fmt: skip
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < E
+    E64 = tl.cast(E, tl.int64)  # k * E in int64: (ORDER + 1) * E may pass 2^31 where E does not
+    acc = tl.load(h_ptr + offs, mask=mask, other=0.0).to(acc_ty) * tl.load(w_ptr).to(acc_ty)
+    for k in tl.static_range(1, ORDER + 1):
+        acc += tl.load(h_ptr + k * E64 + offs, mask=mask, other=0.0).to(acc_ty) * tl.load(w_ptr + k).to(acc_ty)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def plan_history_combine(history: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> Launch:
+    """The launch of ``out <- sum_k weights[k] history[k]`` (checked arguments, numel > 0)."""
+    E = out.numel()
+    grid = (triton.cdiv(E, _BLOCK),)
+    args = (history, weights, out, E)
+    cx = {"ORDER": history.shape[0] - 1, "BLOCK": _BLOCK, "ACC_FP64": acc_is_fp64(history)}
+    return Launch(_history_combine_kernel, grid, args, cx, {"num_warps": 4})
+
+
+def history_combine(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Schema ``history_combine(Tensor history, Tensor weights) -> Tensor``; see
+    :func:`fastcache.ops.reference.history_combine`. Returns ``(*S)`` in history's dtype."""
+    contracts.check_history_combine(history, weights)
+    check_triton_device("fastcache::history_combine", "history", history)
+    out = torch.empty(history.shape[1:], dtype=history.dtype, device=history.device)
+    if out.numel():
+        plan_history_combine(history, weights.contiguous(), out).run()
+    return out

@@ -55,6 +55,7 @@ __all__ = [
     "cache_decision",
     "contracts",
     "gated_residual",
+    "history_combine",
     "history_len",
     "modulated_rel_l1_sums",
     "new_aux",
@@ -390,6 +391,24 @@ def taylor_update_slots(
         _taylor_update_slots(list(histories), fs, dx, valid, store.reshape(()))
     else:
         _raw_taylor_update_slots(histories, fs, dx, valid, store)
+
+
+def history_combine(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A fitted forecast from the Taylor history (docs/methods.md section 12, "Fitted
+    filler"): ``sum_k weights[k] * history[k]``, accumulated in the order k = 0..m.
+
+    history: ``(m+1, *S)`` contiguous (the finite differences of
+    :func:`taylor_update`); weights: ``(m+1,)`` fp32 on history's device (written by the
+    host at plan time, never read back). Returns ``(*S)`` in ``history.dtype`` (fp32
+    math, fp64 for fp64). No host read. Weights ``(1, dx, dx^2/2, ...)`` built as
+    :func:`taylor_forecast` builds its coefficients give its forecast bit for bit.
+
+    Example::
+
+        f_hat = history_combine(hist, torch.tensor([1.0, 1.8, 1.1]))
+    """
+    contracts.check_history_combine(history, weights)
+    return _ops.history_combine(history, weights)
 
 
 # keep the module object reachable for introspection (fastcache.info)

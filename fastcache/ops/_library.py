@@ -53,6 +53,7 @@ SCHEMAS = {
     "store_residual": "store_residual(Tensor out, Tensor x_in, Tensor flag, Tensor(a!) r) -> ()",
     "taylor_forecast": "taylor_forecast(Tensor history, Tensor dx) -> Tensor",
     "taylor_update": ("taylor_update(Tensor(a!) history, Tensor f, Tensor dx, Tensor valid, Tensor store) -> ()"),
+    "history_combine": "history_combine(Tensor history, Tensor weights) -> Tensor",
 }
 
 BACKENDS = ("auto", "cpp", "triton", "eager")
@@ -142,6 +143,11 @@ def _(x, gates, histories, dx):
 @torch.library.register_fake("fastcache::taylor_update_slots")
 def _(histories, fs, dx, valid, store):
     return None
+
+
+@torch.library.register_fake("fastcache::history_combine")
+def _(history, weights):
+    return history.new_empty(history.shape[1:])
 
 
 # ----------------------------------------------------------------------------- backends

@@ -326,6 +326,21 @@ def check_taylor_update(history, f, dx, valid, store) -> None:
     same_device(op, "history", history, f=f, valid=valid, store=store)
 
 
+def check_history_combine(history, weights) -> None:
+    """history contiguous ``(m+1, *S)`` floating; weights 1-D fp32 of ``m+1`` values; one device."""
+    op = "fastcache::history_combine"
+    floating(op, "history", history)
+    if history.dim() < 2 or history.shape[0] < 1:
+        raise ValueError(f"{op}: history must be (order+1, *feature_shape) (at least 2-D), got shape {_shape(history)}")
+    contiguous(op, "history", history, "the device-resident Taylor state, written in place")
+    if weights.dim() != 1 or weights.shape[0] != history.shape[0] or weights.dtype != torch.float32:
+        raise ValueError(
+            f"{op}: weights must be a 1-D torch.float32 tensor of {history.shape[0]} values (one per history row), "
+            f"got {weights.dtype} {_shape(weights)}"
+        )
+    same_device(op, "history", history, weights=weights)
+
+
 CHECKS = {
     "modulated_rel_l1_sums": check_modulated_rel_l1_sums,
     "rel_l1_sums": check_rel_l1_sums,
@@ -338,6 +353,7 @@ CHECKS = {
     "store_residual": check_store_residual,
     "taylor_forecast": check_taylor_forecast,
     "taylor_update": check_taylor_update,
+    "history_combine": check_history_combine,
 }
 
 

@@ -470,3 +470,22 @@ def taylor_update_slots(
     contracts.check_taylor_update_slots(histories, fs, dx, valid, store)
     for h, f in zip(histories, fs):
         taylor_update(h, f, dx, valid, store)
+
+
+# ---------------------------------------------------------------------------
+# Fitted filler (docs/methods.md section 12, "Fitted filler")
+# ---------------------------------------------------------------------------
+def history_combine(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A fixed linear combination of the history's rows: ``out = sum_k weights[k] *
+    history[k]``, accumulated in the order k = 0, 1, ..., m as ``acc = w_0 h_0``, then
+    ``acc = acc + h_k w_k`` (the kernels do the same). history: ``(m+1, *S)``; weights:
+    ``(m+1,)`` fp32 (fp64 math for an fp64 history); returns ``(*S)`` in history.dtype.
+    With ``weights = (1, c_1, ..., c_m)``, ``c_k = c_{k-1} * dx / k`` in fp32, this is
+    :func:`taylor_forecast` bit for bit."""
+    contracts.check_history_combine(history, weights)
+    acc = _acc_dtype(history)
+    w = weights.to(acc)
+    out = history[0].to(acc) * w[0]
+    for k in range(1, history.shape[0]):
+        out = out + history[k].to(acc) * w[k]
+    return out.to(history.dtype)

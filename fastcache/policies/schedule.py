@@ -35,8 +35,10 @@ or short is ever forecast from; ``stats`` counts both (``forced_computes``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -49,6 +51,7 @@ from .interior_engine import TraceExecutor
 from .taylorseer import TaylorSeerPolicy, TaylorState
 
 # --------------------------------------------------------------------------- config
+FIT_K = 9  # the device order table's code of a fitted step ("F"; Taylor orders are 0-4)
 
 
 @config_type
@@ -63,7 +66,11 @@ class ScheduleConfig(CacheConfig):
     ``k`` forecasts it with the Taylor series to order ``k`` from the history of the last
     computed steps (``"0"`` = reuse the last computed step's outputs); ``"E"`` reuses them
     corrected by EOC's trend, ``f * (1 + eoc_weight * (P[s] - P[c]))`` with ``P`` the
-    ``profile``'s prior and ``c`` the last computed step (section 4, Eq. E4). Example, 10
+    ``profile``'s prior and ``c`` the last computed step (section 4, Eq. E4); ``"F"``
+    forecasts it with fitted coefficients on the last computed steps' outputs, ``fit =
+    {step: (a_c, a_c', a_c'')}`` newest computed step first (one tuple shared by every
+    slot, or one tuple per slot), usually solved from the profile's step Gram by
+    :func:`fastcache.search_schedule` (section 12, "Fitted filler"). Example, 10
     steps, 4 computed: ``"CC11C1E2C1"``.
 
     The run length is ``len(plan)``; a pipeline announcing another step count is refused,
@@ -82,6 +89,7 @@ class ScheduleConfig(CacheConfig):
     profile: Any = None
     eoc_weight: float = 1.0
     history: int = 1024
+    fit: Any = None
 
     def __post_init__(self) -> None:
         from ..tuning.profile import Profile
@@ -123,15 +131,31 @@ class ScheduleConfig(CacheConfig):
                     f"{prof.num_steps}-step runs; calibrate with {len(p)}-step runs"
                 )
         _set(self, "profile", prof)
+        _set(self, "fit", _check_fit(p, self.fit))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "kind": self.kind,
             "plan": self.plan,
             "profile": None if self.profile is None else self.profile.describe(),
             "eoc_weight": self.eoc_weight,
             "history": self.history,
         }
+        if self.fit is not None:
+            d["fit"] = fit_to_json(self.fit)
+        return d
+
+    def fit_at(self, step: int) -> tuple | None:
+        """The fitted coefficients of step ``step`` (newest computed step first; one tuple,
+        or one per slot), None where the step is not an ``F`` step."""
+        return None if self.fit is None else dict(self.fit).get(step)
+
+    def fit_points(self, step: int) -> int:
+        """How many computed steps the fitted forecast of ``step`` combines (0: not fitted)."""
+        co = self.fit_at(step)
+        if co is None:
+            return 0
+        return len(co[0]) if isinstance(co[0], tuple) else len(co)
 
     @property
     def num_steps(self) -> int:
@@ -143,8 +167,10 @@ class ScheduleConfig(CacheConfig):
 
     @property
     def order(self) -> int:
-        """The highest forecast order the plan uses (the history kept)."""
-        return max((int(c) for c in self.plan if c not in "CE"), default=0)
+        """The highest forecast order the plan uses (the history kept; a fitted step over
+        n computed steps needs the orders up to n - 1)."""
+        taylor = max((int(c) for c in self.plan if c not in "CEF"), default=0)
+        return max([taylor] + [self.fit_points(s) - 1 for s, c in enumerate(self.plan) if c == "F"])
 
     @property
     def budget(self) -> int:
@@ -155,8 +181,12 @@ class ScheduleConfig(CacheConfig):
         return step >= len(self.plan) or self.plan[step] == "C"
 
     def order_at(self, step: int) -> int:
-        """The forecast order of a cached step (0 for computed, EOC-corrected and past-the-end steps)."""
-        return 0 if self.computes(step) or self.plan[step] == "E" else int(self.plan[step])
+        """The forecast order of a cached step (0 for computed, EOC-corrected, fitted and past-the-end steps)."""
+        return 0 if self.computes(step) or self.plan[step] in "EF" else int(self.plan[step])
+
+    def fits(self, step: int) -> bool:
+        """Is step ``step`` a fitted forecast?"""
+        return step < len(self.plan) and self.plan[step] == "F"
 
     def corrects(self, step: int) -> bool:
         """Is step ``step`` an EOC-corrected reuse?"""
@@ -174,6 +204,119 @@ class ScheduleConfig(CacheConfig):
         if o > 4:
             raise ValueError(f"order must be <= 4, got {o}")
         return cls(plan="".join("C" if s in cs else str(o) for s in range(n)), **kw)
+
+
+def _check_fit(plan: str, fit) -> tuple | None:
+    """``fit`` as a sorted tuple of (step, coefficients), checked against ``plan``: every
+    ``F`` step has 1..min(3, computed steps before it) finite coefficients (one tuple, or
+    one per slot, all of one length), and no other step has any."""
+    where = "ScheduleConfig.fit"
+    steps = [s for s, c in enumerate(plan) if c == "F"]
+    if fit is None:
+        if steps:
+            raise ValueError(
+                f"plan holds 'F' (fitted forecast) at steps {steps[:5]} but {where} is None; give the coefficients, "
+                "e.g. from fastcache.search_schedule(..., methods=(..., 'fit')) or profile.schedule(budget)"
+            )
+        return None
+    items = fit.items() if isinstance(fit, dict) else fit
+    out = {}
+    try:
+        for s, co in items:
+            s = int(s)
+            if isinstance(co, (int, float)) or not len(co):
+                raise TypeError
+            if isinstance(co[0], (list, tuple)):
+                co = tuple(tuple(float(v) for v in row) for row in co)
+                lens = {len(r) for r in co}
+            else:
+                co = tuple(float(v) for v in co)
+                lens = {len(co)}
+            out[s] = (co, lens)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where} must map each 'F' step to its coefficients (a sequence of floats, or one per slot), got "
+            f"{fit!r:.200}"
+        ) from None
+    extra = sorted(set(out) - set(steps))
+    if extra:
+        raise ValueError(
+            f"{where} gives coefficients for steps {extra[:5]} that the plan does not fit ('F'); plan {plan!r}"
+        )
+    missing = [s for s in steps if s not in out]
+    if missing:
+        raise ValueError(f"{where} has no coefficients for the plan's 'F' steps {missing[:5]}; plan {plan!r}")
+    res = []
+    for s in steps:
+        co, lens = out[s]
+        have = plan[:s].count("C")
+        flat = [v for r in co for v in (r if isinstance(r, tuple) else (r,))]
+        if len(lens) != 1 or not 1 <= next(iter(lens)) <= min(3, have):
+            raise ValueError(
+                f"{where}[{s}] must hold 1..{min(3, have)} coefficients (the computed steps before step {s}, at most "
+                f"3), the same number for every slot; got {co!r:.200}"
+            )
+        if not all(math.isfinite(v) for v in flat):
+            raise ValueError(f"{where}[{s}] holds a non-finite coefficient: {co!r:.200}; solve the fit again")
+        res.append((s, co))
+    return tuple(res)
+
+
+def fit_to_json(fit) -> dict[str, list]:
+    """``ScheduleConfig.fit`` as JSON (``{"step": coefficients}``), as stored in a profile."""
+    return {str(s): [list(r) for r in co] if isinstance(co[0], tuple) else list(co) for s, co in fit}
+
+
+def fit_history_weights(config: ScheduleConfig, slots: int, rows: int | None = None) -> np.ndarray:
+    """``(S, slots, rows)`` fp32: for every ``F`` step, the weights of the Taylor history's
+    rows (``D^0 .. D^{rows-1}`` at the last computed step, as :func:`fastcache.ops.taylor_update`
+    keeps them along the plan) whose combination (:func:`fastcache.ops.history_combine`)
+    is the fitted combination of the computed steps' outputs; zeros elsewhere. Solved on
+    the host by replaying the update on unit vectors (the same arithmetic as the op, in
+    fp64), so the change of basis follows the plan's step gaps exactly."""
+    plan = config.plan
+    R = config.order + 1 if rows is None else int(rows)
+    S = len(plan)
+    out = np.zeros((S, slots, R), dtype=np.float32)
+    T = np.zeros((R, 0))  # history rows as combinations of the computed steps' outputs
+    valid, last = 0, None
+    for s, c in enumerate(plan):
+        if c == "C":
+            n = T.shape[1] + 1
+            T = np.concatenate([T, np.zeros((R, 1))], axis=1)
+            d = np.zeros(n)
+            d[-1] = 1.0
+            v = 0 if s == 0 else valid
+            dx = float(s - last) if last is not None else 1.0
+            for k in range(R):
+                old = T[k].copy()
+                T[k] = d
+                if k < R - 1:
+                    d = (d - old) / dx if k < v else np.zeros(n)
+            valid, last = min(v + 1, R), s
+            continue
+        if c != "F":
+            continue
+        co = config.fit_at(s)
+        per_slot = isinstance(co[0], tuple)
+        if per_slot and len(co) != slots:
+            raise ValueError(
+                f"ScheduleConfig.fit[{s}] holds coefficients for {len(co)} slots but the model has {slots}; solve the "
+                "fit for this model (fastcache.search_schedule with its profile)"
+            )
+        for i in range(slots):
+            a_new = co[i] if per_slot else co
+            p = len(a_new)
+            a = np.zeros(T.shape[1])
+            a[T.shape[1] - p :] = a_new[::-1]  # newest first -> oldest first
+            w, *_ = np.linalg.lstsq(T[:p].T, a, rcond=None)
+            if not np.allclose(w @ T[:p], a, rtol=1e-9, atol=1e-9 * max(1.0, float(np.abs(a).max()))):
+                raise ValueError(
+                    f"ScheduleConfig: the fitted step {s} combines {p} computed steps but the Taylor history holds "
+                    f"fewer valid orders there; plan {plan!r}"
+                )
+            out[s, i, :p] = w
+    return out
 
 
 # --------------------------------------------------------------------------- policy
@@ -196,7 +339,9 @@ class ScheduleState(TaylorState):
         self.host_valid = 0  # computed steps in the history since step 0 or fresh buffers (capped)
         # announced forecast steps computed instead: fresh buffers (the inputs changed shape,
         # batch, dtype or device within the run) / a history too short for the planned order
-        self.forced = {"fresh_buffers": 0, "short_history": 0}
+        self.forced = {"fresh_buffers": 0, "short_history": 0, "fit_history": 0}
+        self.plan_fit = False  # the announced step is a fitted forecast ("F")
+        self.host_comp: list[int] = []  # the last computed steps since step 0 or fresh buffers (host)
         self.timestep: torch.Tensor | None = None
         self.ts_rec: torch.Tensor | None = None
 
@@ -208,7 +353,13 @@ class SchedulePolicy(TaylorSeerPolicy):
     def __init__(self, config: ScheduleConfig, spec, model):
         super().__init__(config, spec, model)  # self.order = config.order: the history kept
         S = config.num_steps
-        self.orders_used = sorted({config.order_at(s) for s in range(S) if not config.computes(s)})
+        self.orders_used = sorted({config.order_at(s) for s in range(S) if not (config.computes(s) or config.fits(s))})
+        # fitted steps ("F"): per step, the weights of the history's rows (host-solved, fp32)
+        self.fitted = "F" in config.plan
+        self._fit: dict[torch.device, torch.Tensor] = {}
+        self._plan_comp = [[i for i in range(s) if config.plan[i] == "C"][-3:] for s in range(S + 1)]
+        if self.fitted:
+            self._fit_host = torch.from_numpy(fit_history_weights(config, self.K, self.order + 1))
         self._orders: dict[torch.device, torch.Tensor] = {}
         # EOC-corrected steps ("E"): the profile's prior P (S, K, D) gives the trend
         self.eoc = "E" in config.plan
@@ -226,6 +377,8 @@ class SchedulePolicy(TaylorSeerPolicy):
         if p is not None:
             self._device_mask(p.device)
             self._device_orders(p.device)
+            if self.fitted:
+                self._device_fit(p.device)
             if self.eoc:
                 self._device_prior(p.device)
 
@@ -249,6 +402,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         super().reset_state(st)
         st.planned = None
         st.host_valid = 0
+        st.host_comp = []
         st.forced = {k: 0 for k in st.forced}
 
     def begin_step(self, st: ScheduleState, timestep, step: StepInfo) -> None:
@@ -276,13 +430,21 @@ class SchedulePolicy(TaylorSeerPolicy):
         self._check_steps(step.run_steps or step.num_steps)
         s = step.index
         compute = self.config.computes(s) or st.hist is None  # nothing cached yet: compute
-        if not compute and st.host_valid < min(self.config.order_at(s) + 1, self._computed_before[s]):
+        fit_p = self.config.fit_points(s)
+        need = fit_p if fit_p else self.config.order_at(s) + 1
+        if not compute and st.host_valid < min(need, self._computed_before[s]):
             # the history holds fewer computed steps than the plan's would here (fresh
             # buffers earlier in the run): the planned forecast cannot be made, so compute
             compute = True
             st.forced["short_history"] += 1
+        if not compute and fit_p and st.host_comp[-fit_p:] != self._plan_comp[s][-fit_p:]:
+            # the fitted weights were solved for the plan's computed steps; the history
+            # holds others (fresh buffers moved them): compute rather than mis-weight
+            compute = True
+            st.forced["fit_history"] += 1
         if compute:
             st.host_valid = 1 if s == 0 else min(st.host_valid + 1, self.order + 1)
+            st.host_comp = [s] if s == 0 else (st.host_comp + [s])[-3:]
         dev = next(iter(self.model.parameters())).device if st.counts is None else st.counts.device
         if st.plan_dx is None or st.plan_dx.device != dev:
             st.plan_dx = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -301,7 +463,8 @@ class SchedulePolicy(TaylorSeerPolicy):
         st.plan_first.fill_(s == 0)
         st.plan_order = self.config.order_at(s)
         st.plan_corrects = self.config.corrects(s) and not compute
-        st.plan_k.fill_(st.plan_order)
+        st.plan_fit = self.config.fits(s) and not compute
+        st.plan_k.fill_(FIT_K if st.plan_fit else st.plan_order)
         st.plan_store.fill_(compute)
         if self.eoc:
             P = self._device_prior(dev)[0]
@@ -345,7 +508,10 @@ class SchedulePolicy(TaylorSeerPolicy):
         if st.hist is None:
             raise RuntimeError("fastcache: internal error, a planned forecast with nothing cached")
         if is_tracing():  # order and correction as device values: one graph for every forecast step
-            cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None)
+            cache = self._forecast_order(st, st.plan_dx, st.plan_k, st.plan_trend if self.eoc else None, st.plan_s_dev)
+        elif st.plan_fit:  # eager, a fitted step: the host-solved weights of this step
+            w = self._device_fit(st.plan_dx.device)[st.plan_s]
+            cache = [ops.history_combine(h, w[i]) for i, h in enumerate(st.hist)]
         else:  # eager: the host knows the step's order, so one forecast per slot
             k = st.plan_order
             if not st.plan_corrects:  # at the floor: one fused op per stream (interior_engine.forecast_run)
@@ -369,6 +535,7 @@ class SchedulePolicy(TaylorSeerPolicy):
         st.plan_dx.fill_(1.0)  # unused: a fresh history has no order to difference
         st.host_last = [s] * self.K
         st.host_valid = 1
+        st.host_comp = [s]
 
     def host_compute(self, step: StepInfo) -> bool:
         self._check_steps(step.run_steps or step.num_steps)
@@ -385,9 +552,17 @@ class SchedulePolicy(TaylorSeerPolicy):
     def _device_orders(self, dev) -> torch.Tensor:
         o = self._orders.get(dev)
         if o is None:
-            rows = [self.config.order_at(s) for s in range(self.config.num_steps)]
+            rows = [FIT_K if self.config.fits(s) else self.config.order_at(s) for s in range(self.config.num_steps)]
             o = self._orders[dev] = torch.tensor(rows + [0], dtype=torch.long, device=dev)
         return o
+
+    def _device_fit(self, dev) -> torch.Tensor:
+        """(S+1, K, rows) fp32: the history weights of every fitted step (zeros elsewhere)."""
+        w = self._fit.get(dev)
+        if w is None:
+            host = self._fit_host
+            w = self._fit[dev] = torch.cat([host, torch.zeros_like(host[:1])]).to(dev)
+        return w
 
     def _device_prior(self, dev):
         """(P (S, K, ...), EOC-step mask (S+1,) fp32, slot index (K,)) on ``dev``."""
@@ -409,19 +584,31 @@ class SchedulePolicy(TaylorSeerPolicy):
             s_c = s_raw.clamp(max=P.shape[0] - 1)
             T = P.index_select(0, s_c)[0] - P[st.last.clamp(max=P.shape[0] - 1), ar]
             trend = T * is_e.index_select(0, s_raw).reshape((1,) * T.dim())
-        return self._forecast_order(st, dx, table.index_select(0, s_raw), trend)
+        return self._forecast_order(st, dx, table.index_select(0, s_raw), trend, s_raw)
 
     def _forecast_order(
-        self, st: ScheduleState, dx: torch.Tensor, k_now: torch.Tensor, trend: torch.Tensor | None = None
+        self,
+        st: ScheduleState,
+        dx: torch.Tensor,
+        k_now: torch.Tensor,
+        trend: torch.Tensor | None = None,
+        s_idx: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Every slot's forecast with the order ``k_now`` ((1,) long, on the device): one
-        forecast per order the plan uses, selected with ``torch.where``; then, with
-        ``trend`` ((K, ...) fp32, zero rows = no correction), EOC's ``f * (1 + w T)``."""
+        forecast per order the plan uses, selected with ``torch.where`` (``FIT_K``: the
+        fitted combination with step ``s_idx``'s weights); then, with ``trend`` ((K, ...)
+        fp32, zero rows = no correction), EOC's ``f * (1 + w T)``."""
         out = []
-        for h in st.hist:
+        w = None
+        if self.fitted:
+            table = self._device_fit(dx.device)
+            w = table.index_select(0, s_idx.reshape(1).clamp(max=table.shape[0] - 1))[0]
+        for i, h in enumerate(st.hist):
             f = ops.taylor_forecast(h[: self.orders_used[-1] + 1 if self.orders_used else 1], dx)
             for k in self.orders_used[:-1]:
                 f = torch.where(k_now == k, ops.taylor_forecast(h[: k + 1], dx), f)
+            if w is not None:
+                f = torch.where(k_now == FIT_K, ops.history_combine(h, w[i]), f)
             out.append(f)
         return out if trend is None else self._correct(out, trend)
 
@@ -433,11 +620,13 @@ class SchedulePolicy(TaylorSeerPolicy):
         out = super().state_stats(st)
         out["plan"] = self.config.plan
         if any(st.forced.values()):
-            out["forced_computes"] = dict(st.forced)
+            # "fit_history" only applies to a plan with fitted steps
+            out["forced_computes"] = {k: v for k, v in st.forced.items() if k != "fit_history" or self.fitted}
             out["forced_computes_note"] = (
                 "planned forecast steps that computed instead: 'fresh_buffers' = the inputs changed shape, batch, "
                 "dtype or device within the run (nothing cached fits), 'short_history' = fewer computed steps in "
-                "the history since then than the planned order needs"
+                "the history since then than the planned order needs, 'fit_history' = a fitted step ('F') whose "
+                "history holds other computed steps than the plan's (its weights were solved for those)"
             )
         if self.eoc:
             n, msg = self.watch.report(st.ts_rec)

@@ -28,6 +28,10 @@ Format 3 adds the schedule search's material (docs/methods.md section 12):
   ``gram_dim``); every forecast error of a static schedule is a quadratic form in it;
 * ``schedules`` (JSON): searched schedules by budget, each with its plan and scores.
 
+Format 4: a schedule may hold fitted steps (plan code ``F``, docs/methods.md section 12,
+"Fitted filler"); its entry then carries ``fit`` (``{"step": coefficients}``, newest
+computed step first) and ``fit_settings``. Format-3 files load unchanged.
+
 The file is safetensors (tensors ``prior``, ``teacache_pairs``, ``mag_ratios``,
 ``block_change``, ``step_gram``) with JSON metadata: model class, a hash of the model's
 config and parameter shapes, the number of steps per run, the scheduler and its
@@ -57,8 +61,9 @@ from torch import nn
 
 from ..config import SCHEDULE_CODES, CacheConfig
 
-FORMAT_VERSION = 3
-READABLE_FORMATS = ("1", "2", "3")  # format 1: no mag_ratios / block_change; 2: no step_gram / schedules
+FORMAT_VERSION = 4
+# format 1: no mag_ratios / block_change; 2: no step_gram / schedules; 3: no fitted schedules ("F" steps, "fit")
+READABLE_FORMATS = ("1", "2", "3", "4")
 GRANULARITIES = ("channel", "token")
 
 
@@ -282,6 +287,8 @@ class Profile:
                 why = f"plan {plan!r} is not a schedule ('C' first, then codes of {SCHEDULE_CODES!r})"
             elif plan.upper().count("C") != budget:
                 why = f"plan {plan!r} computes {plan.upper().count('C')} steps, not {budget}"
+            elif "F" in plan.upper() and not isinstance(entry.get("fit"), dict):
+                why = f"plan {plan!r} has fitted steps ('F') but no 'fit' coefficients (got {entry.get('fit')!r:.80})"
             if why:
                 raise ValueError(
                     f"{self._who()}: the stored schedule for budget {budget} {why}; search it again "
@@ -487,9 +494,13 @@ class Profile:
                 "fastcache.search_schedule(model, runs, budget, profile=profile) and store it"
             )
         self.validate()  # a schedule edited in memory since the load is checked as a stored one
-        plan = self.schedules[int(budget)]["plan"]
+        entry = self.schedules[int(budget)]
+        plan = entry["plan"]
         # through the config registry: the profile does not import the policies
-        return CacheConfig.from_dict({"kind": "schedule", "plan": plan, "profile": self if "E" in plan else None})
+        d = {"kind": "schedule", "plan": plan, "profile": self if "E" in plan else None}
+        if "F" in plan.upper():
+            d["fit"] = entry["fit"]  # {"step": coefficients} (format 4); ScheduleConfig checks them
+        return CacheConfig.from_dict(d)
 
     def require(self, curve: str, method: str) -> torch.Tensor:
         """The calibrated curve ``curve`` ("mag_ratios" or "block_change"), or a clear error

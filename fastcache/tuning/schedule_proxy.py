@@ -20,6 +20,7 @@ step (:func:`fillers`) and the budget checks shared with the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -29,11 +30,15 @@ from ..policies.schedule import ScheduleConfig
 from .profile import Profile
 
 __all__ = [
+    "FIT_CODE",
+    "FitSettings",
     "METHODS",
     "START_HEADS",
     "WEIGHTINGS",
     "check_budget",
     "fillers",
+    "fit_coefficients",
+    "fit_plan",
     "fixed_interval_plan",
     "from_proxy",
     "plan_config",
@@ -47,6 +52,35 @@ __all__ = [
 
 METHODS = {"reuse": 0, "taylor1": 1, "taylor2": 2}  # method -> Taylor order of its forecast
 WEIGHTINGS = ("relative", "absolute")
+FIT_CODE = "F"  # plan code of a fitted step (docs/methods.md section 12, "Fitted filler")
+_FIT_ARG = 9  # the DP's filler index of a fitted step (orders are 0-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+    """How the fitted filler solves its coefficients (docs/methods.md section 12).
+
+    points: how many of the last computed steps the forecast combines (2 or 3; fewer
+    where fewer have been computed); ridge: lambda of the pull toward TaylorSeer's
+    coefficients of the same points, relative to the mean of ``W[c, c]``'s diagonal;
+    per_slot: one set of coefficients per slot (each from its own Gram) instead of one
+    shared set (from the step Gram of ``weighting``)."""
+
+    points: int = 3
+    ridge: float = 0.3
+    per_slot: bool = False
+    weighting: str = "relative"
+
+    def __post_init__(self):
+        if isinstance(self.points, bool) or self.points not in (1, 2, 3):
+            raise ValueError(f"FitSettings.points must be 1, 2 or 3 (computed steps combined), got {self.points!r}")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"FitSettings.ridge must be a finite number >= 0, got {self.ridge!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"FitSettings.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def step_weights(gram: np.ndarray, weighting: str = "relative") -> np.ndarray:
@@ -102,24 +136,158 @@ def _error(W_s, s, steps, coeffs):
     return e
 
 
-def plan_cost(W: np.ndarray, plan: str) -> float:
-    """The proxy error of ``plan`` (the sum over its forecast steps)."""
+def _solve3(M, r):
+    """Batched 3x3 solve ``M a = r`` by the adjugate (M: (..., 3, 3) as nested lists of
+    broadcast arrays, r: 3 arrays)."""
+    (a, b, c), (d, e, f), (g, h, i) = M
+    A = e * i - f * h
+    B = -(d * i - f * g)
+    C = d * h - e * g
+    det = a * A + b * B + c * C
+    inv = [
+        [A, -(b * i - c * h), b * f - c * e],
+        [B, a * i - c * g, -(a * f - c * d)],
+        [C, -(a * h - b * g), a * e - b * d],
+    ]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return [(inv[j][0] * r[0] + inv[j][1] * r[1] + inv[j][2] * r[2]) / det for j in range(3)]
+
+
+def fit_coefficients(W_s, s, steps, points: int = 3, ridge: float = 0.3):
+    """The fitted forecast of step ``s`` from the last computed steps ``steps = (c'', c',
+    c)`` (arrays or scalars, -1 = none): coefficients ``a = (a'', a', a)`` on their
+    features minimising ``a^T W[c, c] a - 2 a^T W[c, s] + lam ||a - a_T||^2`` over the
+    last ``points`` available steps (the others get 0), ``a_T`` TaylorSeer's coefficients
+    of the same steps (order = points used - 1), ``lam = ridge * mean(diag W[c, c])``::
+
+        a* = (W[c, c] + lam I)^-1 (W[c, s] + lam a_T)
+
+    Returns (coefficients, teacher-forced error ``e_s(a*)`` without the ridge term)."""
+    cpp, cp, cl = (np.asarray(c) for c in steps)
+    cpp = np.where(points >= 3, cpp, -1)
+    cp = np.where(points >= 2, cp, -1)
+    cpp = np.where(cp >= 0, cpp, -1)
+    use = [cpp >= 0, cp >= 0, np.ones_like(cl, dtype=bool)]
+    n_used = use[0].astype(int) + use[1].astype(int) + 1
+    x = s - cl
+    t2 = _coefficients(cpp, cp, cl, x, 2)
+    t1 = _coefficients(cpp, cp, cl, x, 1)
+    aT = [np.where(n_used >= 3, t2[j], t1[j]) for j in range(3)]
+    idx = [np.maximum(c, 0) for c in (cpp, cp, cl)]
+    diag = [np.where(use[j], W_s[idx[j], idx[j]], 0.0) for j in range(3)]
+    lam = ridge * (diag[0] + diag[1] + diag[2]) / n_used
+    M = [[None] * 3 for _ in range(3)]
+    for i in range(3):
+        for j in range(3):
+            v = np.where(use[i] & use[j], W_s[idx[i], idx[j]], 0.0)
+            if i == j:
+                v = np.where(use[i], v + lam, 1.0)
+            M[i][j] = v
+    r = [np.where(use[j], W_s[idx[j], s] + lam * aT[j], 0.0) for j in range(3)]
+    a = _solve3(M, r)
+    a = [np.where(use[j], a[j], 0.0) for j in range(3)]
+    return tuple(a), _error(W_s, s, (cpp, cp, cl), a)
+
+
+def _last_three(comp: list[int]) -> list[int]:
+    return ([-1, -1] + comp)[-3:]
+
+
+def slot_weights(gram: np.ndarray, weighting: str = "relative") -> np.ndarray:
+    """``w[k, s]``: slot k's weight in the error of step s (:func:`step_weights`)."""
+    g = np.asarray(gram, dtype=np.float64)
+    diag = np.einsum("kss->ks", g)
+    if weighting == "relative":
+        return np.where(diag > 0, 1.0 / np.maximum(diag, 1e-300), 0.0) / g.shape[0]
+    if weighting == "absolute":
+        tot = diag.sum(axis=0, keepdims=True)
+        return np.where(tot > 0, 1.0 / np.maximum(tot, 1e-300), 0.0) * np.ones_like(diag)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def _as_triple(coeffs) -> list[float]:
+    """Newest-first coefficients (a_c, a_c', a_c'') as the (a'', a', a) triple of :func:`_error`."""
+    c = [float(v) for v in coeffs] + [0.0] * (3 - len(coeffs))
+    return [c[2], c[1], c[0]]
+
+
+def fit_plan(plan: str, gram: np.ndarray, settings: FitSettings | None = None) -> dict[int, tuple]:
+    """The fitted coefficients of every ``F`` step of ``plan`` from the profile's step Gram
+    ``gram`` (K, S, S): ``{step: (a_c, a_c', ...)}`` newest computed step first, shared
+    across slots, or ``{step: ((a_c, ...) per slot)}`` with ``settings.per_slot``."""
+    st = settings or FitSettings()
+    g = np.asarray(gram, dtype=np.float64)
+    W = step_weights(g, st.weighting)
     comp: list[int] = []
-    total = 0.0
+    out: dict[int, tuple] = {}
     for s, c in enumerate(plan):
         if c == "C":
             comp.append(s)
             continue
-        last = ([-1, -1] + comp)[-3:]
+        if c != FIT_CODE:
+            continue
+        last = _last_three(comp)
+        n = min(st.points, len(comp))
+        if st.per_slot:
+            rows = []
+            for k in range(g.shape[0]):
+                d = g[k, s, s]
+                Wk = g[k] / d if d > 0 else g[k]
+                a, _ = fit_coefficients(Wk, s, last, st.points, st.ridge)
+                rows.append(tuple(float(v) for v in (a[2], a[1], a[0])[:n]))
+            out[s] = tuple(rows)
+        else:
+            a, _ = fit_coefficients(W[s], s, last, st.points, st.ridge)
+            out[s] = tuple(float(v) for v in (a[2], a[1], a[0])[:n])
+    return out
+
+
+def plan_cost(
+    W: np.ndarray, plan: str, fit: dict | None = None, gram: np.ndarray | None = None, weighting: str = "relative"
+) -> float:
+    """The proxy error of ``plan`` (the sum over its forecast steps). ``F`` steps use the
+    coefficients ``fit`` gives (``{step: newest-first coefficients}``, shared or per slot;
+    per slot needs ``gram``), else those :func:`fit_plan` solves with default settings."""
+    comp: list[int] = []
+    total = 0.0
+    if fit is None and FIT_CODE in plan:
+        if gram is None:
+            fit = {}
+            for s, c in enumerate(plan):  # shared coefficients from W itself
+                if c == FIT_CODE:
+                    cs = [i for i in range(s) if plan[i] == "C"]
+                    a, _ = fit_coefficients(W[s], s, _last_three(cs), FitSettings().points, FitSettings().ridge)
+                    fit[s] = (a[2], a[1], a[0])[: min(FitSettings().points, len(cs))]
+        else:
+            fit = fit_plan(plan, gram)
+    wk = None
+    for s, c in enumerate(plan):
+        if c == "C":
+            comp.append(s)
+            continue
+        last = _last_three(comp)
+        if c == FIT_CODE:
+            co = fit[s]
+            if co and isinstance(co[0], (tuple, list)):  # per slot
+                if gram is None:
+                    raise ValueError("plan_cost: per-slot fit coefficients need the step Gram (gram=)")
+                g = np.asarray(gram, dtype=np.float64)
+                wk = slot_weights(g, weighting) if wk is None else wk
+                total += sum(wk[k, s] * float(_error(g[k], s, last, _as_triple(co[k]))) for k in range(g.shape[0]))
+            else:
+                total += float(_error(W[s], s, last, _as_triple(co)))
+            continue
         k = 0 if c == "E" else int(c)  # EOC's correction is not modelled: counted as the reuse it corrects
         a = _coefficients(np.float64(last[0]), np.float64(last[1]), np.float64(last[2]), float(s - last[2]), k)
         total += float(_error(W[s], s, last, a))
     return total
 
 
-def proxy_dp(W: np.ndarray, orders: Sequence[int], max_budget: int):
+def proxy_dp(W: np.ndarray, orders: Sequence[int], max_budget: int, fit: FitSettings | None = None):
     """Exact DP of the proxy over states (c'', c', c) (shifted: 0 = none, else step + 1).
-    Returns a function budget -> (plan, proxy cost)."""
+    With ``fit``, the fitted filler (shared coefficients from ``W``) is a candidate at
+    every forecast step beside the Taylor ``orders``. Returns a function budget -> (plan,
+    proxy cost)."""
     S = W.shape[0]
     n = S + 1
     ar = np.arange(n, dtype=np.float64) - 1.0  # shifted index -> step (-1 = none)
@@ -138,6 +306,14 @@ def proxy_dp(W: np.ndarray, orders: Sequence[int], max_budget: int):
             better = e < best[..., s]
             best[..., s] = np.where(better, e, best[..., s])
             arg[..., s] = np.where(better, k, arg[..., s])
+        if fit is not None:
+            steps = (cpp.astype(int), cp.astype(int), cl.astype(int))
+            _, e = fit_coefficients(W[s], s, steps, fit.points, fit.ridge)
+            e = np.where((cl >= 0) & (cl < s) & np.isfinite(e), e, np.inf)
+            e = np.broadcast_to(e, (n, n, n))
+            better = e < best[..., s]
+            best[..., s] = np.where(better, e, best[..., s])
+            arg[..., s] = np.where(better, _FIT_ARG, arg[..., s])
     # gap cost: steps cl < s < cn are forecast; best = 0 for s <= cl (not forecast)
     valid = np.arange(S)[None, None, None, :] > cl[..., None]
     contrib = np.where(valid, best, 0.0)
@@ -180,7 +356,8 @@ def proxy_dp(W: np.ndarray, orders: Sequence[int], max_budget: int):
         for j, (a, b, c) in enumerate(states):
             end = states[j + 1][2] - 1 if j + 1 < len(states) else S
             for s in range(c, end):  # steps c-1+1 .. end-1 (c is shifted)
-                plan[s] = str(int(arg[a, b, c, s]))
+                k = int(arg[a, b, c, s])
+                plan[s] = FIT_CODE if k == _FIT_ARG else str(k)
         return "".join(plan), cost
 
     return solve
@@ -229,20 +406,25 @@ def plan_timeline(plan: str, width: int = 100) -> str:
 def fillers(methods) -> tuple[list[int], list[str], tuple[str, ...]]:
     """(Taylor orders the proxy solves with, plan codes the search may place, method names).
     With "eoc" and no plain reuse, order 0 stands in for the EOC-corrected reuse in the
-    proxy (which does not model the correction): see :func:`from_proxy`."""
+    proxy (which does not model the correction): see :func:`from_proxy`. "fit" (plan code
+    ``F``) is solved by the proxy itself (:func:`proxy_dp` with ``fit=``)."""
     names = (methods,) if isinstance(methods, str) else tuple(methods)
-    unknown = [m for m in names if m not in METHODS and m != "eoc"]
+    known = [*METHODS, "eoc", "fit"]
+    unknown = [m for m in names if m not in known]
     if unknown:
         raise ValueError(
             f"search_schedule: unknown method {unknown[0]!r}; the methods that fill a cached step are "
-            f"{sorted(METHODS) + ['eoc']} (reuse = the last computed step's outputs, taylorN = TaylorSeer's "
-            "forecast of order N, eoc = reuse corrected by EOC's trend from the profile's prior)"
+            f"{sorted(known)} (reuse = the last computed step's outputs, taylorN = TaylorSeer's "
+            "forecast of order N, eoc = reuse corrected by EOC's trend from the profile's prior, fit = a linear "
+            "forecast from the last computed steps fitted to the profile's step Gram)"
         )
     if not names:
-        raise ValueError("search_schedule: methods is empty; give at least one of " + ", ".join([*METHODS, "eoc"]))
+        raise ValueError("search_schedule: methods is empty; give at least one of " + ", ".join(known))
     orders = sorted({METHODS[m] for m in names if m in METHODS})
-    codes = [str(k) for k in orders] + (["E"] if "eoc" in names else [])
-    return orders or [0], codes, tuple(m for m in [*METHODS, "eoc"] if m in names)
+    codes = [str(k) for k in orders] + (["E"] if "eoc" in names else []) + ([FIT_CODE] if "fit" in names else [])
+    if not orders and "eoc" in names:
+        orders = [0]
+    return orders, codes, tuple(m for m in known if m in names)
 
 
 def from_proxy(plan: str, codes: Sequence[str]) -> str:
@@ -250,9 +432,18 @@ def from_proxy(plan: str, codes: Sequence[str]) -> str:
     return plan if "0" in codes else plan.replace("0", "E")
 
 
-def plan_config(plan: str, profile: Profile | None) -> ScheduleConfig:
-    """The config of ``plan``; the profile rides along only where EOC's correction ("E") needs its prior."""
-    return ScheduleConfig(plan=plan, profile=profile if "E" in plan else None)
+def plan_config(plan: str, profile: Profile | None, fit: FitSettings | None = None) -> ScheduleConfig:
+    """The config of ``plan``; the profile rides along only where EOC's correction ("E") needs its prior;
+    ``F`` steps get their coefficients solved from the profile's step Gram (:func:`fit_plan`)."""
+    coeffs = None
+    if FIT_CODE in plan:
+        if profile is None or getattr(profile, "step_gram", None) is None:
+            raise ValueError(
+                "a plan with fitted steps ('F') needs the profile's step_gram to solve their coefficients; "
+                "calibrate: profile = fastcache.calibrate(model, run)"
+            )
+        coeffs = fit_plan(plan, profile.step_gram.numpy(), fit)  # host-read-ok: offline search
+    return ScheduleConfig(plan=plan, profile=profile if "E" in plan else None, fit=coeffs)
 
 
 def check_budget(budget, speedup, S: int | None) -> int | None:
@@ -280,6 +471,7 @@ def schedule_from_profile(
     speedup: float | None = None,
     methods=("reuse", "taylor1", "taylor2"),
     weighting: str = "relative",
+    fit_settings: FitSettings | None = None,
 ) -> tuple[ScheduleConfig, float]:
     """Stage 1 alone (no model call): the proxy-optimal schedule for ``budget`` computed
     steps from a profile's step Gram; returns (config, proxy cost)."""
@@ -293,6 +485,9 @@ def schedule_from_profile(
     S = int(gram.shape[1])
     K = check_budget(budget, speedup, S)
     W = step_weights(gram.numpy(), weighting)  # host-read-ok: offline search
-    orders, codes, _ = fillers(methods)
-    plan, cost = proxy_dp(W, orders, K)(K)
-    return plan_config(from_proxy(plan, codes), profile), cost
+    orders, codes, names = fillers(methods)
+    fit = None
+    if "fit" in names:
+        fit = fit_settings if fit_settings is not None else FitSettings(weighting=weighting)
+    plan, cost = proxy_dp(W, orders, K, fit)(K)
+    return plan_config(from_proxy(plan, codes), profile, fit), cost

@@ -52,10 +52,13 @@ from .calibration import CalibrationConfig, calibrate
 from .evaluation import Progress, as_runs, check_max_evals, psnr, run_all
 from .profile import Profile
 from .schedule_proxy import (
+    FIT_CODE,
     START_HEADS,
     WEIGHTINGS,
+    FitSettings,
     check_budget,
     fillers,
+    fit_plan,
     fixed_interval_plan,
     from_proxy,
     plan_config,
@@ -123,6 +126,7 @@ class ScheduleSearchResult:
     computed_calls: int  # model calls whose blocks ran (the rest were forecast)
     seconds: float
     proxy_seconds: float
+    fit_settings: FitSettings | None = None
 
     @property
     def plan(self) -> str:
@@ -146,6 +150,11 @@ class ScheduleSearchResult:
             "model_calls": self.model_calls,
             "seconds": round(self.seconds, 2),
         }
+        if self.config.fit is not None:  # format 4: the fitted steps' coefficients
+            from ..policies.schedule import fit_to_json
+
+            profile.schedules[self.budget]["fit"] = fit_to_json(self.config.fit)
+            profile.schedules[self.budget]["fit_settings"] = (self.fit_settings or FitSettings()).as_dict()
         return profile
 
     def __str__(self) -> str:
@@ -226,6 +235,7 @@ def search_schedule(
     data_range: float = 2.0,
     spec=None,
     progress: bool = True,
+    fit: FitSettings | None = None,
 ) -> ScheduleSearchResult:
     """The schedule of ``budget`` computed steps (or ``ceil(S / speedup)``) with the best
     PSNR on the calibration ``runs`` (see the module docstring).
@@ -247,15 +257,17 @@ def search_schedule(
             the uncached outputs are then computed by running ``runs``).
         max_evals: end-to-end evaluations (each = every run once, patched) at most, >= 1.
         data_range: of the outputs, for PSNR (2 for images in [-1, 1]).
+        fit: how the "fit" filler solves its coefficients (default ``FitSettings()``).
     """
     t_start = time.perf_counter()
     orders, codes, names = fillers(methods)
+    fs = (fit or FitSettings()) if "fit" in names else None
     if isinstance(model, Profile):
         if runs is not None:
             raise ValueError("search_schedule: with a profile (no model) there is nothing to run; pass runs=None")
-        cfg, cost = schedule_from_profile(model, budget, speedup=speedup, methods=methods)
+        cfg, cost = schedule_from_profile(model, budget, speedup=speedup, methods=methods, fit_settings=fs)
         score = PlanScore(cfg.plan, math.nan, cost, "dp-relative", True)
-        return ScheduleSearchResult(cfg.budget, cfg.num_steps, cfg, score, [score], names, 0, 0, 0.0, 0.0)
+        return ScheduleSearchResult(cfg.budget, cfg.num_steps, cfg, score, [score], names, 0, 0, 0.0, 0.0, fs)
     if runs is None:
         raise ValueError("search_schedule: runs is required with a model (each one seeded sampling run)")
     runs = as_runs(runs, "search_schedule")
@@ -294,16 +306,27 @@ def search_schedule(
     Ws = {w: step_weights(gram, w) for w in WEIGHTINGS}
     starts = []
     for w in WEIGHTINGS:
-        starts.append((proxy_dp(Ws[w], orders, K)(K)[0], f"dp-{w}"))
+        fw = None if fs is None else dataclasses.replace(fs, weighting=w)
+        starts.append((proxy_dp(Ws[w], orders, K, fw)(K)[0], f"dp-{w}"))
     for k in orders:
         if k > 0 or len(orders) == 1:
             starts.append((fixed_interval_plan(K, S, k), f"interval-o{k}"))
     for head in START_HEADS:
-        starts.append((spaced_plan(head, K, S, orders[-1]), "head-" + "".join(map(str, head))))
+        starts.append((spaced_plan(head, K, S, orders[-1] if orders else 0), "head-" + "".join(map(str, head))))
+    if fs is not None:  # the hand-made placements with every forecast fitted
+        fitted = [("".join(c if c == "C" else FIT_CODE for c in p), src + "-fit") for p, src in starts[2:]]
+        starts = starts[:2] + fitted + starts[2:]
+        if not orders:
+            starts = starts[: 2 + len(fitted)]
     starts = [(from_proxy(p, codes), src) for p, src in starts]
     starts = list({p: (p, src) for p, src in reversed(starts)}.values())[::-1]  # unique, first source kept
     proxy_s = time.perf_counter() - t0
     W = Ws["relative"]
+
+    def cost(plan: str) -> float:
+        if FIT_CODE not in plan:
+            return plan_cost(W, plan)
+        return plan_cost(W, plan, fit_plan(plan, gram, fs), gram=gram)
 
     bar = Progress(f"fastcache.search_schedule(K={K})", progress)
     trace: list[PlanScore] = []
@@ -311,11 +334,13 @@ def search_schedule(
 
     def evaluate(plan: str, source: str) -> PlanScore:
         nonlocal calls, computed
-        psnr, ok = evaluate_schedule(model, plan_config(plan, profile), runs, refs, data_range=data_range, spec=spec)
+        psnr, ok = evaluate_schedule(
+            model, plan_config(plan, profile, fs), runs, refs, data_range=data_range, spec=spec
+        )
         calls += S * len(runs)
         computed += plan.count("C") * len(runs)
         bar()
-        e = PlanScore(plan, psnr, plan_cost(W, plan), source, ok)
+        e = PlanScore(plan, psnr, cost(plan), source, ok)
         if not ok:
             raise RuntimeError(
                 f"fastcache: internal error, the schedule {plan!r} did not replay (the computed steps differ); "
@@ -334,7 +359,7 @@ def search_schedule(
         while improved and len(trace) < max_evals:
             improved = False
             cands = [q for q in _neighbours(best.plan, codes) if q not in seen]
-            cands.sort(key=lambda q: plan_cost(W, q))
+            cands.sort(key=cost)
             for q in cands:
                 if len(trace) >= max_evals:
                     break
@@ -345,5 +370,5 @@ def search_schedule(
     finally:
         bar.close()
     total_s = time.perf_counter() - t_start
-    cfg = plan_config(best.plan, profile)
-    return ScheduleSearchResult(K, S, cfg, best, trace, names, calls, computed, total_s, proxy_s)
+    cfg = plan_config(best.plan, profile, fs)
+    return ScheduleSearchResult(K, S, cfg, best, trace, names, calls, computed, total_s, proxy_s, fs)

@@ -106,6 +106,8 @@ def _good(op: str) -> dict:
             histories=[torch.randn(3, N, D)], fs=[torch.randn(N, D)], dx=torch.tensor([1.0]),
             valid=torch.tensor([1.0]), store=torch.tensor(True),
         )  # fmt: skip
+    if op == "history_combine":
+        return dict(history=torch.randn(3, N, D), weights=torch.tensor([1.0, 0.5, 0.25]))
     raise KeyError(op)
 
 
@@ -205,6 +207,12 @@ CASES += [
     ("taylor_update", "valid_dtype", _set(valid=lambda: torch.ones(1, dtype=f64)), "valid", ["torch.float64"]),
     ("taylor_update", "store_dtype", _set(store=lambda: torch.tensor(1.0)), "store", ["torch.float32"]),
     ("taylor_update", "store_device", _set(store=lambda: torch.tensor(True, device=META)), "store", [META]),
+]
+CASES += [
+    ("history_combine", "history_1d", _set(history=lambda: torch.randn(5)), "history", ["(5,)"]),
+    ("history_combine", "weights_len", _set(weights=lambda: torch.ones(2)), "weights", ["3 values", "(2,)"]),
+    ("history_combine", "weights_dtype", _set(weights=lambda: torch.ones(3, dtype=f64)), "weights", ["torch.float64"]),
+    ("history_combine", "weights_device", _set(weights=lambda: torch.ones(3, device=META)), "weights", [META]),
 ]
 
 CASES += [

@@ -113,6 +113,9 @@ def _variants():
             out.append((f"taylor_forecast[{name(dt)},order={order}]", launch))
             launch = taylor.plan_taylor_update(hist, f, dx, valid, store)
             out.append((f"taylor_update[{name(dt)},order={order}]", launch))
+            w = torch.ones(order + 1)  # the fitted filler (docs/methods.md section 12)
+            launch = taylor.plan_history_combine(hist, w, torch.empty(B, N, D, dtype=dt))
+            out.append((f"history_combine[{name(dt)},order={order}]", launch))
     return out
 
 
@@ -206,7 +209,7 @@ def test_every_variant_compiles_for_sm90_and_sm80(compiled):
     kinds = {lab.split("[")[0] for lab in labels}
     assert kinds == {"modulated_rel_l1", "rel_l1", "sum_partials", "decision", "gated_residual",
                      "apply_residual", "apply_residual_out", "store_residual", "timestep_guard",
-                     "taylor_forecast", "taylor_update"}  # fmt: skip
+                     "taylor_forecast", "taylor_update", "history_combine"}  # fmt: skip
 
 
 def test_signatures_come_from_the_launchers_arguments(compiled):

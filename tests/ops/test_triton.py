@@ -710,6 +710,7 @@ _DISPATCHER_SCRIPT = textwrap.dedent(
             "forecast_residual": (x, [g, None], [torch.randn(3, B, N, D).to(dt), p], torch.tensor([2.0])),
             "taylor_update_slots": ([torch.randn(3, B, N, D).to(dt), torch.randn(2, B, N, D).to(dt)],
                                     [x.contiguous(), p], torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor(True)),
+            "history_combine": (torch.randn(3, B, N, D).to(dt), torch.tensor([1.0, 2.0, 2.0])),
         }
         assert set(samples) == set(ops.SCHEMAS), "opcheck every registered op"
         for name, args in samples.items():
