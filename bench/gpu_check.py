@@ -581,6 +581,9 @@ def _parity_cases(shape, dtype, gen, trend_modes=("none", "per_token", "per_chan
         valid = torch.tensor([float(order)])
         out.append((f"taylor_update[order={order}]", "taylor_update", [hist, f, dx, valid, torch.tensor(True)],
                     (0, 1), [(0, "value")]))  # fmt: skip
+    # the fitted filler's forecast: weights that are not Taylor's (negative ones included)
+    out.append(("history_combine", "history_combine", [r(3, B, N, D), torch.tensor([1.0, -0.6, 1.7])], (0,),
+                [("ret", "value")]))  # fmt: skip
     # the multi-slot ops (lists of tensors): a Taylor slot, a gated and an ungated cached slot
     hists, fs = [r(2, B, N, D, scale=0.3), r(3, B, N, D, scale=0.3)], [r(B, N, D), r(B, N, D)]
     out.append(("forecast_residual", "forecast_residual",
