@@ -579,6 +579,8 @@ def _parity_cases(shape, dtype, gen, trend_modes=("none", "per_token", "per_chan
         valid = torch.tensor([float(order)])
         out.append((f"taylor_update[order={order}]", "taylor_update", [hist, f, dx, valid, torch.tensor(True)],
                     (0, 1), [(0, "value")]))  # fmt: skip
+        w = torch.tensor([1.0, 1.5, -0.25][: order + 1])  # the fitted filler (docs/methods.md section 12)
+        out.append((f"history_combine[order={order}]", "history_combine", [hist, w], (0,), [("ret", "value")]))
     return out
 
 
@@ -810,6 +812,7 @@ def _planned_grids(shape) -> dict:
         "store_residual": residual.plan_store_residual(x, x, flag, x.clone()).grid,
         "taylor_forecast": taylor.plan_taylor_forecast(hist, one, torch.empty_like(x)).grid,
         "taylor_update": taylor.plan_taylor_update(hist, x, one, one, flag).grid,
+        "history_combine": taylor.plan_history_combine(hist, torch.empty(3, device="meta"), torch.empty_like(x)).grid,
     }
 
 
