@@ -581,9 +581,8 @@ def _parity_cases(shape, dtype, gen, trend_modes=("none", "per_token", "per_chan
         valid = torch.tensor([float(order)])
         out.append((f"taylor_update[order={order}]", "taylor_update", [hist, f, dx, valid, torch.tensor(True)],
                     (0, 1), [(0, "value")]))  # fmt: skip
-    # the fitted filler's forecast: weights that are not Taylor's (negative ones included)
-    out.append(("history_combine", "history_combine", [r(3, B, N, D), torch.tensor([1.0, -0.6, 1.7])], (0,),
-                [("ret", "value")]))  # fmt: skip
+        w = torch.tensor([1.0, 1.5, -0.25][: order + 1])  # the fitted filler (docs/methods.md section 12)
+        out.append((f"history_combine[order={order}]", "history_combine", [hist, w], (0,), [("ret", "value")]))
     # the multi-slot ops (lists of tensors): a Taylor slot, a gated and an ungated cached slot
     hists, fs = [r(2, B, N, D, scale=0.3), r(3, B, N, D, scale=0.3)], [r(B, N, D), r(B, N, D)]
     out.append(("forecast_residual", "forecast_residual",
@@ -846,6 +845,7 @@ def _planned_grids(shape) -> dict:
         "store_residual": residual.plan_store_residual(x, x, flag, x.clone()).grid,
         "taylor_forecast": taylor.plan_taylor_forecast(hist, one, torch.empty_like(x)).grid,
         "taylor_update": taylor.plan_taylor_update(hist, x, one, one, flag).grid,
+        "history_combine": taylor.plan_history_combine(hist, torch.empty(3, device="meta"), torch.empty_like(x)).grid,
     }
 
 
