@@ -763,9 +763,9 @@ def _tiny(shapes):
 
 
 def sec_cpp_parity(ctx: Context, sec: dict, check: Check) -> None:
+    fastcache = ctx.fastcache()  # puts tests/ops (cases) on sys.path
     import cases
 
-    fastcache = ctx.fastcache()
     backend = fastcache.ops.BACKEND.as_dict()
     if not check("fastcache._C loaded", backend["cpu"] == "cpp", backend.get("cpp_error")):
         return
@@ -782,10 +782,9 @@ def sec_cpp_parity(ctx: Context, sec: dict, check: Check) -> None:
 
 
 def sec_triton_parity(ctx: Context, sec: dict, check: Check) -> None:
+    ctx.fastcache()  # puts tests/ops (cases) on sys.path
     import cases
     import torch
-
-    ctx.fastcache()
     import triton
     from fastcache.kernels import LAUNCHERS
 

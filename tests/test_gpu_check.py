@@ -235,3 +235,15 @@ def test_pytest_gpu_runs_next_to_the_parity_sections_and_ends_before_the_timed_o
         expected = ["environment", "build", "cpp_parity", "triton_parity", *rest, "pytest:start", "pytest:wait"]
     assert order == expected
     assert data["sections"]["pytest_gpu"]["results"]["outcomes"] == {"passed": 1}
+
+
+def test_a_parity_section_runs_alone(tmp_path):
+    """``--sections triton_parity`` (or cpp_parity) on its own: the section imports the tests'
+    ``cases`` helper after the checkout's fastcache has put tests/ops on sys.path (it failed
+    with "No module named 'cases'" when no earlier section had run)."""
+    out = tmp_path / "one.json"
+    cmd = [sys.executable, str(SCRIPT), "--cpu", "--sections", "cpp_parity", "--build", "never", "--threads", "1"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=170)
+    sec = json.loads(out.read_text())["sections"]["cpp_parity"]
+    assert sec["status"] == "pass", (sec.get("error"), proc.stdout[-2000:])
+    assert any(c["name"].startswith("history_combine") for c in sec["checks"])
